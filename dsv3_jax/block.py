@@ -1,0 +1,63 @@
+"""One decoder block (RMSNorm → MLA → residual, RMSNorm → MLP or MoE → residual) and its scanned stack."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.mla import MLA
+from dsv3_jax.layers.mlp import MLP
+from dsv3_jax.layers.norm import RMSNorm
+from dsv3_jax.moe.layer import MoE
+from dsv3_jax.moe.router import BIAS_COLLECTION
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+class DecoderBlock(nn.Module):
+    config: ModelConfig
+    use_moe: bool
+
+    @nn.compact
+    def __call__(self, x_BTD, rope_cos_sin, segment_ids_BT):
+        c = self.config
+        x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
+        attn_in = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="attn_norm")(x_BTD)
+        h_BTD = x_BTD + MLA(c, name="attn")(attn_in, rope_cos_sin, segment_ids_BT)
+        mlp_in = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="mlp_norm")(h_BTD)
+        if self.use_moe:
+            y_BTD, stats = MoE(c, name="moe")(mlp_in)
+        else:
+            y_BTD, stats = MLP(c, c.intermediate_size, name="mlp")(mlp_in), None
+        return nn.with_logical_constraint(h_BTD + y_BTD, ACTIVATION_AXES), stats
+
+
+def remat_policy(name: str):
+    policies = jax.checkpoint_policies
+    return {
+        "full": policies.nothing_saveable,
+        "dots": policies.checkpoint_dots,
+        "dots_no_batch": policies.dots_with_no_batch_dims_saveable,
+        "save_attn_out": policies.save_only_these_names("attn_out"),
+    }[name]
+
+
+def block_stack(config: ModelConfig, use_moe: bool, length: int, name: str) -> nn.Module:
+    """`length` blocks with parameters stacked on a leading `layers` axis, run by nn.scan.
+
+    With `scan_layers=False` the scan is fully unrolled: the same parameters, compiled per layer.
+    """
+    block = DecoderBlock
+    if config.remat_policy != "none":
+        block = nn.remat(block, policy=remat_policy(config.remat_policy), prevent_cse=False)
+    scanned = nn.scan(
+        block,
+        variable_axes={"params": 0, BIAS_COLLECTION: 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=length,
+        unroll=1 if config.scan_layers else length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(config, use_moe, name=name)

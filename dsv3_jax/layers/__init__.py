@@ -1,0 +1,1 @@
+"""Building blocks of the network: norm, rotary embedding, linear, MLA attention, MLP."""

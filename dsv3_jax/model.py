@@ -1,0 +1,79 @@
+"""DeepSeekV3: embedding → dense blocks → MoE blocks (each a scanned stack) → norm → head, plus MTP.
+
+`apply(variables, tokens_BT)` gives float32 logits; `return_aux=True` also gives the MTP logits and
+the routers' statistics (expert counts, sequence-wise balance loss) that training needs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.block import block_stack
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.linear import make_linear
+from dsv3_jax.layers.norm import RMSNorm
+from dsv3_jax.layers.rope import rope_tables
+from dsv3_jax.moe.router import RouterStats
+from dsv3_jax.mtp import MTPModule, shift_tokens
+
+
+class ModelOutputs(NamedTuple):
+    logits_BTV: jnp.ndarray
+    mtp_logits_DBTV: jnp.ndarray | None   # depth d predicts token i + d + 2 at position i
+    moe_stats: RouterStats | None         # leading axis: MoE layers
+    mtp_stats: RouterStats | None         # leading axis: MTP modules
+
+
+class DeepSeekV3(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, return_aux: bool = False):
+        c = self.config
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        embed = nn.Embed(c.vocab_size, c.dim, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
+                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range),
+                                                                     ("vocab", "embed")), name="embed")
+        final_norm = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")
+        head = (lambda x: embed.attend(x).astype(jnp.float32)) if c.tie_word_embeddings else \
+            make_linear(c, c.vocab_size, ("embed", "vocab"), "lm_head", out_dtype=jnp.float32)
+
+        rope = rope_tables(positions_BT, c)
+        x_BTD = embed(tokens_BT)
+        moe_stats = None
+        if c.first_k_dense_replace > 0:
+            x_BTD, _ = block_stack(c, False, c.first_k_dense_replace, "dense_layers")(x_BTD, rope, segment_ids_BT)
+        if c.n_moe_layers > 0:
+            x_BTD, moe_stats = block_stack(c, True, c.n_moe_layers, "moe_layers")(x_BTD, rope, segment_ids_BT)
+        logits_BTV = nn.with_logical_constraint(head(final_norm(x_BTD)), ("batch", "length", "vocab"))
+        if not (return_aux or self.is_initializing()):
+            return logits_BTV
+
+        mtp_logits, mtp_stats = [], []
+        h_BTD = x_BTD
+        for depth in range(c.num_mtp_modules):
+            next_emb_BTD = embed(shift_tokens(tokens_BT, depth + 1))
+            h_BTD, normed_BTD, stats = MTPModule(c, name=f"mtp_{depth}")(h_BTD, next_emb_BTD, rope, segment_ids_BT)
+            mtp_logits.append(head(normed_BTD))
+            mtp_stats.append(stats)
+        stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs) if xs else None
+        outputs = ModelOutputs(logits_BTV, stack(mtp_logits), moe_stats, stack(mtp_stats))
+        return outputs if return_aux else logits_BTV
+
+
+def init_variables(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:
+    """Plain-array variables ({'params', 'moe_bias'}) of a freshly initialised model."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return nn.meta.unbox(DeepSeekV3(config.validate()).init(rng, tokens))
+
+
+def logical_axes(config: ModelConfig) -> dict:
+    """The logical axis names of every parameter, as a PartitionSpec tree shaped like the variables."""
+    boxed = jax.eval_shape(lambda: DeepSeekV3(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+    return nn.get_partition_spec(boxed)

@@ -1,0 +1,1 @@
+"""DeepSeekMoE: routing, the MoE layer, and the kernel backend it calls."""

@@ -1,0 +1,47 @@
+"""The DeepSeekMoE layer: route, dispatch, grouped SwiGLU experts, weighted combine, plus shared experts.
+
+Dropless: every (token, choice) pair is computed; the grouped matmul takes ragged groups.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.mlp import MLP
+from dsv3_jax.moe.backend import default_kernels
+from dsv3_jax.moe.router import Router, RouterStats, router_stats
+
+
+class MoE(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD) -> tuple[jnp.ndarray, RouterStats]:
+        c = self.config
+        B, T, D = x_BTD.shape
+        E, F = c.n_routed_experts, c.moe_intermediate_size
+        x_TD = x_BTD.reshape(B * T, D)
+        routing = Router(c, name="router")(x_TD)
+
+        def expert_weights(name, shape, axes):
+            init = nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), axes)
+            return self.param(name, init, shape, c.jnp_param_dtype).astype(c.jnp_dtype)
+
+        w_gate_EDF = expert_weights("experts_gate", (E, D, F), ("expert", "embed", "mlp"))
+        w_up_EDF = expert_weights("experts_up", (E, D, F), ("expert", "embed", "mlp"))
+        w_down_EFD = expert_weights("experts_down", (E, F, D), ("expert", "mlp", "embed"))
+
+        kernels = default_kernels()
+        sent = kernels.dispatch(x_TD.astype(c.jnp_dtype), routing.experts_TK, E)
+        gate_NF = kernels.grouped_matmul(sent.x_ND, w_gate_EDF, sent.group_sizes_E)
+        up_NF = kernels.grouped_matmul(sent.x_ND, w_up_EDF, sent.group_sizes_E)
+        y_ND = kernels.grouped_matmul(jax.nn.silu(gate_NF) * up_NF, w_down_EFD, sent.group_sizes_E)
+        routed_TD = kernels.combine(y_ND, routing.weights_TK, sent.order_N, c.jnp_dtype)
+
+        out_BTD = routed_TD.reshape(B, T, D)
+        if c.n_shared_experts > 0:
+            out_BTD = out_BTD + MLP(c, c.n_shared_experts * F, name="shared")(x_BTD)
+        return out_BTD, router_stats(routing, B, E)
