@@ -1,0 +1,28 @@
+# Quick start: `make pretrain` (tiny DeepSeek-V3 pre-training) and `make test`. Both create .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: pretrain test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@ $(VENV)/.installed
+
+pretrain: $(VENV)/.installed
+	$(PY) -m experiments.pretrain --config tiny $(ARGS)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

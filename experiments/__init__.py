@@ -1,0 +1,1 @@
+"""What users run: pre-training, benchmarks, scaling studies, notebooks."""
