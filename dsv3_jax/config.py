@@ -304,10 +304,12 @@ def _read_hf_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, An
 
 
 # ---- `--set section.field=value` -----------------------------------------------------------------
-def parse_value(text: str, current: Any, field_name: str):
+def parse_value(text: str, current: Any, field_name: str, nullable: bool = True):
     """Parse `text` into the type of `current` (the field's present value)."""
     lowered = text.strip().lower()
     if lowered in ("none", "null"):
+        if not nullable:
+            raise ConfigError(f"{field_name} cannot be None")
         return None
     if isinstance(current, bool):
         if lowered in ("true", "1", "yes", "on"):
@@ -324,6 +326,12 @@ def parse_value(text: str, current: Any, field_name: str):
         raise ConfigError(f"{field_name} expects a {type(current).__name__}, got {text!r}") from None
     if isinstance(current, str):
         return text
+    if isinstance(current, tuple):
+        items = json.loads(text) if text.strip().startswith("[") else [t for t in text.split(",") if t.strip()]
+        try:
+            return tuple(float(t) for t in items)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{field_name} expects comma-separated numbers, got {text!r}") from None
     try:  # None or nested values: accept JSON, fall back to the raw string
         return json.loads(text)
     except json.JSONDecodeError:
@@ -334,17 +342,19 @@ def apply_overrides(obj, assignments, prefix: str):
     """Return `obj` (a frozen dataclass, possibly nested) with `field[.sub]=value` assignments applied."""
     for assignment in assignments:
         if "=" not in assignment:
-            raise ConfigError(f"--set {prefix}.{assignment}: expected field=value")
+            raise ConfigError(f"--set {prefix + '.' if prefix else ''}{assignment}: expected field=value")
         key, text = assignment.split("=", 1)
-        obj = _set_path(obj, key.strip().split("."), text, f"{prefix}.{key.strip()}")
+        name = f"{prefix}.{key.strip()}" if prefix else key.strip()
+        obj = _set_path(obj, key.strip().split("."), text, name)
     return obj
 
 
 def _set_path(obj, path: list[str], text: str, full_name: str):
-    names = {f.name for f in dataclasses.fields(obj)}
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    names = set(fields)
     head = path[0]
     if head not in names:
-        raise ConfigError(f"{full_name}: unknown field {head!r}; known: {', '.join(sorted(names))}")
+        raise ConfigError(f"--set {full_name}: unknown field {head!r}; known: {', '.join(sorted(names))}")
     current = getattr(obj, head)
     if len(path) > 1:
         if current is None and head == "rope_scaling":
@@ -355,5 +365,6 @@ def _set_path(obj, path: list[str], text: str, full_name: str):
     if head == "rope_scaling":
         value = None if text.strip().lower() in ("none", "null", "off") else YarnConfig(**json.loads(text))
     else:
-        value = parse_value(text, current, full_name)
+        nullable = current is None or "None" in str(fields[head].type) or "Optional" in str(fields[head].type)
+        value = parse_value(text, current, full_name, nullable)
     return dataclasses.replace(obj, **{head: value})

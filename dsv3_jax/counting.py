@@ -53,3 +53,20 @@ def count_params(c: ModelConfig) -> ParamCount:
     mtp_unique = c.num_mtp_modules * (2 * c.dim + 2 * c.dim * c.dim + moe_layer_all + c.dim)
     mtp = mtp_unique + c.num_mtp_modules * 2 * c.vocab_size * c.dim
     return ParamCount(total=total, activated=activated, embedding=embedding, mtp=mtp, mtp_unique=mtp_unique)
+
+
+def train_flops_per_token(c: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward = 3 × forward), MTP included.
+
+    Matmuls: 6 × activated weights (embedding lookup excluded, routed experts counted only for the
+    K chosen ones, the head once per output: main and each MTP depth). Attention core under a causal
+    mask: each query sees (seq_len + 1) / 2 keys on average, costing 2·H·(qk_head_dim + v_head_dim)
+    FLOPs per key in the forward.
+    """
+    counts = count_params(c)
+    block_active = attention_params(c) + moe_params(c, c.num_experts_per_tok)
+    mtp_active = c.num_mtp_modules * (2 * c.dim * c.dim + block_active + c.vocab_size * c.dim)
+    matmul_weights = counts.activated + mtp_active
+    keys_per_query = (seq_len + 1) / 2
+    attention_fwd = (c.n_layers + c.num_mtp_modules) * 2 * c.n_heads * (c.qk_head_dim + c.v_head_dim) * keys_per_query
+    return 6.0 * matmul_weights + 3.0 * attention_fwd

@@ -1,13 +1,16 @@
-"""Pre-train a DeepSeek-V3 preset: `python -m experiments.pretrain --config tiny [--steps N] [--set model.f=v]`.
+"""Pre-train DeepSeek-V3: `python -m experiments.pretrain --config tiny --workdir DIR [--steps N]
+[--data PATH_OR_GLOB] [--tokenizer tokenizer.json] [--set section.field=value ...]`.
 
-Until the data pipeline lands this trains on a fixed pool of random token sequences (so the loss
-visibly falls as the model memorises them) with the full recipe: AdamW, schedule, MTP and balance
-losses, and aux-loss-free bias updates.
+Re-running the same command resumes from the newest checkpoint in DIR. With no --data, trains on
+the Python standard library's sources and documentation topics with a BPE trained on them.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import signal
 import sys
 import time
 
@@ -15,60 +18,245 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax.checkpoint import Checkpointer, CheckpointMismatch, model_signature
 from dsv3_jax.config import ConfigError
-from dsv3_jax.counting import count_params
-from dsv3_jax.presets import PRESETS, get_preset
-from dsv3_jax.train.loss import LossWeights
-from dsv3_jax.train.optimizer import OptimizerConfig
-from dsv3_jax.train.schedule import ScheduleConfig
-from dsv3_jax.train.step import BalanceConfig, create_train_state, make_train_step
+from dsv3_jax.counting import count_params, train_flops_per_token
+from dsv3_jax.data import DataError, load_tokenizer, make_batch_iterator
+from dsv3_jax.train.metrics_log import MetricsLog
+from dsv3_jax.train.mfu import mfu, peak_flops_per_device
+from dsv3_jax.train.step import TrainState, create_train_state, make_train_step
+from experiments.presets import RUN_PRESETS, RunConfig, describe_fields, get_run_preset
+
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3   # the non-finite/spike policy "stop" fired
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny", help=f"model preset: {', '.join(PRESETS)}")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE")
-    return p.parse_args(argv)
+class UsageError(ValueError):
+    """Bad command-line input (exit code 2, one line)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = ["presets: " + ", ".join(RUN_PRESETS), "", "fields (--set section.field=value), tiny's defaults:"]
+    epilog += describe_fields(RUN_PRESETS["tiny"])
+    p = argparse.ArgumentParser(prog="python -m experiments.pretrain", description=__doc__,
+                                epilog="\n".join(epilog), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny", help="run preset (see below)")
+    p.add_argument("--workdir", default=None, help="checkpoints and logs (default: runs/<config>)")
+    p.add_argument("--steps", type=int, default=None, help="total updates (train.steps)")
+    p.add_argument("--data", default=None, help="file, directory or glob of .txt/.jsonl/.parquet/.arrayrecord")
+    p.add_argument("--tokenizer", default=None, help="an HF tokenizer.json (default: BPE trained on the data)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="overrides")
+    return p
+
+
+def resolve_config(args) -> RunConfig:
+    cfg = get_run_preset(args.config).with_overrides(*args.overrides)
+    changes = {}
+    if args.steps is not None:
+        changes["train"] = cfg.train.__class__(**{**cfg.train.__dict__, "steps": args.steps})
+    if args.data is not None or args.tokenizer is not None:
+        data = cfg.data.__dict__ | {k: v for k, v in (("path", args.data), ("tokenizer", args.tokenizer)) if v}
+        changes["data"] = cfg.data.__class__(**data)
+    cfg = RunConfig(**{**cfg.__dict__, **changes})
+    validate_run(cfg)
+    return cfg
+
+
+def validate_run(cfg: RunConfig) -> None:
+    cfg.model.validate()
+    try:
+        cfg.schedule.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    t = cfg.train
+    if t.steps < 0:
+        raise ConfigError(f"train.steps must be >= 0, got {t.steps}")
+    if t.on_nonfinite not in ("skip", "stop"):
+        raise ConfigError(f"train.on_nonfinite must be 'skip' or 'stop', got {t.on_nonfinite!r}")
+    if t.grad_accum < 1 or not 0 <= t.ramp_from <= t.grad_accum:
+        raise ConfigError(f"train.grad_accum must be >= 1 and train.ramp_from in [0, grad_accum], "
+                          f"got {t.grad_accum} and {t.ramp_from}")
+    if cfg.data.seq_len > cfg.model.max_position_embeddings:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
+                          f"{cfg.model.max_position_embeddings}")
+    if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
+        raise ConfigError("checkpoint.every and checkpoint.keep must be >= 1")
+    for axis in ("fsdp", "expert", "pipeline", "tensor"):
+        if getattr(cfg.mesh, axis) != 1:
+            raise ConfigError(f"mesh.{axis}={getattr(cfg.mesh, axis)}: only data parallelism (mesh.data) is "
+                              "built so far; expert, pipeline, FSDP and tensor axes come with the sharding work")
+    n = jax.device_count()
+    data_axis = n if cfg.mesh.data == -1 else cfg.mesh.data
+    if data_axis != n:
+        raise ConfigError(f"mesh.data={cfg.mesh.data} but there are {n} devices; the mesh must use them all")
+    if cfg.data.batch_size % n:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {n} devices of mesh.data")
+
+
+def micro_batches_at(cfg: RunConfig, tokens_seen: int) -> int:
+    """Micro-batches per update under the batch-size ramp."""
+    t = cfg.train
+    if t.ramp_from == 0 or t.ramp_tokens <= 0:
+        return t.grad_accum
+    fraction = min(tokens_seen / t.ramp_tokens, 1.0)
+    return max(1, min(t.grad_accum, int(t.ramp_from + (t.grad_accum - t.ramp_from) * fraction)))
+
+
+def check_token_ids(batch: dict, vocab_size: int) -> None:
+    top = int(batch["tokens"].max())
+    if top >= vocab_size:
+        raise DataError(f"token id {top} >= model.vocab_size={vocab_size}: the tokenizer and the model disagree")
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
+def prepare(args):
+    """Everything that can reject bad input, before any compile: config, tokenizer, data, checkpoint."""
+    cfg = resolve_config(args)
+    workdir = args.workdir or os.path.join("runs", args.config)
+    tokenizer = load_tokenizer(cfg.data)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
+                          f"{cfg.model.vocab_size}; set --set model.vocab_size={tokenizer.vocab_size}")
+    data_iter = make_batch_iterator(cfg.data, tokenizer, jax.process_index(), jax.process_count())
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep, cfg.checkpoint.every,
+                        cfg.checkpoint.use_async)
+    latest = ckpt.latest_step()
+    meta = ckpt.check_compatible(latest, cfg.model) if latest is not None else None
+    return cfg, workdir, tokenizer, data_iter, ckpt, latest, meta
+
+
+def train(cfg: RunConfig, workdir: str, data_iter, ckpt: Checkpointer, latest, meta) -> int:
+    model = cfg.model
+    tx, step_fn = make_train_step(model, cfg.loss, cfg.schedule, cfg.optimizer, cfg.balance)
+    init = lambda: create_train_state(model, tx, jax.random.PRNGKey(cfg.train.seed))
+    log = MetricsLog(workdir, cfg.logging.tensorboard, enabled=jax.process_index() == 0)
+    if latest is None:
+        state, tokens_seen, loss_ema = init(), 0, None
+        meta = {}
+    else:
+        abstract = jax.eval_shape(init)
+        state, data_state, meta = ckpt.restore(latest, abstract)
+        data_iter.set_state(data_state)
+        tokens_seen, loss_ema = int(meta["tokens_seen"]), meta.get("loss_ema")
+        log.truncate_after(latest)
+        print(f"resumed from {ckpt.directory}/{latest} ({tokens_seen:,} tokens seen)", flush=True)
+    start = int(jax.device_get(state.step))
+
+    counts = count_params(model)
+    flops_per_token = train_flops_per_token(model, cfg.data.seq_len)
+    peak = peak_flops_per_device()
+    print(f"model: {counts.total / 1e6:,.2f}M params ({counts.activated / 1e6:,.2f}M activated, "
+          f"MTP {counts.mtp_unique / 1e6:,.2f}M); {jax.device_count()} × {jax.devices()[0].device_kind}; "
+          f"workdir {workdir}", flush=True)
+
+    jitted = jax.jit(step_fn, donate_argnums=0)
+    stop = StopRequest()
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.logging.progress or jax.process_index() != 0,
+               dynamic_ncols=True, unit="step")
+    last_log_time, last_log_tokens, first_logged_loss = time.time(), tokens_seen, None
+    exit_code = 0
+    step = start
+    try:
+        while step < cfg.train.steps:
+            n_micro = micro_batches_at(cfg, tokens_seen)
+            micro = [next(data_iter) for _ in range(n_micro)]
+            for b in micro:
+                check_token_ids(b, model.vocab_size)
+            local = {k: np.stack([b[k] for b in micro]) for k in micro[0]}
+            batch = {k: jnp.asarray(v) for k, v in local.items()}
+            limit = cfg.train.spike_factor * loss_ema if cfg.train.spike_factor > 0 and loss_ema else math.inf
+            state, metrics = jitted(state, batch, jnp.float32(tokens_seen), jnp.float32(limit))
+            step += 1
+            tokens_seen += n_micro * cfg.data.batch_size * cfg.data.seq_len
+            loss, skipped = (float(x) for x in jax.device_get((metrics["loss"], metrics["skipped"])))
+            if skipped:
+                reason = "non-finite loss or gradient" if not math.isfinite(loss) else f"loss spike ({loss:.4f})"
+                log.event({"step": step, "event": "skipped_update", "reason": reason, "loss": loss})
+                tqdm.write(f"step {step}: {reason}; update skipped")
+                if cfg.train.on_nonfinite == "stop":
+                    ckpt.save(step, state, data_iter.get_state(), _meta(model, tokens_seen, loss_ema), force=True)
+                    ckpt.wait()
+                    print(f"error: step {step}: {reason}; checkpoint saved, stopping (train.on_nonfinite=stop)",
+                          file=sys.stderr)
+                    exit_code = EXIT_STOPPED
+                    break
+            else:
+                loss_ema = loss if loss_ema is None else cfg.train.spike_ema * loss_ema + (1 - cfg.train.spike_ema) * loss
+
+            if step % cfg.logging.every == 0 or step == cfg.train.steps or step == start + 1:
+                now = time.time()
+                tok_s = (tokens_seen - last_log_tokens) / max(now - last_log_time, 1e-9)
+                last_log_time, last_log_tokens = now, tokens_seen
+                record, load = _record(step, metrics, tokens_seen, tok_s, mfu(tok_s, flops_per_token,
+                                                                                jax.device_count(), peak))
+                first_logged_loss = first_logged_loss or record["loss"]
+                log.write(record, load)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
+                                mfu="n/a" if record["mfu"] is None else f"{record['mfu']:.1%}")
+            bar.update(1)
+            ckpt.save(step, state, data_iter.get_state(), _meta(model, tokens_seen, loss_ema))
+            if stop.signum is not None:
+                ckpt.save(step, state, data_iter.get_state(), _meta(model, tokens_seen, loss_ema), force=True)
+                ckpt.wait()
+                tqdm.write(f"signal {stop.signum}: checkpoint saved at step {step}; re-run the command to resume")
+                exit_code = 128 + stop.signum
+                break
+        else:
+            if ckpt.latest_step() != step:
+                ckpt.save(step, state, data_iter.get_state(), _meta(model, tokens_seen, loss_ema), force=True)
+            if first_logged_loss is not None:
+                print(f"\ndone: step {step}, loss {first_logged_loss:.4f} at the first logged step → "
+                      f"{loss_ema if loss_ema is not None else float('nan'):.4f} (running mean) now", flush=True)
+    finally:
+        bar.close()
+        ckpt.close()
+        log.close()
+    return exit_code
+
+
+def _meta(model, tokens_seen: int, loss_ema) -> dict:
+    return {"model": model_signature(model), "tokens_seen": tokens_seen, "loss_ema": loss_ema}
+
+
+def _record(step, metrics, tokens_seen, tok_s, mfu_value):
+    m = jax.device_get(metrics)
+    record = {"step": step, "loss": float(m["loss"]), "ce": float(m["ce"]),
+              "mtp_loss": float(m["mtp_ce"]) if "mtp_ce" in m else None,
+              "balance_loss": float(m["balance"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+              "mtp_weight": float(m["mtp_weight"]), "tokens": tokens_seen, "tokens_per_s": tok_s, "mfu": mfu_value}
+    load = None
+    if "expert_counts_LE" in m:
+        counts = np.asarray(m["expert_counts_LE"], np.float64)
+        record["expert_load_violation"] = (counts.max(-1) / np.maximum(counts.mean(-1), 1e-9) - 1).tolist()
+        load = counts.astype(int).tolist()
+    return record, load
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        overrides = []
-        for item in args.set:
-            section, _, rest = item.partition(".")
-            if section != "model" or not rest:
-                raise ConfigError(f"--set {item}: only model.FIELD=VALUE is known to this job")
-            overrides.append(rest)
-        config = get_preset(args.config).with_overrides(*overrides).validate()
-    except ConfigError as e:
+        prepared = prepare(args)
+    except (ConfigError, DataError, CheckpointMismatch, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    counts = count_params(config)
-    print(f"{args.config}: {counts.total / 1e6:.2f}M params, {counts.activated / 1e6:.2f}M activated; "
-          f"backend {jax.default_backend()}")
-
-    schedule = ScheduleConfig(peak_lr=args.lr, warmup=max(args.steps // 20, 1), decay=args.steps,
-                              decay_to=args.lr / 10)
-    tx, step_fn = make_train_step(config, LossWeights(), schedule, OptimizerConfig(), BalanceConfig())
-    state = create_train_state(config, tx, jax.random.PRNGKey(args.seed))
-    step_fn = jax.jit(step_fn, donate_argnums=0)
-    pool = np.random.default_rng(args.seed).integers(0, config.vocab_size, (4 * args.batch, args.seq_len))
-    tokens_seen, start = 0, time.time()
-    for step in range(args.steps):
-        rows = pool[(step * args.batch + np.arange(args.batch)) % len(pool)]
-        state, metrics = step_fn(state, {"tokens": jnp.asarray(rows, jnp.int32)}, jnp.float32(tokens_seen))
-        tokens_seen += rows.size
-        if step % 20 == 0 or step == args.steps - 1:
-            m = jax.device_get(metrics)
-            print(f"step {step:5d}  loss {m['loss']:.4f}  ce {m['ce']:.4f}  mtp {m.get('mtp_ce', 0):.4f}  "
-                  f"lr {m['lr']:.2e}  {tokens_seen / (time.time() - start):,.0f} tok/s", flush=True)
-    return 0
+        return EXIT_BAD_INPUT
+    cfg, workdir, _, data_iter, ckpt, latest, meta = prepared
+    try:
+        return train(cfg, workdir, data_iter, ckpt, latest, meta)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

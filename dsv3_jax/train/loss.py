@@ -16,10 +16,14 @@ from dsv3_jax.model import ModelOutputs
 
 
 @dataclasses.dataclass(frozen=True)
-class LossWeights:
-    mtp: float = 0.3            # λ: L = CE + λ/D Σ_d CE_d
-    balance: float = 1e-4       # α of the sequence-wise balance loss
-    z_loss: float = 0.0         # coefficient on mean(logsumexp²)
+class LossConfig:
+    """L = CE + λ/D Σ_d CE_d + α Σ_layers L_balance + z · mean(logsumexp²)."""
+    mtp_weight: float = 0.3            # λ
+    mtp_weight_after: float = 0.1      # λ from `mtp_switch_after` on (DeepSeek: 0.3 for 10T tokens, then 0.1)
+    mtp_switch_after: float = -1       # in `mtp_switch_unit`; -1: never switch
+    mtp_switch_unit: str = "tokens"
+    balance_alpha: float = 1e-4        # α
+    z_loss: float = 0.0
 
 
 def shifted_targets(tokens_BT, segment_ids_BT, offset: int):
@@ -43,11 +47,12 @@ def cross_entropy(logits_BTV, targets_BT, valid_BT):
     return ((lse_BT - target_logit_BT) * w).sum() / count, (lse_BT**2 * w).sum() / count, w.sum()
 
 
-def total_loss(outputs: ModelOutputs, tokens_BT, segment_ids_BT, weights: LossWeights):
+def total_loss(outputs: ModelOutputs, tokens_BT, segment_ids_BT, mtp_weight, balance_alpha: float,
+               z_loss: float = 0.0):
     """Scalar loss and a dict of its parts (all float32 scalars)."""
     targets, valid = shifted_targets(tokens_BT, segment_ids_BT, 1)
     ce, z, n_tokens = cross_entropy(outputs.logits_BTV, targets, valid)
-    loss = ce + weights.z_loss * z
+    loss = ce + z_loss * z
     metrics = {"ce": ce, "tokens": n_tokens}
     if outputs.mtp_logits_DBTV is not None:
         depth = outputs.mtp_logits_DBTV.shape[0]
@@ -56,13 +61,13 @@ def total_loss(outputs: ModelOutputs, tokens_BT, segment_ids_BT, weights: LossWe
             t, v = shifted_targets(tokens_BT, segment_ids_BT, d + 2)
             mtp_ce.append(cross_entropy(outputs.mtp_logits_DBTV[d], t, v)[0])
         mtp = jnp.mean(jnp.stack(mtp_ce))
-        loss = loss + weights.mtp * mtp
+        loss = loss + mtp_weight * mtp
         metrics["mtp_ce"] = mtp
     balance = 0.0
     for stats in (outputs.moe_stats, outputs.mtp_stats):
         if stats is not None:
             balance = balance + stats.balance_loss.sum()
-    loss = loss + weights.balance * balance
+    loss = loss + balance_alpha * balance
     metrics["balance"] = jnp.asarray(balance, jnp.float32)
     metrics["loss"] = loss
     return loss, metrics

@@ -1,4 +1,5 @@
-"""The train step: forward with aux outputs, loss, gradients, AdamW update, routing-bias update.
+"""The train step: forward with aux outputs, loss, gradients (accumulated over micro-batches),
+AdamW update, routing-bias update, and the guard that skips non-finite or spiking updates.
 
 State is a pytree (`TrainState`) so the step can be jitted with shardings and checkpointed whole.
 The tokens-seen counter lives on the host (an exact Python int) and enters as a float32 argument.
@@ -7,7 +8,7 @@ The tokens-seen counter lives on the host (an exact Python int) and enters as a 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -16,8 +17,9 @@ import optax
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, init_variables
+from dsv3_jax.moe.router import RouterStats
 from dsv3_jax.train.balance import update_routing_bias
-from dsv3_jax.train.loss import LossWeights, total_loss
+from dsv3_jax.train.loss import LossConfig, total_loss
 from dsv3_jax.train.optimizer import OptimizerConfig, make_optimizer
 from dsv3_jax.train.schedule import ScheduleConfig, learning_rate
 
@@ -25,7 +27,7 @@ from dsv3_jax.train.schedule import ScheduleConfig, learning_rate
 @dataclasses.dataclass(frozen=True)
 class BalanceConfig:
     gamma: float = 0.001             # bias update speed
-    gamma_zero_after: float = -1     # set γ to 0 from this many steps/tokens on (-1: never)
+    gamma_zero_after: float = -1     # γ becomes 0 from this many steps/tokens on (-1: never)
     unit: str = "steps"
 
 
@@ -34,28 +36,32 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     moe_bias: Any
     opt_state: Any
+    rng: jnp.ndarray
 
 
 def create_train_state(config: ModelConfig, tx: optax.GradientTransformation, rng) -> TrainState:
-    variables = init_variables(config, rng)
+    init_rng, state_rng = jax.random.split(rng)
+    variables = init_variables(config, init_rng)
     params = variables["params"]
-    return TrainState(jnp.zeros([], jnp.int32), params, variables.get("moe_bias", {}), tx.init(params))
+    return TrainState(jnp.zeros([], jnp.int32), params, variables.get("moe_bias", {}), tx.init(params),
+                      jax.random.key_data(state_rng))
 
 
-def balance_gamma(config: BalanceConfig, step, tokens):
-    if config.gamma_zero_after < 0:
-        return jnp.float32(config.gamma)
-    t = jnp.asarray(tokens if config.unit == "tokens" else step, jnp.float32)
-    return jnp.where(t >= config.gamma_zero_after, 0.0, config.gamma).astype(jnp.float32)
+def _switch(value_before, value_after, switch_after, unit, step, tokens):
+    if switch_after < 0:
+        return jnp.float32(value_before)
+    t = jnp.asarray(tokens if unit == "tokens" else step, jnp.float32)
+    return jnp.where(t >= switch_after, value_after, value_before).astype(jnp.float32)
 
 
-def make_train_step(model_config: ModelConfig, loss_weights: LossWeights, schedule: ScheduleConfig,
-                    optimizer: OptimizerConfig, balance: BalanceConfig,
-                    mtp_weight_fn: Callable | None = None):
-    """Return (tx, step_fn); step_fn(state, batch, tokens_seen) -> (state, metrics), pure and jittable.
+def make_train_step(model_config: ModelConfig, loss: LossConfig, schedule: ScheduleConfig,
+                    optimizer: OptimizerConfig, balance: BalanceConfig):
+    """Return (tx, step_fn).
 
-    `batch` holds `tokens` (B, T) int32 and optionally `segment_ids` and `positions` (B, T) int32.
-    `mtp_weight_fn(step, tokens)` overrides the constant λ of `loss_weights` (DeepSeek's λ schedule).
+    step_fn(state, batches, tokens_seen, loss_limit) -> (state, metrics) is pure and jittable.
+    `batches` holds `tokens` (A, B, T) int32 and optionally `segment_ids` and `positions`: A micro-batches
+    whose gradients are averaged. An update whose loss or gradient norm is not finite, or whose loss
+    exceeds `loss_limit`, is not applied (metrics["skipped"] = 1); the step counter still advances.
     """
     model = DeepSeekV3(model_config)
     tx = make_optimizer(optimizer)
@@ -63,23 +69,55 @@ def make_train_step(model_config: ModelConfig, loss_weights: LossWeights, schedu
     def loss_fn(params, moe_bias, batch, mtp_weight):
         outputs = model.apply({"params": params, "moe_bias": moe_bias}, batch["tokens"], batch.get("positions"),
                               batch.get("segment_ids"), return_aux=True)
-        weights = dataclasses.replace(loss_weights, mtp=mtp_weight)
-        loss, metrics = total_loss(outputs, batch["tokens"], batch.get("segment_ids"), weights)
-        return loss, (metrics, outputs._replace(logits_BTV=None, mtp_logits_DBTV=None))
+        value, metrics = total_loss(outputs, batch["tokens"], batch.get("segment_ids"), mtp_weight,
+                                    loss.balance_alpha, loss.z_loss)
+        return value, (metrics, outputs._replace(logits_BTV=None, mtp_logits_DBTV=None))
 
-    def step_fn(state: TrainState, batch, tokens_seen):
-        mtp_weight = loss_weights.mtp if mtp_weight_fn is None else mtp_weight_fn(state.step, tokens_seen)
-        grads, (metrics, aux) = jax.grad(loss_fn, has_aux=True)(state.params, state.moe_bias, batch, mtp_weight)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def accumulate(params, moe_bias, batches, mtp_weight):
+        n = batches["tokens"].shape[0]
+
+        def one(carry, batch):
+            grads, (metrics, aux) = grad_fn(params, moe_bias, batch, mtp_weight)
+            return jax.tree.map(jnp.add, carry, (grads, metrics, aux)), None
+
+        first = jax.tree.map(lambda x: x[0], batches)
+        total = grad_fn(params, moe_bias, first, mtp_weight)
+        total = (total[0],) + total[1]
+        if n > 1:
+            rest = jax.tree.map(lambda x: x[1:], batches)
+            total, _ = jax.lax.scan(one, total, rest)
+        grads, metrics, aux = total
+        mean = lambda tree: jax.tree.map(lambda x: x / n, tree)
+        # Expert counts are sums over every routed token; the balance-loss terms are means.
+        aux = aux._replace(moe_stats=_mean_loss(aux.moe_stats, n), mtp_stats=_mean_loss(aux.mtp_stats, n))
+        metrics = dict(mean(metrics), tokens=metrics["tokens"])
+        return mean(grads), metrics, aux
+
+    def step_fn(state: TrainState, batches, tokens_seen, loss_limit):
+        mtp_weight = _switch(loss.mtp_weight, loss.mtp_weight_after, loss.mtp_switch_after, loss.mtp_switch_unit,
+                             state.step, tokens_seen)
+        grads, metrics, aux = accumulate(state.params, state.moe_bias, batches, mtp_weight)
         lr = learning_rate(schedule, state.step, tokens_seen)
         opt_state = state.opt_state
         opt_state.hyperparams["learning_rate"] = lr
         updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        moe_bias = update_routing_bias(state.moe_bias, aux, balance_gamma(balance, state.step, tokens_seen))
-        metrics = dict(metrics, lr=lr, grad_norm=optax.global_norm(grads))
+        gamma = _switch(balance.gamma, 0.0, balance.gamma_zero_after, balance.unit, state.step, tokens_seen)
+        moe_bias = update_routing_bias(state.moe_bias, aux, gamma)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & (metrics["loss"] <= loss_limit)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = TrainState(state.step + 1, keep(params, state.params), keep(moe_bias, state.moe_bias),
+                               keep(opt_state, state.opt_state), state.rng)
+        metrics = dict(metrics, lr=lr, grad_norm=grad_norm, mtp_weight=mtp_weight, skipped=(~ok).astype(jnp.int32))
         if aux.moe_stats is not None:
-            counts = aux.moe_stats.expert_counts_E
-            metrics["max_load_ratio"] = jnp.max(counts.max(-1) / jnp.maximum(counts.mean(-1), 1e-9))
-        return TrainState(state.step + 1, params, moe_bias, opt_state), metrics
+            metrics["expert_counts_LE"] = aux.moe_stats.expert_counts_E
+        return new_state, metrics
 
     return tx, step_fn
+
+
+def _mean_loss(stats: RouterStats | None, n: int):
+    return None if stats is None else stats._replace(balance_loss=stats.balance_loss / n)

@@ -1,0 +1,126 @@
+"""Run presets: a model plus data, optimizer, schedule, loss, balancing, checkpointing, logging and mesh.
+
+Every field can be changed from the command line with `--set section.field=value`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dsv3_jax.config import ConfigError, ModelConfig, apply_overrides
+from dsv3_jax.data import DataConfig
+from dsv3_jax.presets import PRESETS as MODEL_PRESETS
+from dsv3_jax.train.loss import LossConfig
+from dsv3_jax.train.optimizer import OptimizerConfig
+from dsv3_jax.train.schedule import ScheduleConfig
+from dsv3_jax.train.step import BalanceConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    grad_accum: int = 1              # micro-batches (of data.batch_size rows) per update
+    ramp_from: int = 0               # batch-size ramp: micro-batches per update at the start (0: no ramp)
+    ramp_tokens: float = 0           # ...rising linearly to grad_accum over this many tokens
+    on_nonfinite: str = "skip"       # a NaN/Inf loss or gradient, or a spike: "skip" the update or "stop"
+    spike_factor: float = 0.0        # a loss above spike_factor × its running mean is a spike (0: off)
+    spike_ema: float = 0.98
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 3
+    use_async: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    every: int = 10
+    tensorboard: bool = True
+    progress: bool = True            # tqdm bar
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device-mesh axis sizes; -1 takes all remaining devices."""
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    pipeline: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    loss: LossConfig = LossConfig()
+    balance: BalanceConfig = BalanceConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def with_overrides(self, *assignments: str) -> "RunConfig":
+        return apply_overrides(self, assignments, prefix="")
+
+
+def _deepseek_v3_recipe(model: ModelConfig) -> RunConfig:
+    """The V3 report's pre-training: 4K context, batch ramp 3072 → 15360 over 469B tokens, lr in tokens."""
+    return RunConfig(
+        model=model,
+        data=DataConfig(seq_len=4096, batch_size=3072),
+        schedule=ScheduleConfig(peak_lr=2.2e-4, unit="tokens", warmup=2000 * 3072 * 4096, constant=10e12,
+                                decay=4.3e12, decay_to=2.2e-5, tail_lrs=(2.2e-5, 7.3e-6), tail_lengths=(333e9, 167e9)),
+        loss=LossConfig(mtp_weight=0.3, mtp_weight_after=0.1, mtp_switch_after=10e12),
+        balance=BalanceConfig(gamma=0.001, gamma_zero_after=14.3e12, unit="tokens"),
+        train=TrainConfig(steps=1_000_000, grad_accum=5, ramp_from=1, ramp_tokens=469e9),
+        checkpoint=CheckpointConfig(every=1000, keep=3),
+    )
+
+
+RUN_PRESETS: dict[str, RunConfig] = {
+    "tiny": RunConfig(
+        model=MODEL_PRESETS["tiny"],
+        data=DataConfig(seq_len=128, batch_size=8, bpe_vocab_size=2048),
+        schedule=ScheduleConfig(peak_lr=3e-3, warmup=50, constant=0, decay=1500, decay_to=3e-4),
+        balance=BalanceConfig(gamma=0.001),
+        train=TrainConfig(steps=1500),
+        checkpoint=CheckpointConfig(every=250, keep=2),
+        logging=LoggingConfig(every=25),
+    ),
+    "small": RunConfig(
+        model=MODEL_PRESETS["small"],
+        data=DataConfig(seq_len=2048, batch_size=8),
+        schedule=ScheduleConfig(peak_lr=4.2e-4, warmup=500, constant=0, decay=20000, decay_to=4.2e-5),
+        train=TrainConfig(steps=20000),
+        checkpoint=CheckpointConfig(every=1000, keep=3),
+    ),
+    "v2-lite-16b": _deepseek_v3_recipe(MODEL_PRESETS["v2-lite-16b"]),
+    "v2-236b": _deepseek_v3_recipe(MODEL_PRESETS["v2-236b"]),
+    "v3-671b": _deepseek_v3_recipe(MODEL_PRESETS["v3-671b"]),
+}
+
+
+def get_run_preset(name: str) -> RunConfig:
+    try:
+        return RUN_PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"--config {name!r} is not a preset; choose one of {', '.join(RUN_PRESETS)}") from None
+
+
+def describe_fields(config, prefix: str = "") -> list[str]:
+    """`section.field = default` lines for --help."""
+    lines = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            lines += describe_fields(value, name + ".")
+        else:
+            lines.append(f"  {name} = {value!r}")
+    return lines

@@ -1,0 +1,23 @@
+"""Helpers for the pre-training CLI tests: arguments of a fast tiny run, and running the CLI."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def fast_args(workdir, corpus, cache, steps=12, extra=()):
+    """A tiny run sized for CI: 2 layers, short rows, frequent checkpoints, no progress bar."""
+    return ["--config", "tiny", "--workdir", str(workdir), "--steps", str(steps), "--data", corpus,
+            "--set", "model.n_layers=2", "--set", "data.seq_len=32", "--set", "data.batch_size=4",
+            "--set", "data.bpe_vocab_size=300", "--set", f"data.cache_dir={cache}",
+            "--set", "checkpoint.every=4", "--set", "logging.every=1", "--set", "logging.progress=false",
+            "--set", "logging.tensorboard=false", "--set", "schedule.warmup=4", "--set", "schedule.decay=12",
+            *extra]
+
+
+def run_cli(args, timeout=300, **kwargs):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "experiments.pretrain", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
