@@ -8,6 +8,7 @@ the Python standard library's sources and documentation topics with a BPE traine
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import signal
@@ -17,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax.checkpoint import Checkpointer, CheckpointMismatch, model_signature
 from dsv3_jax.config import ConfigError
@@ -25,6 +27,8 @@ from dsv3_jax.data import DataError, load_tokenizer, make_batch_iterator
 from dsv3_jax.train.metrics_log import MetricsLog
 from dsv3_jax.train.mfu import mfu, peak_flops_per_device
 from dsv3_jax.train.step import TrainState, create_train_state, make_train_step
+from sharding import MeshError, build_mesh, put_batch, replicate
+from sharding.mesh import resolve_axis_sizes
 from experiments.presets import RUN_PRESETS, RunConfig, describe_fields, get_run_preset
 
 EXIT_BAD_INPUT = 2
@@ -85,12 +89,14 @@ def validate_run(cfg: RunConfig) -> None:
         if getattr(cfg.mesh, axis) != 1:
             raise ConfigError(f"mesh.{axis}={getattr(cfg.mesh, axis)}: only data parallelism (mesh.data) is "
                               "built so far; expert, pipeline, FSDP and tensor axes come with the sharding work")
-    n = jax.device_count()
-    data_axis = n if cfg.mesh.data == -1 else cfg.mesh.data
-    if data_axis != n:
-        raise ConfigError(f"mesh.data={cfg.mesh.data} but there are {n} devices; the mesh must use them all")
-    if cfg.data.batch_size % n:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {n} devices of mesh.data")
+    try:
+        sizes = resolve_axis_sizes(dataclasses.asdict(cfg.mesh), jax.device_count())
+    except MeshError as e:
+        raise ConfigError(str(e)) from None
+    replicas = sizes["data"] * sizes["fsdp"]
+    if cfg.data.batch_size % replicas:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {replicas} data-parallel "
+                          f"replicas of the mesh")
 
 
 def micro_batches_at(cfg: RunConfig, tokens_seen: int) -> int:
@@ -141,11 +147,14 @@ def train(cfg: RunConfig, workdir: str, data_iter, ckpt: Checkpointer, latest, m
     tx, step_fn = make_train_step(model, cfg.loss, cfg.schedule, cfg.optimizer, cfg.balance)
     init = lambda: create_train_state(model, tx, jax.random.PRNGKey(cfg.train.seed))
     log = MetricsLog(workdir, cfg.logging.tensorboard, enabled=jax.process_index() == 0)
+    mesh = build_mesh(dataclasses.asdict(cfg.mesh))
     if latest is None:
-        state, tokens_seen, loss_ema = init(), 0, None
+        state, tokens_seen, loss_ema = replicate(mesh, init()), 0, None
         meta = {}
     else:
-        abstract = jax.eval_shape(init)
+        everywhere = NamedSharding(mesh, PartitionSpec())
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=everywhere),
+                                jax.eval_shape(init))
         state, data_state, meta = ckpt.restore(latest, abstract)
         data_iter.set_state(data_state)
         tokens_seen, loss_ema = int(meta["tokens_seen"]), meta.get("loss_ema")
@@ -174,8 +183,7 @@ def train(cfg: RunConfig, workdir: str, data_iter, ckpt: Checkpointer, latest, m
             micro = [next(data_iter) for _ in range(n_micro)]
             for b in micro:
                 check_token_ids(b, model.vocab_size)
-            local = {k: np.stack([b[k] for b in micro]) for k in micro[0]}
-            batch = {k: jnp.asarray(v) for k, v in local.items()}
+            batch = put_batch(mesh, {k: np.stack([b[k] for b in micro]) for k in micro[0]}, batch_dim=1)
             limit = cfg.train.spike_factor * loss_ema if cfg.train.spike_factor > 0 and loss_ema else math.inf
             state, metrics = jitted(state, batch, jnp.float32(tokens_seen), jnp.float32(limit))
             step += 1

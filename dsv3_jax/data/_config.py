@@ -29,12 +29,12 @@ class DataConfig:
 
     def validate(self) -> None:
         if self.seq_len < 2:
-            raise DataError(f"seq_len must be at least 2 (a token and its target), got {self.seq_len}")
+            raise DataError(f"data.seq_len must be at least 2 (a token and its target), got {self.seq_len}")
         if self.batch_size < 1:
-            raise DataError(f"batch_size must be positive, got {self.batch_size}")
+            raise DataError(f"data.batch_size must be positive, got {self.batch_size}")
         if self.num_epochs is not None and self.num_epochs < 1:
-            raise DataError(f"num_epochs must be positive or None, got {self.num_epochs}")
+            raise DataError(f"data.num_epochs must be positive or None, got {self.num_epochs}")
         if self.bpe_vocab_size < 257:
-            raise DataError(f"bpe_vocab_size must cover the 256 bytes and EOS (>= 257), got {self.bpe_vocab_size}")
+            raise DataError(f"data.bpe_vocab_size must cover the 256 bytes and EOS (>= 257), got {self.bpe_vocab_size}")
         if self.read_threads < 1 or self.prefetch_documents < 1:
-            raise DataError("read_threads and prefetch_documents must be positive")
+            raise DataError("data.read_threads and data.prefetch_documents must be positive")

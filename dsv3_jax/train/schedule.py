@@ -33,18 +33,24 @@ class ScheduleConfig:
         return self
 
 
+def as_float32(count):
+    """A step or token count as a float32 scalar (Python ints beyond int32, like token counts, included)."""
+    return jnp.float32(count) if isinstance(count, (int, float)) else jnp.asarray(count, jnp.float32)
+
+
 def learning_rate(config: ScheduleConfig, step, tokens):
     """The rate for the update made at `step` after `tokens` tokens (float32 scalar, jit-friendly)."""
     c = config
-    t = jnp.asarray(tokens if c.unit == "tokens" else step, jnp.float32)
-    lr = c.peak_lr * jnp.minimum((t + (1.0 if c.unit == "steps" else 0.0)) / max(c.warmup, 1e-9), 1.0)
-    decay_start = c.warmup + c.constant
-    if c.decay > 0:
-        progress = jnp.clip((t - decay_start) / c.decay, 0.0, 1.0)
+    warmup, constant, decay = float(c.warmup), float(c.constant), float(c.decay)   # token counts overflow int32
+    t = as_float32(tokens if c.unit == "tokens" else step)
+    lr = c.peak_lr * jnp.minimum((t + (1.0 if c.unit == "steps" else 0.0)) / max(warmup, 1e-9), 1.0)
+    decay_start = warmup + constant
+    if decay > 0:
+        progress = jnp.clip((t - decay_start) / decay, 0.0, 1.0)
         cosine = c.decay_to + 0.5 * (c.peak_lr - c.decay_to) * (1 + jnp.cos(jnp.pi * progress))
         lr = jnp.where(t >= decay_start, cosine, lr)
-    boundary = decay_start + c.decay
+    boundary = decay_start + decay
     for tail_lr, length in zip(c.tail_lrs, c.tail_lengths):
         lr = jnp.where(t >= boundary, tail_lr, lr)
-        boundary += length
+        boundary += float(length)
     return jnp.asarray(lr, jnp.float32)

@@ -21,7 +21,7 @@ from dsv3_jax.moe.router import RouterStats
 from dsv3_jax.train.balance import update_routing_bias
 from dsv3_jax.train.loss import LossConfig, total_loss
 from dsv3_jax.train.optimizer import OptimizerConfig, make_optimizer
-from dsv3_jax.train.schedule import ScheduleConfig, learning_rate
+from dsv3_jax.train.schedule import ScheduleConfig, as_float32, learning_rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,7 @@ def create_train_state(config: ModelConfig, tx: optax.GradientTransformation, rn
 def _switch(value_before, value_after, switch_after, unit, step, tokens):
     if switch_after < 0:
         return jnp.float32(value_before)
-    t = jnp.asarray(tokens if unit == "tokens" else step, jnp.float32)
+    t = as_float32(tokens if unit == "tokens" else step)
     return jnp.where(t >= switch_after, value_after, value_before).astype(jnp.float32)
 
 
@@ -100,13 +100,13 @@ def make_train_step(model_config: ModelConfig, loss: LossConfig, schedule: Sched
                              state.step, tokens_seen)
         grads, metrics, aux = accumulate(state.params, state.moe_bias, batches, mtp_weight)
         lr = learning_rate(schedule, state.step, tokens_seen)
-        opt_state = state.opt_state
-        opt_state.hyperparams["learning_rate"] = lr
+        # A new hyperparams dict: writing into state.opt_state's would leak the rate into a skipped update.
+        opt_state = state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
         updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         gamma = _switch(balance.gamma, 0.0, balance.gamma_zero_after, balance.unit, state.step, tokens_seen)
         moe_bias = update_routing_bias(state.moe_bias, aux, gamma)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = global_norm(grads)
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & (metrics["loss"] <= loss_limit)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = TrainState(state.step + 1, keep(params, state.params), keep(moe_bias, state.moe_bias),
@@ -117,6 +117,10 @@ def make_train_step(model_config: ModelConfig, loss: LossConfig, schedule: Sched
         return new_state, metrics
 
     return tx, step_fn
+
+
+def global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def _mean_loss(stats: RouterStats | None, n: int):

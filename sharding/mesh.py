@@ -1,0 +1,77 @@
+"""Meshes from axis sizes, and placing train batches and state on them.
+
+Axes, outermost first: `data` (replicas), `fsdp` (parameter-sharded replicas), `expert`, `pipeline`,
+`tensor`. A size of -1 takes the devices the other axes leave. Batches are split over the batch-like
+axes (`data`, `fsdp`); every process contributes the rows it read itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "pipeline", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+class MeshError(ValueError):
+    """Axis sizes that do not fit the devices; the message names the axis."""
+
+
+def resolve_axis_sizes(axis_sizes: Mapping[str, int], device_count: int) -> dict[str, int]:
+    """Every axis of MESH_AXES with a concrete size whose product is `device_count`."""
+    unknown = set(axis_sizes) - set(MESH_AXES)
+    if unknown:
+        raise MeshError(f"mesh.{sorted(unknown)[0]}: not a mesh axis; the axes are {', '.join(MESH_AXES)}")
+    sizes = {axis: int(axis_sizes.get(axis, 1)) for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise MeshError(f"mesh.{axis}={size}: a size must be positive, or -1 for the remaining devices")
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise MeshError(f"mesh.{free[1]}=-1: only one axis may take the remaining devices (mesh.{free[0]} does)")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if device_count % fixed:
+            raise MeshError(f"mesh.{free[0]}=-1: the other axes use {fixed} devices, which does not divide "
+                            f"the {device_count} devices")
+        sizes[free[0]] = device_count // fixed
+    elif fixed != device_count:
+        shape = " × ".join(f"{axis}={size}" for axis, size in sizes.items() if size != 1) or "1"
+        raise MeshError(f"mesh: {shape} uses {fixed} devices, but there are {device_count}")
+    return sizes
+
+
+def build_mesh(axis_sizes: Mapping[str, int], devices: list | None = None) -> Mesh:
+    """A mesh over `devices` (default: all) with the axes of MESH_AXES, in that order."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_axis_sizes(axis_sizes, len(devices))
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except (AssertionError, ValueError, NotImplementedError):
+        grid = np.asarray(devices, dtype=object).reshape(shape)   # no topology-aware layout for this shape
+    return Mesh(grid, MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh, batch_dim: int = 0, ndim: int = 2) -> NamedSharding:
+    """Dimension `batch_dim` split over the batch axes, the others replicated."""
+    spec = [None] * ndim
+    spec[batch_dim] = BATCH_AXES
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def replicate(mesh: Mesh, tree: Any) -> Any:
+    """Every leaf of `tree` copied to every device of `mesh`."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def put_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray], batch_dim: int = 0) -> dict[str, jax.Array]:
+    """Global arrays from this process's rows: each process passes its own slice of `batch_dim`."""
+    return {name: jax.make_array_from_process_local_data(batch_sharding(mesh, batch_dim, array.ndim), array)
+            for name, array in local_batch.items()}
