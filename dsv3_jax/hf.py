@@ -24,7 +24,9 @@ import glob
 import json
 import math
 import os
+import shutil
 import struct
+import tempfile
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -553,15 +555,23 @@ def save_pretrained(config: ModelConfig, variables: dict, path: str | os.PathLik
     _check_variables(variables, specs)
     _warn_if_transformers_differs(config)
     tensors = [_output(s, variables, specs, config) for s in _plan(config) if _should_write(s, variables, config)]
-    _remove_stale_files(directory)
-    shards = _shard(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        _write_safetensors(os.path.join(directory, SINGLE_FILE), shards[0])
-    else:
-        _write_shards(directory, shards)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(config.to_hf(), f, indent=2, sort_keys=True)
-        f.write("\n")
+    # Everything is written into a staging folder first: a save that fails half-way leaves the
+    # directory's earlier checkpoint as it was.
+    staging = tempfile.mkdtemp(prefix=".saving-", dir=directory)
+    try:
+        shards = _shard(tensors, max_shard_bytes)
+        if len(shards) == 1:
+            _write_safetensors(os.path.join(staging, SINGLE_FILE), shards[0])
+        else:
+            _write_shards(staging, shards)
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(config.to_hf(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        _remove_stale_files(directory)
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _check_variables(variables: dict, specs: dict) -> None:

@@ -278,3 +278,25 @@ def test_fp8_weight_needs_a_matching_scale(saved, tmp_path):
     safetensors.torch.save_file(tensors, tmp_path / "a" / "model.safetensors", metadata={"format": "pt"})
     message = load_error(tmp_path / "a")
     assert KV_B + "_scale_inv" in message and "[2, 1]" in message
+
+
+def test_failed_save_leaves_the_earlier_checkpoint_intact(saved, tmp_path, monkeypatch):
+    import dsv3_jax.hf as hf
+    variables, _ = saved
+    save_pretrained(CONFIG, variables, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_write = hf._write_safetensors
+
+    def write_then_fail(path, tensors):
+        real_write(path, tensors[: len(tensors) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf, "_write_safetensors", write_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(CONFIG, variables, tmp_path, max_shard_bytes=40_000)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before     # no staging folder left either
+    monkeypatch.undo()
+    _, loaded = load_pretrained(tmp_path, dtype="float32")
+    assert_same_variables(loaded, variables)
+    save_pretrained(CONFIG, variables, tmp_path, max_shard_bytes=40_000)      # a resave replaces, never mixes
+    assert not (tmp_path / "model.safetensors").exists() and (tmp_path / INDEX_FILE).exists()

@@ -11,6 +11,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from tests.experiments.cli_helpers import ROOT, fast_args, run_cli
 
@@ -33,36 +34,42 @@ def final_state(workdir):
     return step, restored["state"], restored["data"]
 
 
-def test_kill9_then_resume_equals_uninterrupted(tmp_path, corpus_dir):
-    cache = tmp_path / "cache"
-    straight = run_cli(fast_args(tmp_path / "straight", corpus_dir, cache, STEPS))
-    assert straight.returncode == 0, straight.stderr[-2000:]
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, corpus_dir):
+    """(workdir, BPE cache) of an uninterrupted run."""
+    root = tmp_path_factory.mktemp("straight")
+    result = run_cli(fast_args(root / "run", corpus_dir, root / "cache", STEPS))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "run", root / "cache"
 
-    workdir = tmp_path / "killed"
+
+def interrupt_after(workdir, corpus_dir, cache, step, signum, stdout=subprocess.DEVNULL):
+    """Start the run, send `signum` once `step` is logged; returns the finished process."""
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, "-m", "experiments.pretrain",
                              *fast_args(workdir, corpus_dir, cache, STEPS)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.DEVNULL, text=True)
     deadline = time.time() + 240
-    # Kill just after step 9 is logged: checkpoint 8 may still be in flight, and steps 9+ are lost.
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(workdir / "metrics.jsonl") and max(losses(workdir), default=0) >= 9:
+        if os.path.exists(workdir / "metrics.jsonl") and max(losses(workdir), default=0) >= step:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert max(losses(workdir)) < STEPS
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.kill(proc.pid, signum)
+    proc.wait(timeout=120)
+    return proc
 
-    resumed = run_cli(fast_args(workdir, corpus_dir, cache, STEPS))
+
+def assert_resumes_to_the_straight_run(workdir, corpus_dir, straight):
+    resumed = run_cli(fast_args(workdir, corpus_dir, straight[1], STEPS))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
 
-    expected, got = losses(tmp_path / "straight"), losses(workdir)
+    expected, got = losses(straight[0]), losses(workdir)
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     assert got == expected  # bitwise: the floats were written with repr
 
-    step_a, state_a, data_a = final_state(tmp_path / "straight")
+    step_a, state_a, data_a = final_state(straight[0])
     step_b, state_b, data_b = final_state(workdir)
     assert step_a == step_b == STEPS
     assert data_a == data_b
@@ -71,3 +78,21 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path, corpus_dir):
     assert tree_a == tree_b
     for a, b in zip(leaves_a, leaves_b):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_kill9_then_resume_equals_uninterrupted(tmp_path, corpus_dir, straight):
+    # Killed just after step 9 is logged: checkpoint 8 may still be in flight, and steps 9+ are lost.
+    workdir = tmp_path / "killed"
+    interrupt_after(workdir, corpus_dir, straight[1], 9, signal.SIGKILL)
+    assert max(losses(workdir)) < STEPS
+    assert_resumes_to_the_straight_run(workdir, corpus_dir, straight)
+
+
+def test_sigterm_saves_the_current_step_then_resume_equals_uninterrupted(tmp_path, corpus_dir, straight):
+    workdir = tmp_path / "terminated"
+    proc = interrupt_after(workdir, corpus_dir, straight[1], 5, signal.SIGTERM, stdout=subprocess.PIPE)
+    assert proc.returncode == 128 + signal.SIGTERM
+    stopped_at = max(losses(workdir))
+    assert f"checkpoint saved at step {stopped_at}" in proc.stdout.read()
+    assert final_state(workdir)[0] == stopped_at       # the step it stopped at, not only the last multiple of 4
+    assert_resumes_to_the_straight_run(workdir, corpus_dir, straight)
