@@ -35,19 +35,14 @@ def test_only_empty_documents(tmp_path, tokenizer):
     fails(DataConfig(path=str(tmp_path)), tokenizer, "empty", str(tmp_path))
 
 
-def test_jsonl_line_that_is_not_json(tmp_path, tokenizer):
-    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": broken\n')
-    fails(DataConfig(path=str(tmp_path)), tokenizer, "a.jsonl:3", "JSON")
-
-
-def test_jsonl_line_without_the_field(tmp_path, tokenizer):
-    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
-    fails(DataConfig(path=str(tmp_path)), tokenizer, "a.jsonl:2", "'text'")
-
-
-def test_jsonl_field_that_is_not_a_string(tmp_path, tokenizer):
-    (tmp_path / "a.jsonl").write_text('{"text": 3}\n')
-    fails(DataConfig(path=str(tmp_path)), tokenizer, "a.jsonl:1", "'text'")
+@pytest.mark.parametrize("content, needles", [
+    ('{"text": "fine"}\n{"text": "fine"}\n{"text": broken\n', ("a.jsonl:3", "JSON")),      # not JSON
+    ('{"text": "fine"}\n{"body": "no text"}\n', ("a.jsonl:2", "'text'")),                   # no text field
+    ('{"text": 3}\n', ("a.jsonl:1", "'text'")),                                              # not a string
+])
+def test_bad_jsonl_line(tmp_path, tokenizer, content, needles):
+    (tmp_path / "a.jsonl").write_text(content)
+    fails(DataConfig(path=str(tmp_path)), tokenizer, *needles)
 
 
 def test_unreadable_parquet(tmp_path, tokenizer):
