@@ -44,12 +44,13 @@ class LoggingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device-mesh axis sizes; -1 takes all remaining devices."""
+    """Device-mesh axis sizes (-1 takes all remaining devices) and how parameters are placed on them."""
     data: int = -1
     fsdp: int = 1
     expert: int = 1
     pipeline: int = 1
     tensor: int = 1
+    strategy: str = "zero1"          # replicated | zero1 (moments split over data) | fsdp (params too)
 
 
 @dataclasses.dataclass(frozen=True)

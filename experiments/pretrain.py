@@ -8,7 +8,6 @@ the Python standard library's sources and documentation topics with a BPE traine
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import signal
@@ -18,7 +17,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax.checkpoint import Checkpointer, CheckpointMismatch, model_signature
 from dsv3_jax.config import ConfigError
@@ -27,9 +25,10 @@ from dsv3_jax.data import DataError, load_tokenizer, make_batch_iterator
 from dsv3_jax.train.metrics_log import MetricsLog
 from dsv3_jax.train.mfu import mfu, peak_flops_per_device
 from dsv3_jax.train.step import TrainState, create_train_state, make_train_step
-from sharding import MeshError, build_mesh, put_batch, replicate
-from sharding.mesh import resolve_axis_sizes
+from dsv3_jax.train.sharded import jit_sharded_step, state_shardings
 from experiments.presets import RUN_PRESETS, RunConfig, describe_fields, get_run_preset
+from sharding.mesh import MESH_AXES, MeshError, build_mesh, put_batch, resolve_axis_sizes
+from sharding.rules import STRATEGIES
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3   # the non-finite/spike policy "stop" fired
@@ -85,18 +84,25 @@ def validate_run(cfg: RunConfig) -> None:
                           f"{cfg.model.max_position_embeddings}")
     if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.every and checkpoint.keep must be >= 1")
-    for axis in ("fsdp", "expert", "pipeline", "tensor"):
-        if getattr(cfg.mesh, axis) != 1:
-            raise ConfigError(f"mesh.{axis}={getattr(cfg.mesh, axis)}: only data parallelism (mesh.data) is "
-                              "built so far; expert, pipeline, FSDP and tensor axes come with the sharding work")
+    if cfg.mesh.pipeline != 1:
+        raise ConfigError(f"mesh.pipeline={cfg.mesh.pipeline}: the pre-training job does not run pipeline stages yet")
+    if cfg.mesh.strategy not in STRATEGIES:
+        raise ConfigError(f"mesh.strategy={cfg.mesh.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     try:
-        sizes = resolve_axis_sizes(dataclasses.asdict(cfg.mesh), jax.device_count())
+        sizes = resolve_axis_sizes(mesh_axes(cfg), jax.device_count())
     except MeshError as e:
         raise ConfigError(str(e)) from None
-    replicas = sizes["data"] * sizes["fsdp"]
+    if cfg.model.n_routed_experts % sizes["expert"]:
+        raise ConfigError(f"mesh.expert={sizes['expert']} does not divide model.n_routed_experts="
+                          f"{cfg.model.n_routed_experts}")
+    replicas = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     if cfg.data.batch_size % replicas:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {replicas} data-parallel "
-                          f"replicas of the mesh")
+                          f"ranks of the mesh (data × fsdp × expert)")
+
+
+def mesh_axes(cfg: RunConfig) -> dict[str, int]:
+    return {axis: getattr(cfg.mesh, axis) for axis in MESH_AXES}
 
 
 def micro_batches_at(cfg: RunConfig, tokens_seen: int) -> int:
@@ -147,14 +153,15 @@ def train(cfg: RunConfig, workdir: str, data_iter, ckpt: Checkpointer, latest, m
     tx, step_fn = make_train_step(model, cfg.loss, cfg.schedule, cfg.optimizer, cfg.balance)
     init = lambda: create_train_state(model, tx, jax.random.PRNGKey(cfg.train.seed))
     log = MetricsLog(workdir, cfg.logging.tensorboard, enabled=jax.process_index() == 0)
-    mesh = build_mesh(dataclasses.asdict(cfg.mesh))
+    mesh = build_mesh(mesh_axes(cfg))
+    abstract = jax.eval_shape(init)
+    shardings = state_shardings(model, tx, abstract, mesh, cfg.mesh.strategy)
     if latest is None:
-        state, tokens_seen, loss_ema = replicate(mesh, init()), 0, None
+        state, tokens_seen, loss_ema = jax.jit(init, out_shardings=shardings)(), 0, None
         meta = {}
     else:
-        everywhere = NamedSharding(mesh, PartitionSpec())
-        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=everywhere),
-                                jax.eval_shape(init))
+        abstract = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                                abstract, shardings)
         state, data_state, meta = ckpt.restore(latest, abstract)
         data_iter.set_state(data_state)
         tokens_seen, loss_ema = int(meta["tokens_seen"]), meta.get("loss_ema")
@@ -169,7 +176,7 @@ def train(cfg: RunConfig, workdir: str, data_iter, ckpt: Checkpointer, latest, m
           f"MTP {counts.mtp_unique / 1e6:,.2f}M); {jax.device_count()} × {jax.devices()[0].device_kind}; "
           f"workdir {workdir}", flush=True)
 
-    jitted = jax.jit(step_fn, donate_argnums=0)
+    jitted = jit_sharded_step(step_fn, shardings, mesh)
     stop = StopRequest()
     from tqdm import tqdm
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.logging.progress or jax.process_index() != 0,

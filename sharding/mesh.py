@@ -2,7 +2,7 @@
 
 Axes, outermost first: `data` (replicas), `fsdp` (parameter-sharded replicas), `expert`, `pipeline`,
 `tensor`. A size of -1 takes the devices the other axes leave. Batches are split over the batch-like
-axes (`data`, `fsdp`); every process contributes the rows it read itself.
+axes (`data`, `fsdp`, and `expert`, whose ranks hold different tokens); every process contributes the rows it read itself.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "expert", "pipeline", "tensor")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")   # EP ranks hold different tokens, like data replicas
 
 
 class MeshError(ValueError):
