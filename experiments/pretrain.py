@@ -27,6 +27,8 @@ from dsv3_jax.train.mfu import mfu, peak_flops_per_device
 from dsv3_jax.train.step import TrainState, create_train_state, make_train_step
 from dsv3_jax.train.sharded import jit_sharded_step, state_shardings
 from experiments.presets import RUN_PRESETS, RunConfig, describe_fields, get_run_preset
+from sharding.distributed import DistributedError
+from sharding.distributed import initialize as initialize_distributed
 from sharding.mesh import MESH_AXES, MeshError, build_mesh, put_batch, resolve_axis_sizes
 from sharding.rules import STRATEGIES
 
@@ -49,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="file, directory or glob of .txt/.jsonl/.parquet/.arrayrecord")
     p.add_argument("--tokenizer", default=None, help="an HF tokenizer.json (default: BPE trained on the data)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="overrides")
+    multi = p.add_argument_group("multi-process (also read from SLURM, TPU VM and JAX_COORDINATOR_ADDRESS "
+                                 "environments)")
+    multi.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
+    multi.add_argument("--num-processes", type=int, default=None)
+    multi.add_argument("--process-id", type=int, default=None)
     return p
 
 
@@ -262,8 +269,9 @@ def _record(step, metrics, tokens_seen, tok_s, mfu_value):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         prepared = prepare(args)
-    except (ConfigError, DataError, CheckpointMismatch, UsageError) as e:
+    except (ConfigError, DataError, CheckpointMismatch, UsageError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     cfg, workdir, _, data_iter, ckpt, latest, meta = prepared

@@ -1,7 +1,10 @@
-"""Which dispatch / grouped-matmul / combine implementation the MoE layer uses on this platform."""
+"""Which dispatch / grouped-matmul / combine implementation the MoE layer uses on this platform, and the
+mesh (if any) whose `expert` axis the routed experts are split over while a step is traced."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 from pallas_kernels import dispatch as dispatch_kernels
@@ -26,3 +29,21 @@ class MoEKernels:
 def default_kernels() -> MoEKernels:
     """The reference kernels on every platform until the Pallas paths land."""
     return MoEKernels()
+
+
+_EXPERT_MESH: contextvars.ContextVar = contextvars.ContextVar("expert_parallel_mesh", default=None)
+
+
+@contextlib.contextmanager
+def expert_parallel(mesh):
+    """While active, MoE layers traced here exchange tokens over `mesh`'s `expert` axis (when it is > 1)."""
+    token = _EXPERT_MESH.set(mesh if mesh is not None and mesh.shape.get("expert", 1) > 1 else None)
+    try:
+        yield
+    finally:
+        _EXPERT_MESH.reset(token)
+
+
+def expert_parallel_mesh():
+    """The mesh set by `expert_parallel`, or None (all experts local)."""
+    return _EXPERT_MESH.get()

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.mlp import MLP
-from dsv3_jax.moe.backend import default_kernels
+from dsv3_jax.moe.backend import default_kernels, expert_parallel_mesh
 from dsv3_jax.moe.router import Router, RouterStats, router_stats
+from sharding.expert_parallel import expert_parallel_ffn
 
 
 class MoE(nn.Module):
@@ -34,12 +35,17 @@ class MoE(nn.Module):
         w_up_EDF = expert_weights("experts_up", (E, D, F), ("expert", "embed", "mlp"))
         w_down_EFD = expert_weights("experts_down", (E, F, D), ("expert", "mlp", "embed"))
 
-        kernels = default_kernels()
-        sent = kernels.dispatch(x_TD.astype(c.jnp_dtype), routing.experts_TK, E)
-        gate_NF = kernels.grouped_matmul(sent.x_ND, w_gate_EDF, sent.group_sizes_E)
-        up_NF = kernels.grouped_matmul(sent.x_ND, w_up_EDF, sent.group_sizes_E)
-        y_ND = kernels.grouped_matmul(jax.nn.silu(gate_NF) * up_NF, w_down_EFD, sent.group_sizes_E)
-        routed_TD = kernels.combine(y_ND, routing.weights_TK, sent.order_N, c.jnp_dtype)
+        kernels, mesh = default_kernels(), expert_parallel_mesh()
+        if mesh is None:
+            sent = kernels.dispatch(x_TD.astype(c.jnp_dtype), routing.experts_TK, E)
+            gate_NF = kernels.grouped_matmul(sent.x_ND, w_gate_EDF, sent.group_sizes_E)
+            up_NF = kernels.grouped_matmul(sent.x_ND, w_up_EDF, sent.group_sizes_E)
+            y_ND = kernels.grouped_matmul(jax.nn.silu(gate_NF) * up_NF, w_down_EFD, sent.group_sizes_E)
+            routed_TD = kernels.combine(y_ND, routing.weights_TK, sent.order_N, c.jnp_dtype)
+        else:   # experts split over the mesh's `expert` axis: tokens travel to them and back (dropless)
+            routed_TD, _ = expert_parallel_ffn(x_TD.astype(c.jnp_dtype), routing.experts_TK, routing.weights_TK,
+                                               w_gate_EDF, w_up_EDF, w_down_EFD, mesh=mesh,
+                                               grouped_matmul=kernels.grouped_matmul, out_dtype=c.jnp_dtype)
 
         out_BTD = routed_TD.reshape(B, T, D)
         if c.n_shared_experts > 0:

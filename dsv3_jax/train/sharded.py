@@ -10,6 +10,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import logical_axes
+from dsv3_jax.moe.backend import expert_parallel
 from dsv3_jax.train.step import TrainState
 from sharding.mesh import BATCH_AXES, batch_sharding
 from sharding.rules import logical_rules, tree_shardings
@@ -32,14 +33,15 @@ def state_shardings(config: ModelConfig, tx: optax.GradientTransformation, abstr
 def jit_sharded_step(step_fn, shardings: TrainState, mesh: Mesh, batch_dim: int = 1):
     """step_fn(state, batches, tokens_seen, loss_limit) jitted for `mesh`; batches split on `batch_dim`.
 
-    The model's activation constraints (batch over the data-parallel axes, heads / mlp / vocab over
+    With an `expert` axis > 1 the MoE layers run expert-parallel (sharding.expert_parallel). The model's
+    activation constraints (batch over the data-parallel axes, heads / mlp / vocab over
     `tensor`) resolve through the logical-axis rules while tracing.
     """
     # Activations follow the parameter-free rules: `embed` stays whole inside a replica even under FSDP.
     flax_rules = tuple((name, axes) for name, axes in logical_rules("replicated"))
 
     def constrained(state, batches, tokens_seen, loss_limit):
-        with nn.logical_axis_rules(flax_rules):
+        with nn.logical_axis_rules(flax_rules), expert_parallel(mesh):
             return step_fn(state, batches, tokens_seen, loss_limit)
 
     batch = batch_sharding(mesh, batch_dim, ndim=batch_dim + 2)
@@ -51,4 +53,9 @@ def jit_sharded_step(step_fn, shardings: TrainState, mesh: Mesh, batch_dim: int 
         with mesh:
             return jitted(state, batches, tokens_seen, loss_limit)
 
+    def lower(*args):
+        with mesh:
+            return jitted.lower(*args)
+
+    run.lower = lower
     return run

@@ -77,7 +77,11 @@ SHARDED_STEP_SCRIPT = textwrap.dedent("""
         mesh = build_mesh(axes)
         shardings = state_shardings(config, tx, jax.eval_shape(init), mesh, strategy)
         state = jax.jit(init, out_shardings=shardings)()
-        new, metrics = jit_sharded_step(step, shardings, mesh)(state, put_batch(mesh, {"tokens": tokens}, 1), *args)
+        run, batch = jit_sharded_step(step, shardings, mesh), put_batch(mesh, {"tokens": tokens}, 1)
+        # Experts split over `expert` exchange tokens with all_to_all (sharding.expert_parallel).
+        lowered = run.lower(state, batch, *args)
+        assert ("all_to_all" in lowered.as_text()) == (axes.get("expert", 1) > 1)
+        new, metrics = lowered.compile()(state, batch, *args)
         np.testing.assert_allclose(float(metrics["loss"]), float(one_metrics["loss"]), rtol=1e-5)
         for a, b in zip(jax.tree.leaves((one.params, one.moe_bias, one.opt_state)),
                         jax.tree.leaves((new.params, new.moe_bias, new.opt_state))):

@@ -1,0 +1,26 @@
+"""A plain reference of lax.ragged_all_to_all built from all_gather, for platforms that cannot compile it.
+
+Same contract (call inside shard_map): sender s writes operand_s[input_offsets_s[d] : + send_sizes_s[d]] into
+receiver d's output at output_offsets_s[d]. It gathers every rank's operand, so it costs EP× the memory:
+a test oracle for the ragged exchange path on XLA:CPU, not a transport.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+
+def ragged_all_to_all_reference(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                axis_name):
+    del recv_sizes   # implied by the senders' send_sizes
+    me = lax.axis_index(axis_name)
+    operand_S = lax.all_gather(operand, axis_name)
+    offsets_S, sizes_S, dest_S = (lax.all_gather(a, axis_name)[:, me]
+                                  for a in (input_offsets, send_sizes, output_offsets))
+    rows_J = jnp.arange(min(operand.shape[0], output.shape[0]))
+    src_SJ = jnp.clip(offsets_S[:, None] + rows_J, 0, operand.shape[0] - 1)
+    dest_SJ = jnp.where(rows_J < sizes_S[:, None], dest_S[:, None] + rows_J, output.shape[0])
+    sent_SJX = operand_S[jnp.arange(operand_S.shape[0])[:, None], src_SJ]
+    return output.at[dest_SJ.reshape(-1)].set(sent_SJX.reshape(-1, *operand.shape[1:]).astype(output.dtype),
+                                              mode="drop")

@@ -1,0 +1,288 @@
+"""Expert parallelism: E/EP experts per rank; token rows travel to their experts and back in bounded rounds.
+
+Dropless, with a bounded buffer:
+ 1. Each rank sorts its T·K (token, choice) rows by expert. Experts are contiguous per rank, so the rows are
+    grouped by destination rank and, within it, by local expert.
+ 2. One small all_to_all gives every peer the per-local-expert row counts and where each block starts, so
+    every rank knows what it sends and receives, and the local expert of every row it receives.
+ 3. Rows move in rounds: per round at most C rows go from a rank to a peer (`ep_buffers.capacity_per_peer`,
+    C ≈ capacity_factor · T·K / EP), so a rank receives at most EP·C ≈ capacity_factor × the balanced T·K
+    rows whatever the routing. Skew adds rounds (max over pairs of ceil(rows / C), agreed by a pmax over
+    the expert axis), never buffer rows; balanced routing takes one round.
+ 4. Each round the owner runs its experts (grouped SwiGLU) on the buffer and returns each result to the row
+    it came from; after the last round the rows are un-sorted and combined with the weights in float32.
+ 5. The backward replays the rounds (x and dy rows travel together, dx comes back), recomputing the expert
+    forward, so nothing is kept per round; expert-weight gradients accumulate in float32.
+
+Transports: `all_to_all` moves padded [EP, C] blocks with lax.all_to_all (runs everywhere); `ragged` moves
+only the filled rows with lax.ragged_all_to_all (GPU/TPU: XLA:CPU lowers but cannot compile it);
+`ragged_reference` is the ragged path with that collective emulated by all_gather (a test oracle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from sharding.ep_buffers import capacity_per_peer
+from sharding.ep_collectives import ragged_all_to_all_reference
+from sharding.ep_layout import check_expert_parallel
+from sharding.mesh import BATCH_AXES
+
+
+class EPStats(NamedTuple):
+    """Per token shard (one entry per rank of the token axes × expert axis), int32."""
+    rounds: jax.Array          # exchange rounds run
+    rows_received: jax.Array   # rows this rank's experts computed: its load
+    peak_rows: jax.Array       # filled rows of the fullest round's receive buffer (round 0)
+    overflow_rows: jax.Array   # rows past round 0, delivered in later rounds (not dropped)
+    dropped_rows: jax.Array    # rows never computed; 0 unless max_rounds caps the rounds
+    buffer_rows: jax.Array     # rows of the receive buffer of one round, EP·C
+
+
+def ragged_dot_gmm(x_MK, w_GKN, group_sizes_G):
+    """Default grouped matmul: rows of x contiguous by group; rows past sum(group_sizes_G) give 0."""
+    return lax.ragged_dot(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G.astype(jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exchange:
+    axis: str
+    ep: int
+    capacity: int                 # C: rows per (sender, receiver) pair per round
+    impl: str
+    grouped_matmul: Callable
+
+    @property
+    def ragged_collective(self):
+        """lax.ragged_all_to_all (or its reference) for the ragged transports, None for padded blocks."""
+        if self.impl == "ragged":
+            return lax.ragged_all_to_all
+        return ragged_all_to_all_reference if self.impl == "ragged_reference" else None
+
+
+class _Plan(NamedTuple):
+    send_start_R: jax.Array       # where my rows for rank r start in my sorted rows
+    send_count_R: jax.Array       # how many rows I send to rank r
+    recv_count_R: jax.Array       # how many rows rank r sends me
+    recv_cum_RE: jax.Array        # inclusive cumsum over my local experts of the rows rank r sends me
+    recv_start_R: jax.Array       # where rank r's rows for me start in its sorted rows
+    rounds: jax.Array
+
+
+def _varying_axes(x) -> frozenset | None:
+    """The manual mesh axes x varies over inside shard_map (`.manual_axis_type` from JAX 0.10, `.vma` before)."""
+    aval = jax.typeof(x)
+    for name in ("manual_axis_type", "mat"):
+        if hasattr(getattr(aval, name, None), "varying"):
+            return frozenset(getattr(aval, name).varying)
+    return frozenset(aval.vma) if hasattr(aval, "vma") else None
+
+
+def _vary_like(x, ref):
+    """x typed device-varying over the mesh axes `ref` varies over, so its cotangent is summed over them once."""
+    have, want = _varying_axes(x), _varying_axes(ref)
+    if have is None or want is None:   # typing API not recognised: broadcasting against ref inserts the cast
+        return x + jnp.zeros_like(ref, shape=(), dtype=x.dtype)
+    missing = tuple(sorted(want - have))
+    if not missing:
+        return x
+    return lax.pcast(x, missing, to="varying") if hasattr(lax, "pcast") else lax.pvary(x, missing)
+
+
+def _round_sizes(count_R, r, c):
+    return jnp.clip(count_R - r * c, 0, c)
+
+
+def _send(ex: _Exchange, plan: _Plan, rows_NP, r):
+    """Round r's rows to their owners: [EP·C, P], C slots per source rank (unfilled slots are 0)."""
+    c, (n, p) = ex.capacity, rows_NP.shape
+    if ex.ragged_collective:
+        sizes_R = _round_sizes(plan.send_count_R, r, c)
+        offsets_R = plan.send_start_R + jnp.minimum(r * c, plan.send_count_R)
+        slot_R = jnp.full((ex.ep,), lax.axis_index(ex.axis) * c, jnp.int32)
+        out_MP = jnp.zeros_like(rows_NP, shape=(ex.ep * c, p))
+        return ex.ragged_collective(rows_NP, out_MP, offsets_R, sizes_R, slot_R,
+                                    _round_sizes(plan.recv_count_R, r, c), axis_name=ex.axis)
+    pos_RC = r * c + jnp.arange(c)[None, :]
+    valid_RC = pos_RC < plan.send_count_R[:, None]
+    rows_RCP = jnp.where(valid_RC[..., None], rows_NP[jnp.clip(plan.send_start_R[:, None] + pos_RC, 0, n - 1)], 0)
+    return lax.all_to_all(rows_RCP, ex.axis, 0, 0).reshape(ex.ep * c, p)
+
+
+def _send_back(ex: _Exchange, plan: _Plan, rows_MP, r, out_NP):
+    """Round r's results back into the sorted rows `out_NP` they came from."""
+    c, (n, p) = ex.capacity, out_NP.shape
+    if ex.ragged_collective:
+        sizes_R = _round_sizes(plan.recv_count_R, r, c)
+        slot_R = jnp.arange(ex.ep, dtype=jnp.int32) * c
+        dest_R = plan.recv_start_R + jnp.minimum(r * c, plan.recv_count_R)
+        return ex.ragged_collective(rows_MP, out_NP, slot_R, sizes_R, dest_R,
+                                    _round_sizes(plan.send_count_R, r, c), axis_name=ex.axis)
+    back_RCP = lax.all_to_all(rows_MP.reshape(ex.ep, c, p), ex.axis, 0, 0)
+    pos_RC = r * c + jnp.arange(c)[None, :]
+    dest_RC = jnp.where(pos_RC < plan.send_count_R[:, None], plan.send_start_R[:, None] + pos_RC, n)
+    return out_NP.at[dest_RC.reshape(-1)].set(back_RCP.reshape(-1, p), mode="drop", unique_indices=True)
+
+
+def _received_experts(ex: _Exchange, plan: _Plan, r):
+    """Local expert of every slot of round r's buffer; E_local marks an empty slot."""
+    pos_C = r * ex.capacity + jnp.arange(ex.capacity)
+    ids_RC = jax.vmap(lambda cum_E: jnp.searchsorted(cum_E, pos_C, side="right"))(plan.recv_cum_RE)
+    return ids_RC.reshape(-1).astype(jnp.int32)
+
+
+def _experts(x_MD, ids_M, w_gate_eDF, w_up_eDF, w_down_eFD, gmm):
+    """SwiGLU of each row with its local expert; rows with id E_local give 0."""
+    e_local = w_gate_eDF.shape[0]
+    order_M = jnp.argsort(ids_M, stable=True)
+    sizes_e = jnp.bincount(ids_M, length=e_local + 1)[:e_local].astype(jnp.int32)
+    xs_MD = x_MD[order_M]
+    h_MF = jax.nn.silu(gmm(xs_MD, w_gate_eDF, sizes_e)) * gmm(xs_MD, w_up_eDF, sizes_e)
+    y_MD = gmm(h_MF, w_down_eFD, sizes_e)
+    return jnp.zeros_like(y_MD).at[order_M].set(y_MD, unique_indices=True)
+
+
+def _loop(rounds, body, init):
+    def step(carry):
+        r, value = carry
+        return r + 1, body(r, value)
+    return lax.while_loop(lambda carry: carry[0] < rounds, step, (jnp.int32(0), init))[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _exchange_ffn(ex: _Exchange, plan: _Plan, xs_ND, w_gate, w_up, w_down):
+    """Sorted rows through their experts on the owning ranks: ys_ND[n] = SwiGLU_{expert(n)}(xs_ND[n])."""
+    def body(r, ys_ND):
+        x_MD = _send(ex, plan, xs_ND, r)
+        y_MD = _experts(x_MD, _received_experts(ex, plan, r), w_gate, w_up, w_down, ex.grouped_matmul)
+        return _send_back(ex, plan, y_MD, r, ys_ND)
+    return _loop(plan.rounds, body, jnp.zeros_like(xs_ND))
+
+
+def _exchange_ffn_fwd(ex, plan, xs_ND, w_gate, w_up, w_down):
+    return _exchange_ffn(ex, plan, xs_ND, w_gate, w_up, w_down), (plan, xs_ND, w_gate, w_up, w_down)
+
+
+def _exchange_ffn_bwd(ex, residuals, dys_ND):
+    plan, xs_ND, *w = residuals
+    w = [_vary_like(a, xs_ND) for a in w]   # already so when traced via expert_parallel_ffn_local; a guard
+    d = xs_ND.shape[1]
+    both_N2D = jnp.concatenate([xs_ND, dys_ND.astype(xs_ND.dtype)], axis=1)
+
+    def body(r, carry):
+        dxs_ND, dw = carry
+        both_M2D = _send(ex, plan, both_N2D, r)
+        ids_M = _received_experts(ex, plan, r)
+        _, vjp = jax.vjp(lambda x, *w_: _experts(x, ids_M, *w_, ex.grouped_matmul), both_M2D[:, :d], *w)
+        dx_MD, *dw_r = vjp(both_M2D[:, d:])
+        dw = tuple(a + b.astype(jnp.float32) for a, b in zip(dw, dw_r))
+        return _send_back(ex, plan, dx_MD, r, dxs_ND), dw
+
+    init = (jnp.zeros_like(xs_ND), tuple(jnp.zeros_like(a, dtype=jnp.float32) for a in w))
+    dxs_ND, dw = _loop(plan.rounds, body, init)
+    zero_plan = jax.tree.map(lambda a: jnp.zeros(a.shape, jax.dtypes.float0), plan)
+    return (zero_plan, dxs_ND, *(g.astype(a.dtype) for g, a in zip(dw, w)))
+
+
+_exchange_ffn.defvjp(_exchange_ffn_fwd, _exchange_ffn_bwd)
+
+
+def expert_parallel_ffn_local(x_TD, experts_TK, weights_TK, w_gate_eDF, w_up_eDF, w_down_eFD, *, expert_axis: str,
+                              capacity: int, impl: str = "all_to_all", max_rounds: int | None = None,
+                              grouped_matmul: Callable | None = None, out_dtype=None) -> tuple[jax.Array, EPStats]:
+    """The per-rank body: call inside a shard_map where `expert_axis` is manual. x_TD and the routing are this
+    rank's tokens; the weights are its E/EP local experts; `capacity` is C. Stats are scalars."""
+    ep = lax.axis_size(expert_axis)
+    (t, k), e_local, c = experts_TK.shape, w_gate_eDF.shape[0], capacity
+    flat_N = experts_TK.reshape(-1).astype(jnp.int32)
+    order_N = jnp.argsort(flat_N, stable=True)
+    xs_ND = x_TD[order_N // k]
+
+    counts_RE = jnp.bincount(flat_N, length=ep * e_local).reshape(ep, e_local).astype(jnp.int32)
+    send_count_R = counts_RE.sum(axis=1)
+    send_start_R = jnp.cumsum(send_count_R) - send_count_R
+    got_RE = lax.all_to_all(jnp.concatenate([counts_RE, send_start_R[:, None]], axis=1), expert_axis, 0, 0)
+    recv_counts_RE, recv_start_R = got_RE[:, :e_local], got_RE[:, e_local]
+    rounds = lax.pmax(jnp.max((send_count_R + c - 1) // c), expert_axis)
+    if max_rounds is not None:
+        rounds = jnp.minimum(rounds, max_rounds)
+    recv_count_R = recv_counts_RE.sum(axis=1)
+    plan = _Plan(send_start_R, send_count_R, recv_count_R, jnp.cumsum(recv_counts_RE, axis=1), recv_start_R,
+                 rounds.astype(jnp.int32))
+
+    ex = _Exchange(expert_axis, ep, c, impl, grouped_matmul or ragged_dot_gmm)
+    w = [_vary_like(a, x_TD) for a in (w_gate_eDF, w_up_eDF, w_down_eFD)]   # so weight grads psum over tokens
+    ys_ND = _exchange_ffn(ex, plan, xs_ND, *w)
+
+    y_TKD = jnp.zeros_like(ys_ND).at[order_N].set(ys_ND, unique_indices=True).reshape(t, k, -1)
+    out_TD = (y_TKD.astype(jnp.float32) * weights_TK.astype(jnp.float32)[..., None]).sum(axis=1)
+
+    delivered_R = jnp.minimum(recv_count_R, rounds * c)
+    stats = EPStats(rounds=plan.rounds,
+                    rows_received=delivered_R.sum(),
+                    peak_rows=jnp.minimum(recv_count_R, c).sum(),
+                    overflow_rows=jnp.maximum(delivered_R - c, 0).sum(),
+                    dropped_rows=(recv_count_R - delivered_R).sum(),
+                    buffer_rows=jnp.int32(ep * c))
+    return out_TD.astype(out_dtype or x_TD.dtype), stats
+
+
+def token_shard_axes(mesh: Mesh, expert_axis: str = "expert", token_axes: tuple[str, ...] = BATCH_AXES):
+    """The mesh axes that split the tokens, outermost first: the batch axes present, then `expert_axis`."""
+    return tuple(a for a in token_axes if a in mesh.shape and a != expert_axis) + (expert_axis,)
+
+
+def expert_parallel_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, mesh: Mesh,
+                        expert_axis: str = "expert", token_axes: tuple[str, ...] = BATCH_AXES,
+                        impl: str = "all_to_all", capacity_factor: float = 1.25, block_multiple: int = 8,
+                        max_rounds: int | None = None, grouped_matmul: Callable | None = None,
+                        out_dtype=None) -> tuple[jax.Array, EPStats]:
+    """Σ_k weights_TK · SwiGLU_{experts_TK}(x_TD) with experts sharded over `expert_axis` of `mesh`.
+
+    Tokens are split over `token_axes` then `expert_axis`; the expert weights (E first) over `expert_axis`,
+    gathered over every other axis. Equals the single-device routed-expert output; dropless unless
+    `max_rounds` is set. Returns out_TD and EPStats (each [token shards]).
+    """
+    if expert_axis not in mesh.shape:
+        raise ValueError(f"expert_parallel.expert_axis={expert_axis!r}: not an axis of the mesh "
+                         f"({', '.join(mesh.axis_names)})")
+    (t, d), (t2, k), n_experts = x_TD.shape, experts_TK.shape, w_gate_EDF.shape[0]
+    tok = token_shard_axes(mesh, expert_axis, token_axes)
+    shards = 1
+    for a in tok:
+        shards *= mesh.shape[a]
+    ep = mesh.shape[expert_axis]
+    check_expert_parallel(n_experts, ep, impl=impl, capacity_factor=capacity_factor, tokens=t,
+                          token_shards=shards, max_rounds=max_rounds)
+    if t2 != t or weights_TK.shape != experts_TK.shape:
+        raise ValueError(f"experts_TK {experts_TK.shape} and weights_TK {weights_TK.shape} must be [T={t}, K]")
+    f = w_gate_EDF.shape[2]
+    for name, w, shape in (("w_up_EDF", w_up_EDF, (n_experts, d, f)), ("w_gate_EDF", w_gate_EDF, (n_experts, d, f)),
+                           ("w_down_EFD", w_down_EFD, (n_experts, f, d))):
+        if w.shape != shape:
+            raise ValueError(f"{name}.shape={w.shape}: expected {shape} from x_TD and w_gate_EDF")
+
+    capacity = capacity_per_peer(t // shards * k, ep, capacity_factor, block_multiple)
+    body = functools.partial(expert_parallel_ffn_local, expert_axis=expert_axis, capacity=capacity, impl=impl,
+                             max_rounds=max_rounds, grouped_matmul=grouped_matmul, out_dtype=out_dtype)
+
+    def per_rank(*args):
+        out_TD, stats = body(*args)
+        return out_TD, EPStats(*(jnp.reshape(s, (1,)) for s in stats))
+
+    tokens, experts = P(tok, None), P(expert_axis, None, None)
+    return jax.shard_map(per_rank, mesh=mesh, in_specs=(tokens, tokens, tokens, experts, experts, experts),
+                         out_specs=(tokens, EPStats(*[P(tok)] * len(EPStats._fields))))(
+        x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+
+if __name__ == "__main__":
+    from sharding.ep_report import main
+    main()
