@@ -26,6 +26,7 @@ class TrainConfig:
     on_nonfinite: str = "skip"       # a NaN/Inf loss or gradient, or a spike: "skip" the update or "stop"
     spike_factor: float = 0.0        # a loss above spike_factor × its running mean is a spike (0: off)
     spike_ema: float = 0.98
+    pipeline_schedule: str = "1f1b"  # with mesh.pipeline > 1: gpipe | 1f1b | dualpipe (grad_accum micro-batches)
 
 
 @dataclasses.dataclass(frozen=True)

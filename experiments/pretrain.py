@@ -25,11 +25,14 @@ from dsv3_jax.data import DataError, load_tokenizer, make_batch_iterator
 from dsv3_jax.train.metrics_log import MetricsLog
 from dsv3_jax.train.mfu import mfu, peak_flops_per_device
 from dsv3_jax.train.step import TrainState, create_train_state, make_train_step
+from dsv3_jax.train.pipelined import make_pipelined_train_step
 from dsv3_jax.train.sharded import jit_sharded_step, state_shardings
+from dsv3_jax.train.stages import layers_per_stage
 from experiments.presets import RUN_PRESETS, RunConfig, describe_fields, get_run_preset
 from sharding.distributed import DistributedError
 from sharding.distributed import initialize as initialize_distributed
 from sharding.mesh import MESH_AXES, MeshError, build_mesh, put_batch, resolve_axis_sizes
+from sharding.pipeline_schedules import ScheduleError, make_schedule
 from sharding.rules import STRATEGIES
 
 EXIT_BAD_INPUT = 2
@@ -91,8 +94,16 @@ def validate_run(cfg: RunConfig) -> None:
                           f"{cfg.model.max_position_embeddings}")
     if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.every and checkpoint.keep must be >= 1")
-    if cfg.mesh.pipeline != 1:
-        raise ConfigError(f"mesh.pipeline={cfg.mesh.pipeline}: the pre-training job does not run pipeline stages yet")
+    if cfg.mesh.pipeline > 1:
+        if t.ramp_from:
+            raise ConfigError("train.ramp_from: the batch-size ramp is not available with mesh.pipeline > 1 "
+                              "(the schedule is built for train.grad_accum micro-batches)")
+        try:
+            make_schedule(t.pipeline_schedule, cfg.mesh.pipeline, t.grad_accum)
+            layers_per_stage(cfg.model, cfg.mesh.pipeline)
+        except ValueError as e:
+            raise ConfigError(f"train.pipeline_schedule / train.grad_accum: {e}" if isinstance(e, ScheduleError)
+                              else str(e)) from None
     if cfg.mesh.strategy not in STRATEGIES:
         raise ConfigError(f"mesh.strategy={cfg.mesh.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     try:
@@ -157,10 +168,14 @@ def prepare(args):
 
 def train(cfg: RunConfig, workdir: str, data_iter, ckpt: Checkpointer, latest, meta) -> int:
     model = cfg.model
-    tx, step_fn = make_train_step(model, cfg.loss, cfg.schedule, cfg.optimizer, cfg.balance)
+    mesh = build_mesh(mesh_axes(cfg))
+    if cfg.mesh.pipeline > 1:
+        tx, step_fn = make_pipelined_train_step(model, cfg.loss, cfg.schedule, cfg.optimizer, cfg.balance, mesh,
+                                                cfg.train.pipeline_schedule, cfg.train.grad_accum)
+    else:
+        tx, step_fn = make_train_step(model, cfg.loss, cfg.schedule, cfg.optimizer, cfg.balance)
     init = lambda: create_train_state(model, tx, jax.random.PRNGKey(cfg.train.seed))
     log = MetricsLog(workdir, cfg.logging.tensorboard, enabled=jax.process_index() == 0)
-    mesh = build_mesh(mesh_axes(cfg))
     abstract = jax.eval_shape(init)
     shardings = state_shardings(model, tx, abstract, mesh, cfg.mesh.strategy)
     if latest is None:
@@ -183,7 +198,7 @@ def train(cfg: RunConfig, workdir: str, data_iter, ckpt: Checkpointer, latest, m
           f"MTP {counts.mtp_unique / 1e6:,.2f}M); {jax.device_count()} × {jax.devices()[0].device_kind}; "
           f"workdir {workdir}", flush=True)
 
-    jitted = jit_sharded_step(step_fn, shardings, mesh)
+    jitted = jit_sharded_step(step_fn, shardings, mesh, manual=cfg.mesh.pipeline > 1)
     stop = StopRequest()
     from tqdm import tqdm
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.logging.progress or jax.process_index() != 0,

@@ -36,6 +36,7 @@ def logical_rules(strategy: str = "replicated") -> Rules:
         ("heads", ("tensor",)),
         ("mlp", ("tensor",)),
         ("vocab", ("tensor",)),
+        ("layers", ("pipeline",)),      # a stacked layer axis splits into contiguous stage chunks
     ]
     if strategy == "fsdp":
         rules.append(("embed", ("fsdp",)))

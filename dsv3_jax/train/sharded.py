@@ -30,17 +30,20 @@ def state_shardings(config: ModelConfig, tx: optax.GradientTransformation, abstr
     return TrainState(everywhere, params, bias, opt, everywhere)
 
 
-def jit_sharded_step(step_fn, shardings: TrainState, mesh: Mesh, batch_dim: int = 1):
+def jit_sharded_step(step_fn, shardings: TrainState, mesh: Mesh, batch_dim: int = 1, manual: bool = False):
     """step_fn(state, batches, tokens_seen, loss_limit) jitted for `mesh`; batches split on `batch_dim`.
 
-    With an `expert` axis > 1 the MoE layers run expert-parallel (sharding.expert_parallel). The model's
-    activation constraints (batch over the data-parallel axes, heads / mlp / vocab over
-    `tensor`) resolve through the logical-axis rules while tracing.
+    With an `expert` axis > 1 the MoE layers run expert-parallel (sharding.expert_parallel), and the model's
+    activation constraints (batch over the data-parallel axes, heads / mlp / vocab over `tensor`) resolve
+    through the logical-axis rules while tracing; neither applies to a `manual` step_fn, one that runs the
+    model inside its own shard_map over every axis (the pipelined step).
     """
     # Activations follow the parameter-free rules: `embed` stays whole inside a replica even under FSDP.
     flax_rules = tuple((name, axes) for name, axes in logical_rules("replicated"))
 
     def constrained(state, batches, tokens_seen, loss_limit):
+        if manual:
+            return step_fn(state, batches, tokens_seen, loss_limit)
         with nn.logical_axis_rules(flax_rules), expert_parallel(mesh):
             return step_fn(state, batches, tokens_seen, loss_limit)
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import DeepSeekV3, init_variables
+from dsv3_jax.model import DeepSeekV3, ModelOutputs, init_variables
 from dsv3_jax.moe.router import RouterStats
 from dsv3_jax.train.balance import update_routing_bias
 from dsv3_jax.train.loss import LossConfig, total_loss
@@ -96,22 +96,10 @@ def make_train_step(model_config: ModelConfig, loss: LossConfig, schedule: Sched
         return mean(grads), metrics, aux
 
     def step_fn(state: TrainState, batches, tokens_seen, loss_limit):
-        mtp_weight = _switch(loss.mtp_weight, loss.mtp_weight_after, loss.mtp_switch_after, loss.mtp_switch_unit,
-                             state.step, tokens_seen)
+        mtp_weight = mtp_weight_at(loss, state.step, tokens_seen)
         grads, metrics, aux = accumulate(state.params, state.moe_bias, batches, mtp_weight)
-        lr = learning_rate(schedule, state.step, tokens_seen)
-        # A new hyperparams dict: writing into state.opt_state's would leak the rate into a skipped update.
-        opt_state = state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
-        updates, opt_state = tx.update(grads, opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        gamma = _switch(balance.gamma, 0.0, balance.gamma_zero_after, balance.unit, state.step, tokens_seen)
-        moe_bias = update_routing_bias(state.moe_bias, aux, gamma)
-        grad_norm = global_norm(grads)
-        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & (metrics["loss"] <= loss_limit)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        new_state = TrainState(state.step + 1, keep(params, state.params), keep(moe_bias, state.moe_bias),
-                               keep(opt_state, state.opt_state), state.rng)
-        metrics = dict(metrics, lr=lr, grad_norm=grad_norm, mtp_weight=mtp_weight, skipped=(~ok).astype(jnp.int32))
+        new_state, metrics = apply_update(tx, schedule, balance, state, grads, metrics, aux, tokens_seen, loss_limit)
+        metrics["mtp_weight"] = mtp_weight
         if aux.moe_stats is not None:
             metrics["expert_counts_LE"] = aux.moe_stats.expert_counts_E
         return new_state, metrics
@@ -121,6 +109,31 @@ def make_train_step(model_config: ModelConfig, loss: LossConfig, schedule: Sched
 
 def global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def mtp_weight_at(loss: LossConfig, step, tokens_seen):
+    """λ of the MTP loss for the update at `step` after `tokens_seen` tokens."""
+    return _switch(loss.mtp_weight, loss.mtp_weight_after, loss.mtp_switch_after, loss.mtp_switch_unit, step,
+                   tokens_seen)
+
+
+def apply_update(tx: optax.GradientTransformation, schedule: ScheduleConfig, balance: BalanceConfig,
+                 state: TrainState, grads, metrics: dict, aux: ModelOutputs, tokens_seen, loss_limit):
+    """AdamW at the scheduled rate, the routing-bias update from `aux`'s expert counts, and the guard: an update
+    whose loss or gradient norm is not finite, or whose loss exceeds `loss_limit`, is not applied."""
+    lr = learning_rate(schedule, state.step, tokens_seen)
+    # A new hyperparams dict: writing into state.opt_state's would leak the rate into a skipped update.
+    opt_state = state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    gamma = _switch(balance.gamma, 0.0, balance.gamma_zero_after, balance.unit, state.step, tokens_seen)
+    moe_bias = update_routing_bias(state.moe_bias, aux, gamma)
+    grad_norm = global_norm(grads)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & (metrics["loss"] <= loss_limit)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = TrainState(state.step + 1, keep(params, state.params), keep(moe_bias, state.moe_bias),
+                           keep(opt_state, state.opt_state), state.rng)
+    return new_state, dict(metrics, lr=lr, grad_norm=grad_norm, skipped=(~ok).astype(jnp.int32))
 
 
 def _mean_loss(stats: RouterStats | None, n: int):

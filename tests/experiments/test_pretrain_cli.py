@@ -77,6 +77,9 @@ def bad_input_cases(corpus, empty_dir, tokenizer_300):
                                   "model.vocab_size=256"),
         "seq_len_above_max_positions": (["--set", "data.seq_len=100000"], "model.max_position_embeddings"),
         "impossible_model": (["--set", "model.topk_group=9"], "topk_group"),
+        "mesh_larger_than_devices": (["--set", "mesh.data=2"], "mesh: data=2 uses 2 devices"),
+        "layers_not_divisible_into_stages": (["--set", "mesh.pipeline=3"], "mesh.pipeline=3"),
+        "unknown_pipeline_schedule": (["--set", "mesh.pipeline=2", "--set", "train.pipeline_schedule=zb"], "'zb'"),
     }
 
 
@@ -95,7 +98,8 @@ def inputs(tmp_path_factory, trained):
 
 @pytest.mark.parametrize("case", ["unknown_preset", "unknown_field", "unknown_section", "wrong_type", "missing_data",
                                   "empty_data", "token_id_beyond_vocab", "seq_len_above_max_positions",
-                                  "impossible_model"])
+                                  "impossible_model", "mesh_larger_than_devices", "layers_not_divisible_into_stages",
+                                  "unknown_pipeline_schedule"])
 def test_bad_input_exits_2_with_one_line_and_keeps_checkpoints(case, trained, inputs, corpus_dir, capsys):
     workdir, cache = trained
     before = checkpoint_digest(workdir)

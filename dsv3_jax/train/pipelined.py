@@ -1,0 +1,59 @@
+"""The pipeline-parallel train step: make_train_step's state, batches and results, with the model's gradients from
+sharding.pipeline's executor over the mesh's `pipeline` axis (micro-batches = gradient-accumulation micro-batches).
+
+The state keeps the ordinary parameter layout (checkpoints are interchangeable); each step splits it into stages
+(dsv3_jax.train.stages) and joins the gradients back before AdamW, the routing-bias update and the skip guard.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import ModelOutputs
+from dsv3_jax.moe.router import RouterStats
+from dsv3_jax.train.loss import LossConfig
+from dsv3_jax.train.optimizer import OptimizerConfig, make_optimizer
+from dsv3_jax.train.schedule import ScheduleConfig
+from dsv3_jax.train.stages import StageFns, join_gradients, layers_per_stage, micro_batch_data, split_variables
+from dsv3_jax.train.step import BalanceConfig, TrainState, apply_update, mtp_weight_at
+from sharding.pipeline import batch_shards, pipeline_value_and_grad
+
+MEAN_METRICS = ("ce", "mtp_ce", "balance")
+
+
+def make_pipelined_train_step(model_config: ModelConfig, loss: LossConfig, schedule: ScheduleConfig,
+                              optimizer: OptimizerConfig, balance: BalanceConfig, mesh: Mesh, schedule_name: str,
+                              n_micro: int):
+    """Return (tx, step_fn) like make_train_step, for `mesh` (a `pipeline` axis) and a schedule of SCHEDULE_NAMES.
+
+    step_fn(state, batches, tokens_seen, loss_limit) -> (state, metrics), with batches["tokens"] of shape
+    (n_micro, B, T) (optionally "segment_ids", "positions"); B splits over the mesh's batch axes. The MoE stack's
+    n_layers − first_k_dense_replace layers must split evenly into mesh.pipeline stages (else ValueError).
+    """
+    n_stages = mesh.shape["pipeline"]
+    fns = StageFns(model_config, loss, layers_per_stage(model_config, n_stages))
+    value_and_grad = pipeline_value_and_grad(fns.stage, fns.loss, mesh, schedule_name, n_micro, first_fn=fns.first,
+                                             has_aux=True)
+    n_means = n_micro * batch_shards(mesh)[1]   # the executor sums aux outputs over micro-batches and batch shards
+    tx = make_optimizer(optimizer)
+
+    def step_fn(state: TrainState, batches, tokens_seen, loss_limit):
+        mtp_weight = mtp_weight_at(loss, state.step, tokens_seen)
+        stage_vars, first_params, last_vars = split_variables(model_config, state.params, state.moe_bias, n_stages)
+        inputs, targets, side, n_tokens = micro_batch_data(model_config, batches)
+        (value, (counts_PLE, sums)), (g_stage, g_first, g_last) = value_and_grad(
+            stage_vars, first_params, dict(last_vars, mtp_weight=mtp_weight), inputs, targets, side)
+        grads = join_gradients(g_stage, g_first, g_last)     # the moe_bias and mtp_weight "gradients" are dropped
+        metrics = {k: sums[k] / n_means for k in MEAN_METRICS if k in sums}
+        metrics.update(loss=value, tokens=n_tokens)
+        counts_LE = counts_PLE.reshape(-1, counts_PLE.shape[-1])
+        mtp_counts = sums.get("mtp_counts_DE")
+        no_loss = lambda counts: RouterStats(counts, jnp.zeros(counts.shape[:-1], jnp.float32))
+        aux = ModelOutputs(None, None, no_loss(counts_LE), None if mtp_counts is None else no_loss(mtp_counts))
+
+        new_state, metrics = apply_update(tx, schedule, balance, state, grads, metrics, aux, tokens_seen, loss_limit)
+        return new_state, dict(metrics, mtp_weight=mtp_weight, expert_counts_LE=counts_LE)
+
+    return tx, step_fn

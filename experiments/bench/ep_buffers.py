@@ -1,0 +1,79 @@
+"""Expert-parallel receive buffers: rows each rank receives per round under uniform and skewed routing.
+
+For each EP size the exchange of sharding.expert_parallel runs once (forward) per routing scenario
+(sharding.ep_report.measure_buffers: uniform; skew90, 90 % of choices to expert 0; hot_rank, every choice on rank
+0's experts) on an `expert` mesh. Reported per scenario: exchange rounds, the fullest round's filled rows (peak),
+the most rows one rank computed over all rounds (what a single-shot dropless buffer would need for this routing),
+the bounded per-round buffer EP·C, and the single-shot worst case EP·T·min(K, E/EP) (sharding.ep_buffers).
+Baseline: the balanced size T·K; every size is also given as a ratio to it.
+"""
+
+from __future__ import annotations
+
+from experiments.bench import format_table, require_devices
+
+NAME = "ep_buffers"
+SUMMARY = "EP receive-buffer rows, uniform vs skewed routing, vs the balanced and worst-case sizes"
+BASELINE = "balanced rows T_local·K"
+DEVICES = 8
+ROUTINGS = ("uniform", "skew90", "hot_rank")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--ep", type=int, nargs="+", default=[4, 8], help="expert-parallel sizes (default: %(default)s)")
+    parser.add_argument("--tokens-per-rank", type=int, default=256)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--capacity-factor", type=float, default=1.25)
+    parser.add_argument("--block-multiple", type=int, default=8)
+    parser.add_argument("--d-model", type=int, default=7168, help="row width for the byte sizes, bf16 (default: V3's)")
+    parser.add_argument("--routing", nargs="+", default=list(ROUTINGS), choices=ROUTINGS)
+
+
+def run(args) -> dict:
+    from sharding.ep_buffers import ep_buffer_size
+    from sharding.ep_report import measure_buffers
+    from sharding.mesh import build_mesh
+
+    devices = require_devices(max(args.ep))
+    mib = 2.0 ** 20
+    rows = []
+    for ep in args.ep:
+        mesh = build_mesh({"expert": ep}, devices[:ep])
+        sizes = ep_buffer_size(args.tokens_per_rank, args.top_k, args.experts, ep,
+                               capacity_factor=args.capacity_factor, block_multiple=args.block_multiple,
+                               d_model=args.d_model, dtype="bfloat16")
+        measured = measure_buffers(mesh, tokens_per_rank=args.tokens_per_rank, top_k=args.top_k,
+                                   n_experts=args.experts, capacity_factor=args.capacity_factor,
+                                   block_multiple=args.block_multiple, kinds=tuple(args.routing))
+        for m in measured:
+            balanced = m["balanced_rows"]
+            rows.append(dict(ep=ep, tokens_per_rank=args.tokens_per_rank, top_k=args.top_k, experts=args.experts,
+                             capacity_per_peer=sizes.capacity_per_peer, **m,
+                             peak_vs_balanced=m["peak_rows"] / balanced,
+                             received_vs_balanced=m["max_rows_received"] / balanced,
+                             buffer_vs_balanced=m["buffer_rows"] / balanced,
+                             worst_case_vs_balanced=m["worst_case_rows"] / balanced,
+                             buffer_mib=sizes.buffer_bytes / mib, balanced_mib=sizes.balanced_bytes / mib,
+                             worst_case_mib=sizes.worst_case_bytes / mib))
+    config = dict(ep=list(args.ep), tokens_per_rank=args.tokens_per_rank, top_k=args.top_k, experts=args.experts,
+                  capacity_factor=args.capacity_factor, block_multiple=args.block_multiple,
+                  d_model_for_bytes=args.d_model, bytes_dtype="bfloat16", impl="all_to_all")
+    return {"config": config, "baseline": BASELINE, "rows": rows}
+
+
+COLUMNS = [("EP", "ep", "d"), ("routing", "routing", "s"), ("rounds", "rounds", "d"),
+           ("peak rows", "peak_rows", "d"), ("max received", "max_rows_received", "d"),
+           ("buffer EP·C", "buffer_rows", "d"), ("balanced", "balanced_rows", "d"),
+           ("worst case", "worst_case_rows", "d"), ("peak/bal", "peak_vs_balanced", ".2f"),
+           ("received/bal", "received_vs_balanced", ".2f"), ("buffer/bal", "buffer_vs_balanced", ".2f"),
+           ("worst/bal", "worst_case_vs_balanced", ".2f"), ("dropped", "dropped_rows", "d"),
+           ("buffer MiB", "buffer_mib", ".1f"), ("worst MiB", "worst_case_mib", ".1f")]
+
+
+def table(result: dict) -> str:
+    c = result["config"]
+    head = (f"{c['tokens_per_rank']} tokens/rank, top-{c['top_k']} of {c['experts']} experts, capacity_factor="
+            f"{c['capacity_factor']:g}; rows per rank (max over ranks); MiB at D={c['d_model_for_bytes']} bf16; "
+            f"baseline: {result['baseline']}")
+    return head + "\n" + format_table(result["rows"], COLUMNS)

@@ -1,0 +1,277 @@
+"""Pipeline-parallel loss and gradients: a schedule's tick table executed with `jax.shard_map` over "pipeline".
+
+Each tick every device runs the forward or backward its table names (or idles), then neighbours swap one message
+each way with `ppermute`: activations travel towards later stages, cotangents towards earlier ones. The backward is
+written out per tick (recompute the stage from its saved input, apply its vjp), not derived by differentiating a
+forward pipeline, so the schedule decides the order of work and how many activations are held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from sharding.mesh import BATCH_AXES
+from sharding.pipeline_schedules import Action, Schedule, make_schedule, tick_table
+
+PyTree = Any
+
+# Columns of the per-device, per-tick plan.
+BRANCH, CHUNK, MICRO, ACT_SLOT, COT_SLOT, SEND, LEFT_KIND, LEFT_SLOT, RIGHT_KIND, RIGHT_SLOT = range(10)
+NO_MESSAGE, ACTIVATION, COTANGENT = 0, 1, 2
+TO_RIGHT, TO_LEFT = 1, 2
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A schedule compiled to integers: `rows_DTC[device, tick]` holds the columns above.
+
+    `branches` lists the (kind, first stage?, last stage?) of branch i+1 (branch 0 idles). Saved stage inputs and
+    received cotangents live in per-device pools of `n_act` and `n_cot` slots, reused once their backward has run.
+    """
+    schedule: Schedule
+    rows_DTC: np.ndarray
+    branches: tuple[tuple[str, bool, bool], ...]
+    n_act: int
+    n_cot: int
+
+
+def compile_plan(schedule: Schedule) -> Plan:
+    """Ticks, pool slots and messages for every action of `schedule`."""
+    table = tick_table(schedule)
+    n_devices, n_stages, n_ticks = schedule.n_devices, schedule.n_stages, len(table[0])
+    when = {action: (device, tick) for device, row in enumerate(table) for tick, action in enumerate(row) if action}
+
+    # An activation of (m, s) is held on its device from the tick F(m, s−1) sends it until B(m, s) has run; a
+    # cotangent of (m, s) from the tick B(m, s+1) sends it until B(m, s).
+    act_slot, cot_slot, n_act, n_cot = {}, {}, 1, 1
+    for device in range(n_devices):
+        mine = [a for a in when if when[a][0] == device]
+        slots, n = _allocate([(when[Action("F", a.micro, a.stage - 1)][1], when[Action("B", a.micro, a.stage)][1], a)
+                              for a in mine if a.kind == "F" and a.stage > 0])
+        act_slot, n_act = act_slot | slots, max(n_act, n)
+        slots, n = _allocate([(when[Action("B", a.micro, a.stage + 1)][1], when[a][1], a)
+                              for a in mine if a.kind == "B" and a.stage < n_stages - 1])
+        cot_slot, n_cot = cot_slot | slots, max(n_cot, n)
+
+    branches: list[tuple[str, bool, bool]] = []
+    rows_DTC = np.zeros((n_devices, n_ticks, 10), np.int32)
+    for action, (device, tick) in when.items():
+        m, s = action.micro, action.stage
+        key = (action.kind, s == 0, s == n_stages - 1)
+        if key not in branches:
+            branches.append(key)
+        row = rows_DTC[device, tick]
+        row[BRANCH], row[CHUNK], row[MICRO] = branches.index(key) + 1, schedule.chunk_of(m), m
+        row[ACT_SLOT] = act_slot.get(Action("F", m, s), 0)
+        row[COT_SLOT] = cot_slot.get(Action("B", m, s), 0)
+        if action.kind == "F" and s < n_stages - 1:
+            target, kind, slot = schedule.device_of(m, s + 1), ACTIVATION, act_slot[Action("F", m, s + 1)]
+        elif action.kind == "B" and s > 0:
+            target, kind, slot = schedule.device_of(m, s - 1), COTANGENT, cot_slot[Action("B", m, s - 1)]
+        else:
+            continue
+        assert abs(target - device) == 1, (action, device, target)
+        row[SEND] = TO_RIGHT if target == device + 1 else TO_LEFT
+        incoming = rows_DTC[target, tick]
+        kind_col, slot_col = (LEFT_KIND, LEFT_SLOT) if target == device + 1 else (RIGHT_KIND, RIGHT_SLOT)
+        assert incoming[kind_col] == NO_MESSAGE, (action, tick)
+        incoming[kind_col], incoming[slot_col] = kind, slot
+    return Plan(schedule, rows_DTC, tuple(branches), n_act, n_cot)
+
+
+def pipeline_value_and_grad(
+    stage_fn: Callable[..., Any],
+    loss_fn: Callable[..., Any],
+    mesh: Mesh,
+    schedule: str | Schedule,
+    n_micro: int,
+    *,
+    first_fn: Callable[..., PyTree] | None = None,
+    axis: str = "pipeline",
+    has_aux: bool = False,
+) -> Callable[..., Any]:
+    """A jitted `step(stage_params, first_params, last_params, inputs, targets, side=None) -> (loss, grads)`,
+    grads = (g_stage, g_first, g_last).
+
+    The model, per micro-batch m, is
+        x = first_fn(first_params, inputs[m]); x = stage_fn(stage_params[s], x) for s = 0..PP−1;
+        loss_m = loss_fn(last_params, x, targets[m])
+    and `loss` is the mean of loss_m over micro-batches (and data shards); the gradients are of that mean.
+      stage_fn(params, x_BxD) -> x_BxD   the same-shaped body of every stage (it may loop over its own layers);
+                                         `stage_params` leaves have a leading axis of size PP, split over `axis`.
+      first_fn(first_params, inputs_m)   the embedding, run where stage 0 runs (default: inputs_m is x).
+      loss_fn(last_params, x, targets_m) the head and loss, a scalar, run where stage PP−1 runs.
+    The activation x may be a pytree (e.g. the hidden state and a running auxiliary loss).
+    `first_params` and `last_params` are replicated (pass () when unused); their gradients come back replicated.
+    `inputs` and `targets` are pytrees of [n_micro, batch, ...] arrays; the batch dimension is split over the
+    mesh's BATCH_AXES (sharding.mesh); the other axes (tensor) compute replicas. loss_fn should be a mean over
+    the rows of its micro-batch, so that the mean over batch shards is the mean over the whole batch.
+    `side`, when given, is a pytree like `inputs` (per-micro-batch data every stage needs: masks, position tables);
+    then all three functions get the micro-batch's slice `side_m` as one more, last argument.
+    With `has_aux`, stage_fn returns (x, stats) and loss_fn returns (loss, metrics), and the step returns
+    ((loss, (stats, metrics)), grads): `stats` stacked per stage like stage_params, `metrics` replicated, both
+    summed over micro-batches and batch shards (divide by n_micro · batch_shards(mesh)[1] for means). They are
+    taken from the forwards; they carry no gradient.
+    `schedule` is a name of SCHEDULE_NAMES or a Schedule. A device saves each stage input until that micro-batch's
+    backward, which recomputes the stage forward under `jax.vjp` (one extra forward per stage, no stored residuals).
+    """
+    n_stages = mesh.shape[axis]
+    if isinstance(schedule, str):
+        schedule = make_schedule(schedule, n_stages, n_micro)
+    if (schedule.n_devices, schedule.n_micro) != (n_stages, n_micro):
+        raise ValueError(f"pipeline: schedule is for PP={schedule.n_devices}, M={schedule.n_micro}, "
+                         f"not mesh.{axis}={n_stages}, n_micro={n_micro}")
+    plan = compile_plan(schedule)
+    batch_axes, n_batch_shards = batch_shards(mesh)
+    batch_spec = P(None, batch_axes or None)
+
+    def run(with_side):
+        fns = _uniform_fns(stage_fn, loss_fn, first_fn, has_aux, with_side)
+        return jax.shard_map(
+            lambda *args: _run_plan(plan, *fns, axis, batch_axes, *args),
+            mesh=mesh, in_specs=(P(axis), P(), P(), batch_spec, batch_spec, batch_spec),
+            out_specs=(P(), (P(axis), P(), P()), (P(axis), P())), check_vma=False)
+
+    @jax.jit
+    def step(stage_params, first_params, last_params, inputs, targets, side=None):
+        for name, tree, dim, size in (("stage_params", stage_params, 0, n_stages), ("inputs", inputs, 0, n_micro),
+                                      ("targets", targets, 0, n_micro), ("side", side, 0, n_micro)):
+            for leaf in jax.tree.leaves(tree):
+                if leaf.ndim <= dim or leaf.shape[dim] != size:
+                    raise ValueError(f"pipeline: {name} leaf of shape {leaf.shape} needs leading axis {size}")
+        for leaf in jax.tree.leaves((inputs, targets, side)):
+            if leaf.ndim < 2 or leaf.shape[1] % n_batch_shards:
+                raise ValueError(f"pipeline: micro-batch of shape {leaf.shape[1:]} does not split over "
+                                 f"{n_batch_shards} batch shards ({', '.join(batch_axes)})")
+        loss, grads, aux = run(side is not None)(stage_params, first_params, last_params, inputs, targets, side)
+        return ((loss, aux), grads) if has_aux else (loss, grads)
+
+    return step
+
+
+def batch_shards(mesh: Mesh) -> tuple[tuple[str, ...], int]:
+    """The mesh axes that split a micro-batch's rows (BATCH_AXES present in `mesh`), and how many shards they make."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return axes, int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _uniform_fns(stage_fn, loss_fn, first_fn, has_aux, with_side):
+    """first(p, inputs_m, side_m) -> x, body(p, x, side_m) -> (x, stats), head(p, x, targets_m, side_m) ->
+    (loss, metrics), whatever the caller's functions take and return."""
+    first_fn = first_fn or (lambda _, inputs, *side: inputs)
+    drop_side = (lambda fn: fn) if with_side else (lambda fn: lambda *args: fn(*args[:-1]))
+    first, body, head = drop_side(first_fn), drop_side(stage_fn), drop_side(loss_fn)
+    if not has_aux:
+        no_aux = lambda fn: lambda *args: (fn(*args), ())
+        body, head = no_aux(body), no_aux(head)
+    return first, body, head
+
+
+def _run_plan(plan, first, body, head, axis, batch_axes, stage_params, first_params, last_params, inputs, targets,
+              side):
+    """The per-device program: scan the device's plan rows, then reduce losses, gradients and aux outputs."""
+    schedule = plan.schedule
+    n_stages, n_micro = schedule.n_stages, schedule.n_micro
+    reverse = [(d, n_stages - 1 - d) for d in range(n_stages)]
+    chunks = stage_params    # leaves [n_chunks, ...]: chunk 1 is stage PP−1−d, fetched from the mirror device
+    if schedule.bidirectional:
+        chunks = jax.tree.map(lambda p: jnp.concatenate([p, jax.lax.ppermute(p, axis, reverse)]), stage_params)
+
+    def micro(tree, m):
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, m, keepdims=False), tree)
+
+    x_shape = jax.eval_shape(first, first_params, micro(inputs, 0), micro(side, 0))
+    stats_shape = jax.eval_shape(body, micro(chunks, 0), x_shape, micro(side, 0))[1]
+    metrics_shape = jax.eval_shape(head, last_params, x_shape, micro(targets, 0), micro(side, 0))[1]
+    zeros = lambda shapes, *lead: jax.tree.map(lambda s: jnp.zeros((*lead, *s.shape), s.dtype), shapes)
+    zeros_like = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    carry = dict(act=zeros(x_shape, plan.n_act), cot=zeros(x_shape, plan.n_cot),
+                 g_chunks=zeros_like(chunks), g_first=zeros_like(first_params), g_last=zeros_like(last_params),
+                 loss=jnp.zeros((), jnp.float32), stats=zeros(stats_shape, schedule.n_chunks),
+                 metrics=zeros(metrics_shape))
+
+    def make_branch(kind, is_first, is_last):
+        def branch(carry, row):
+            c, m = row[CHUNK], row[MICRO]
+            params = micro(chunks, c)
+            saved = micro(carry["act"], row[ACT_SLOT])
+            side_m = micro(side, m)
+
+            def stage(params, first_params, last_params, x):   # one stage, with the embedding / head where it runs
+                x = first(first_params, micro(inputs, m), side_m) if is_first else x
+                x, stats = body(params, x, side_m)
+                if is_last:
+                    loss, metrics = head(last_params, x, micro(targets, m), side_m)
+                    return loss, (stats, metrics)
+                return x, (stats, ())
+
+            carry = dict(carry)
+            if kind == "F":
+                out, (stats, metrics) = stage(params, first_params, last_params, saved)
+                carry["stats"] = jax.tree.map(lambda S, s: S.at[c].add(s), carry["stats"], stats)
+                if is_last:
+                    carry["loss"] += out.astype(jnp.float32)
+                    carry["metrics"] = jax.tree.map(jnp.add, carry["metrics"], metrics)
+                    return carry, zeros_like(saved)
+                return carry, out
+            out, vjp, _ = jax.vjp(stage, params, first_params, last_params, saved, has_aux=True)
+            seed = jnp.full_like(out, 1 / n_micro) if is_last else micro(carry["cot"], row[COT_SLOT])
+            g_params, g_first, g_last, g_x = vjp(seed)
+            carry["g_chunks"] = jax.tree.map(lambda G, g: G.at[c].add(g), carry["g_chunks"], g_params)
+            if is_first:
+                carry["g_first"] = jax.tree.map(jnp.add, carry["g_first"], g_first)
+            if is_last:
+                carry["g_last"] = jax.tree.map(jnp.add, carry["g_last"], g_last)
+            return carry, g_x
+        return branch
+
+    branches = [lambda carry, row: (carry, zeros(x_shape))]
+    branches += [make_branch(*key) for key in plan.branches]
+    right = [(d, d + 1) for d in range(n_stages - 1)]
+    left = [(d + 1, d) for d in range(n_stages - 1)]
+
+    def tick(carry, row):
+        carry, out = jax.lax.switch(row[BRANCH], branches, carry, row)
+        outgoing = lambda direction: jax.tree.map(lambda o: jnp.where(row[SEND] == direction, o, 0), out)
+        from_left = jax.lax.ppermute(outgoing(TO_RIGHT), axis, right)
+        from_right = jax.lax.ppermute(outgoing(TO_LEFT), axis, left)
+        for message, kind, slot in ((from_left, row[LEFT_KIND], row[LEFT_SLOT]),
+                                    (from_right, row[RIGHT_KIND], row[RIGHT_SLOT])):
+            for pool, pool_kind in (("act", ACTIVATION), ("cot", COTANGENT)):
+                carry[pool] = jax.tree.map(lambda held, new: held.at[slot].set(
+                    jnp.where(kind == pool_kind, new, held[slot])), carry[pool], message)
+        return carry, None
+
+    rows_TC = jnp.asarray(plan.rows_DTC)[jax.lax.axis_index(axis)]
+    carry, _ = jax.lax.scan(tick, carry, rows_TC)
+
+    g_stage, stats = carry["g_chunks"], carry["stats"]
+    if schedule.bidirectional:   # chunk 1 ran stage PP−1−d: its gradient and stats go home and add to that device's
+        go_home = lambda g: g[:1] + jax.lax.ppermute(g[1:], axis, reverse)
+        g_stage, stats = jax.tree.map(go_home, g_stage), jax.tree.map(go_home, stats)
+    loss = jax.lax.psum(carry["loss"] / n_micro, axis)
+    g_first, g_last, metrics = jax.lax.psum((carry["g_first"], carry["g_last"], carry["metrics"]), axis)
+    if batch_axes:
+        loss, g_stage, g_first, g_last = jax.lax.pmean((loss, g_stage, g_first, g_last), batch_axes)
+        stats, metrics = jax.lax.psum((stats, metrics), batch_axes)
+    return loss, (g_stage, g_first, g_last), (stats, metrics)
+
+
+def _allocate(items: list[tuple[int, int, Action]]) -> tuple[dict[Action, int], int]:
+    """Pool slots for (arrive tick, release tick, action) items; a slot is free again after its release tick's work."""
+    slot_of: dict[Action, int] = {}
+    released: list[int] = []          # per slot, the tick after which it may be rewritten
+    for arrive, release, action in sorted(items, key=lambda item: item[:2]):
+        assert arrive < release, (action, arrive, release)
+        free = [i for i, tick in enumerate(released) if tick <= arrive]
+        slot = free[0] if free else len(released)
+        if not free:
+            released.append(0)
+        released[slot], slot_of[action] = release, slot
+    return slot_of, len(released)
