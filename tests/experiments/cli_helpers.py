@@ -1,10 +1,9 @@
 """Helpers for the pre-training CLI tests: arguments of a fast tiny run, and running the CLI."""
 
-import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.fast_compile import ROOT, subprocess_env
 
 
 def fast_args(workdir, corpus, cache, steps=12, extra=()):
@@ -18,6 +17,5 @@ def fast_args(workdir, corpus, cache, steps=12, extra=()):
 
 
 def run_cli(args, timeout=300, **kwargs):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "experiments.pretrain", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "experiments.pretrain", *args], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=timeout, **kwargs)

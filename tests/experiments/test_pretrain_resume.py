@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.experiments.cli_helpers import ROOT, fast_args, run_cli
+from tests.fast_compile import subprocess_env
 
 STEPS = 14
 
@@ -45,7 +46,7 @@ def straight(tmp_path_factory, corpus_dir):
 
 def interrupt_after(workdir, corpus_dir, cache, step, signum, stdout=subprocess.DEVNULL):
     """Start the run, send `signum` once `step` is logged; returns the finished process."""
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-m", "experiments.pretrain",
                              *fast_args(workdir, corpus_dir, cache, STEPS)],
                             cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.DEVNULL, text=True)

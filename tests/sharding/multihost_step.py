@@ -9,7 +9,8 @@ import os
 import sys
 
 out_path, cluster = sys.argv[1], sys.argv[2:]
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // (int(cluster[1]) if cluster else 1)}"
+os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                           f"--xla_force_host_platform_device_count={8 // (int(cluster[1]) if cluster else 1)}")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from sharding.distributed import DistributedError, resolve
+from tests.fast_compile import ROOT, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_step.py")
 
 
@@ -50,7 +50,7 @@ def free_port() -> str:
 
 
 def run_processes(commands, timeout=420):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env = subprocess_env()
     procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c in commands]
     outputs = [p.communicate(timeout=timeout) for p in procs]

@@ -1,7 +1,6 @@
 """Logical-axis rules: mesh specs per strategy, divisibility, ZeRO-1 placement; and the sharded train step
 on 8 simulated devices equals the single-device one for several meshes and strategies."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,8 +9,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from sharding.rules import logical_rules, mesh_spec
+from tests.fast_compile import ROOT, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class FakeMesh:
@@ -54,7 +53,7 @@ def test_unknown_strategy_is_named():
 
 SHARDED_STEP_SCRIPT = textwrap.dedent("""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     from dsv3_jax import get_preset
     from dsv3_jax.train.loss import LossConfig
@@ -99,8 +98,7 @@ SHARDED_STEP_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_step_equals_single_device_step():
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SHARDED_STEP_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", SHARDED_STEP_SCRIPT], cwd=ROOT, env=subprocess_env(), capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("all ok"), \
         result.stdout[-2000:] + result.stderr[-3000:]
