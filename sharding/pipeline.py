@@ -95,6 +95,7 @@ def pipeline_value_and_grad(
     first_fn: Callable[..., PyTree] | None = None,
     axis: str = "pipeline",
     has_aux: bool = False,
+    stage_param_specs: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> Callable[..., Any]:
     """A jitted `step(stage_params, first_params, last_params, inputs, targets, side=None) -> (loss, grads)`,
     grads = (g_stage, g_first, g_last).
@@ -118,6 +119,11 @@ def pipeline_value_and_grad(
     ((loss, (stats, metrics)), grads): `stats` stacked per stage like stage_params, `metrics` replicated, both
     summed over micro-batches and batch shards (divide by n_micro · batch_shards(mesh)[1] for means). They are
     taken from the forwards; they carry no gradient.
+    `stage_param_specs` (default: P(axis) for every leaf) gives per-leaf PartitionSpecs of `stage_params` (a tree
+    like it, or a function of it returning one), each starting with `axis`; their gradients come back with the same
+    specs. A leaf may be split over batch axes too (e.g. experts over `expert`): stage_fn then gets the local slice
+    and must itself bring every shard's contribution to the slice's owner (as an exchange's transpose does), so its
+    gradient is summed over the batch axes the leaf is not split over only (and divided by the batch shards).
     `schedule` is a name of SCHEDULE_NAMES or a Schedule. A device saves each stage input until that micro-batch's
     backward, which recomputes the stage forward under `jax.vjp` (one extra forward per stage, no stored residuals).
     """
@@ -131,12 +137,16 @@ def pipeline_value_and_grad(
     batch_axes, n_batch_shards = batch_shards(mesh)
     batch_spec = P(None, batch_axes or None)
 
-    def run(with_side):
+    def run(with_side, stage_params):
         fns = _uniform_fns(stage_fn, loss_fn, first_fn, has_aux, with_side)
+        specs = _stage_specs(stage_param_specs, stage_params, axis)
+        # Per leaf, the batch axes its gradient is summed over: those it is not split over.
+        reduce_axes = [tuple(a for a in batch_axes if a not in _spec_axes(spec))
+                       for spec in jax.tree.leaves(specs, is_leaf=_is_spec)]
         return jax.shard_map(
-            lambda *args: _run_plan(plan, *fns, axis, batch_axes, *args),
-            mesh=mesh, in_specs=(P(axis), P(), P(), batch_spec, batch_spec, batch_spec),
-            out_specs=(P(), (P(axis), P(), P()), (P(axis), P())), check_vma=False)
+            lambda *args: _run_plan(plan, *fns, axis, batch_axes, n_batch_shards, reduce_axes, *args),
+            mesh=mesh, in_specs=(specs, P(), P(), batch_spec, batch_spec, batch_spec),
+            out_specs=(P(), (specs, P(), P()), (P(axis), P())), check_vma=False)
 
     @jax.jit
     def step(stage_params, first_params, last_params, inputs, targets, side=None):
@@ -149,7 +159,8 @@ def pipeline_value_and_grad(
             if leaf.ndim < 2 or leaf.shape[1] % n_batch_shards:
                 raise ValueError(f"pipeline: micro-batch of shape {leaf.shape[1:]} does not split over "
                                  f"{n_batch_shards} batch shards ({', '.join(batch_axes)})")
-        loss, grads, aux = run(side is not None)(stage_params, first_params, last_params, inputs, targets, side)
+        loss, grads, aux = run(side is not None, stage_params)(stage_params, first_params, last_params, inputs,
+                                                               targets, side)
         return ((loss, aux), grads) if has_aux else (loss, grads)
 
     return step
@@ -159,6 +170,33 @@ def batch_shards(mesh: Mesh) -> tuple[tuple[str, ...], int]:
     """The mesh axes that split a micro-batch's rows (BATCH_AXES present in `mesh`), and how many shards they make."""
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     return axes, int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
+def _spec_axes(spec: P) -> set[str]:
+    """Mesh axes named anywhere in a PartitionSpec."""
+    axes = set()
+    for entry in spec:
+        axes.update(entry if isinstance(entry, tuple) else () if entry is None else (entry,))
+    return axes
+
+
+def _stage_specs(stage_param_specs, stage_params, axis):
+    """A PartitionSpec per stage_params leaf (structure checked), each starting with `axis`."""
+    if stage_param_specs is None:
+        return jax.tree.map(lambda _: P(axis), stage_params)
+    specs = stage_param_specs(stage_params) if callable(stage_param_specs) else stage_param_specs
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    if treedef != jax.tree.structure(stage_params) or not all(map(_is_spec, leaves)):
+        raise ValueError(f"pipeline: stage_param_specs must be a PartitionSpec per stage_params leaf, like "
+                         f"{jax.tree.structure(stage_params)}")
+    for spec in leaves:
+        if not len(spec) or spec[0] != axis:
+            raise ValueError(f"pipeline: stage_param_specs entry {tuple(spec)} must start with {axis!r}")
+    return specs
 
 
 def _uniform_fns(stage_fn, loss_fn, first_fn, has_aux, with_side):
@@ -173,8 +211,8 @@ def _uniform_fns(stage_fn, loss_fn, first_fn, has_aux, with_side):
     return first, body, head
 
 
-def _run_plan(plan, first, body, head, axis, batch_axes, stage_params, first_params, last_params, inputs, targets,
-              side):
+def _run_plan(plan, first, body, head, axis, batch_axes, n_batch_shards, reduce_axes, stage_params, first_params,
+              last_params, inputs, targets, side):
     """The per-device program: scan the device's plan rows, then reduce losses, gradients and aux outputs."""
     schedule = plan.schedule
     n_stages, n_micro = schedule.n_stages, schedule.n_micro
@@ -258,7 +296,14 @@ def _run_plan(plan, first, body, head, axis, batch_axes, stage_params, first_par
     loss = jax.lax.psum(carry["loss"] / n_micro, axis)
     g_first, g_last, metrics = jax.lax.psum((carry["g_first"], carry["g_last"], carry["metrics"]), axis)
     if batch_axes:
-        loss, g_stage, g_first, g_last = jax.lax.pmean((loss, g_stage, g_first, g_last), batch_axes)
+        loss, g_first, g_last = jax.lax.pmean((loss, g_first, g_last), batch_axes)
+        # A leaf split over a batch axis already holds every shard's contribution along it (see stage_param_specs).
+        leaves, treedef = jax.tree.flatten(g_stage)
+        for axes in dict.fromkeys(a for a in reduce_axes if a):
+            which = [i for i, a in enumerate(reduce_axes) if a == axes]
+            for i, g in zip(which, jax.lax.psum([leaves[i] for i in which], axes)):
+                leaves[i] = g
+        g_stage = treedef.unflatten([g / n_batch_shards for g in leaves])
         stats, metrics = jax.lax.psum((stats, metrics), batch_axes)
     return loss, (g_stage, g_first, g_last), (stats, metrics)
 

@@ -1,5 +1,6 @@
-"""Which dispatch / grouped-matmul / combine implementation the MoE layer uses on this platform, and the
-mesh (if any) whose `expert` axis the routed experts are split over while a step is traced."""
+"""Which dispatch / grouped-matmul / combine implementation the MoE layer uses on this platform, and how (if at
+all) the routed experts are split over an `expert` axis while a step is traced: over a mesh (the layer opens its
+own shard_map), or over a manual axis of a shard_map the layer already runs inside (it holds local experts)."""
 
 from __future__ import annotations
 
@@ -32,18 +33,47 @@ def default_kernels() -> MoEKernels:
 
 
 _EXPERT_MESH: contextvars.ContextVar = contextvars.ContextVar("expert_parallel_mesh", default=None)
+_EXPERT_LOCAL: contextvars.ContextVar = contextvars.ContextVar("expert_parallel_local", default=None)
 
 
 @contextlib.contextmanager
 def expert_parallel(mesh):
     """While active, MoE layers traced here exchange tokens over `mesh`'s `expert` axis (when it is > 1)."""
     token = _EXPERT_MESH.set(mesh if mesh is not None and mesh.shape.get("expert", 1) > 1 else None)
+    local = _EXPERT_LOCAL.set(None)
     try:
         yield
     finally:
+        _EXPERT_LOCAL.reset(local)
         _EXPERT_MESH.reset(token)
 
 
 def expert_parallel_mesh():
     """The mesh set by `expert_parallel`, or None (all experts local)."""
     return _EXPERT_MESH.get()
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalExpertParallel:
+    """Expert parallelism inside a manual shard_map: `axis_name` is manual there, each rank holds E/EP experts."""
+    axis_name: str = "expert"
+    capacity_factor: float = 1.25
+
+
+@contextlib.contextmanager
+def expert_parallel_local(axis_name: str = "expert", capacity_factor: float = 1.25):
+    """While active, MoE layers traced here run inside a shard_map where `axis_name` is manual: their routed-expert
+    parameters are this rank's slice (E/EP, D, F) and tokens travel over `axis_name` (sharding.expert_parallel's
+    per-rank body). Any `expert_parallel(mesh)` around it is suspended (no nested shard_map)."""
+    local = _EXPERT_LOCAL.set(LocalExpertParallel(axis_name, capacity_factor))
+    mesh = _EXPERT_MESH.set(None)
+    try:
+        yield
+    finally:
+        _EXPERT_MESH.reset(mesh)
+        _EXPERT_LOCAL.reset(local)
+
+
+def expert_parallel_local_axis() -> LocalExpertParallel | None:
+    """The setting of the innermost `expert_parallel_local`, or None."""
+    return _EXPERT_LOCAL.get()

@@ -11,9 +11,13 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.mlp import MLP
-from dsv3_jax.moe.backend import default_kernels, expert_parallel_mesh
+from dsv3_jax.moe.backend import default_kernels, expert_parallel_local_axis, expert_parallel_mesh
 from dsv3_jax.moe.router import Router, RouterStats, router_stats
-from sharding.expert_parallel import expert_parallel_ffn
+from sharding.ep_buffers import capacity_per_peer
+from sharding.ep_layout import check_expert_parallel
+from sharding.expert_parallel import expert_parallel_ffn, expert_parallel_ffn_local
+
+EXPERT_WEIGHTS = ("experts_gate", "experts_up", "experts_down")   # routed-expert parameters, expert axis first
 
 
 class MoE(nn.Module):
@@ -26,17 +30,27 @@ class MoE(nn.Module):
         E, F = c.n_routed_experts, c.moe_intermediate_size
         x_TD = x_BTD.reshape(B * T, D)
         routing = Router(c, name="router")(x_TD)
+        kernels, mesh, local = default_kernels(), expert_parallel_mesh(), expert_parallel_local_axis()
+        # Inside a manual shard_map over `local.axis_name`, this rank holds E/EP contiguous experts.
+        ep = jax.lax.axis_size(local.axis_name) if local is not None else 1
+        if local is not None:
+            check_expert_parallel(E, ep, capacity_factor=local.capacity_factor)
 
         def expert_weights(name, shape, axes):
             init = nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), axes)
-            return self.param(name, init, shape, c.jnp_param_dtype).astype(c.jnp_dtype)
+            return self.param(name, init, (shape[0] // ep, *shape[1:]), c.jnp_param_dtype).astype(c.jnp_dtype)
 
         w_gate_EDF = expert_weights("experts_gate", (E, D, F), ("expert", "embed", "mlp"))
         w_up_EDF = expert_weights("experts_up", (E, D, F), ("expert", "embed", "mlp"))
         w_down_EFD = expert_weights("experts_down", (E, F, D), ("expert", "mlp", "embed"))
 
-        kernels, mesh = default_kernels(), expert_parallel_mesh()
-        if mesh is None:
+        if local is not None:   # this rank's tokens travel to the ranks of their experts and back (dropless)
+            K = routing.experts_TK.shape[1]
+            routed_TD, _ = expert_parallel_ffn_local(
+                x_TD.astype(c.jnp_dtype), routing.experts_TK, routing.weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
+                expert_axis=local.axis_name, capacity=capacity_per_peer(B * T * K, ep, local.capacity_factor),
+                grouped_matmul=kernels.grouped_matmul, out_dtype=c.jnp_dtype)
+        elif mesh is None:
             sent = kernels.dispatch(x_TD.astype(c.jnp_dtype), routing.experts_TK, E)
             gate_NF = kernels.grouped_matmul(sent.x_ND, w_gate_EDF, sent.group_sizes_E)
             up_NF = kernels.grouped_matmul(sent.x_ND, w_up_EDF, sent.group_sizes_E)

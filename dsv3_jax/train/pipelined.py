@@ -16,8 +16,10 @@ from dsv3_jax.moe.router import RouterStats
 from dsv3_jax.train.loss import LossConfig
 from dsv3_jax.train.optimizer import OptimizerConfig, make_optimizer
 from dsv3_jax.train.schedule import ScheduleConfig
-from dsv3_jax.train.stages import StageFns, join_gradients, layers_per_stage, micro_batch_data, split_variables
+from dsv3_jax.train.stages import (StageFns, join_gradients, layers_per_stage, micro_batch_data, split_variables,
+                                   stage_specs)
 from dsv3_jax.train.step import BalanceConfig, TrainState, apply_update, mtp_weight_at
+from sharding.ep_layout import check_expert_parallel
 from sharding.pipeline import batch_shards, pipeline_value_and_grad
 
 MEAN_METRICS = ("ce", "mtp_ce", "balance")
@@ -31,11 +33,17 @@ def make_pipelined_train_step(model_config: ModelConfig, loss: LossConfig, sched
     step_fn(state, batches, tokens_seen, loss_limit) -> (state, metrics), with batches["tokens"] of shape
     (n_micro, B, T) (optionally "segment_ids", "positions"); B splits over the mesh's batch axes. The MoE stack's
     n_layers − first_k_dense_replace layers must split evenly into mesh.pipeline stages (else ValueError).
+    With mesh.expert > 1 the stages' MoE layers run expert-parallel (E/EP routed experts per rank); the MTP
+    modules' experts stay whole on the last stage.
     """
     n_stages = mesh.shape["pipeline"]
-    fns = StageFns(model_config, loss, layers_per_stage(model_config, n_stages))
+    expert_axis = "expert" if mesh.shape.get("expert", 1) > 1 else None
+    if expert_axis:
+        check_expert_parallel(model_config.n_routed_experts, mesh.shape[expert_axis])
+    fns = StageFns(model_config, loss, layers_per_stage(model_config, n_stages), expert_axis)
     value_and_grad = pipeline_value_and_grad(fns.stage, fns.loss, mesh, schedule_name, n_micro, first_fn=fns.first,
-                                             has_aux=True)
+                                             has_aux=True,
+                                             stage_param_specs=lambda tree: stage_specs(tree, "pipeline", expert_axis))
     n_means = n_micro * batch_shards(mesh)[1]   # the executor sums aux outputs over micro-batches and batch shards
     tx = make_optimizer(optimizer)
 

@@ -36,7 +36,8 @@ def jit_sharded_step(step_fn, shardings: TrainState, mesh: Mesh, batch_dim: int 
     With an `expert` axis > 1 the MoE layers run expert-parallel (sharding.expert_parallel), and the model's
     activation constraints (batch over the data-parallel axes, heads / mlp / vocab over `tensor`) resolve
     through the logical-axis rules while tracing; neither applies to a `manual` step_fn, one that runs the
-    model inside its own shard_map over every axis (the pipelined step).
+    model inside its own shard_map over every axis (the pipelined step, which sets up expert parallelism
+    inside its stages itself).
     """
     # Activations follow the parameter-free rules: `embed` stays whole inside a replica even under FSDP.
     flax_rules = tuple((name, axes) for name, axes in logical_rules("replicated"))

@@ -3,19 +3,27 @@ head, MTP modules and loss. Each part runs the model's own modules on its slice 
 
 The activation passed between stages is (x_BTD, balance): the hidden state and the running sum of the MoE layers'
 sequence-wise balance losses, so that they enter the loss (and get their gradient) at the last stage.
+
+On a mesh with an `expert` axis the stages run expert-parallel: each rank holds E/EP routed experts of its stage
+(stage_specs) and its MoE layers exchange tokens over `expert` inside the executor's shard_map.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.block import block_stack
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.linear import make_linear
 from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.layers.rope import rope_tables
+from dsv3_jax.moe.backend import expert_parallel_local
+from dsv3_jax.moe.layer import EXPERT_WEIGHTS
 from dsv3_jax.mtp import MTPModule, shift_tokens
 from dsv3_jax.train.loss import LossConfig, shifted_targets
 
@@ -51,6 +59,15 @@ def split_variables(config: ModelConfig, params: dict, moe_bias: dict, n_stages:
     last = {"params": {k: v for k, v in params.items() if keep(k)},
             "moe_bias": {k: v for k, v in moe_bias.items() if keep(k)}}
     return stage, first, last
+
+
+def stage_specs(stage_vars: dict, axis: str = "pipeline", expert_axis: str | None = None) -> dict:
+    """PartitionSpecs of split_variables' stage part: stages over `axis`; with an `expert_axis`, the routed experts
+    (leaves [PP, L/PP, E, ...]) are split over it too, E/EP per rank."""
+    def spec(path, _):
+        name = getattr(path[-1], "key", None)
+        return P(axis, None, expert_axis) if expert_axis and name in EXPERT_WEIGHTS else P(axis)
+    return jax.tree_util.tree_map_with_path(spec, stage_vars)
 
 
 def join_gradients(g_stage: dict, g_first: dict, g_last: dict) -> dict:
@@ -149,8 +166,10 @@ def weighted_cross_entropy(logits_BTV, targets_BT, weights_BT):
 class StageFns:
     """The executor's first_fn, stage_fn and loss_fn (with side inputs and aux outputs) for one model and loss."""
 
-    def __init__(self, config: ModelConfig, loss: LossConfig, n_stage_layers: int):
-        self.config, self.loss_config = config, loss
+    def __init__(self, config: ModelConfig, loss: LossConfig, n_stage_layers: int, expert_axis: str | None = None):
+        """With `expert_axis` (manual in the executor), stage_vars hold E/EP routed experts per rank (stage_specs)
+        and the stage's MoE layers exchange tokens over it."""
+        self.config, self.loss_config, self.expert_axis = config, loss, expert_axis
         self.stack = block_stack(config, True, n_stage_layers, STAGE_KEY)
 
     def first(self, first_params, tokens_BT, side):
@@ -161,7 +180,8 @@ class StageFns:
     def stage(self, stage_vars, carried, side):
         """L/PP MoE blocks; the balance losses join the carried sum, the expert counts (L/PP, E) come out."""
         x_BTD, balance = carried
-        x_BTD, stats = self.stack.apply(stage_vars, x_BTD, (side["cos"], side["sin"]), side.get("segment_ids"))
+        with expert_parallel_local(self.expert_axis) if self.expert_axis else contextlib.nullcontext():
+            x_BTD, stats = self.stack.apply(stage_vars, x_BTD, (side["cos"], side["sin"]), side.get("segment_ids"))
         return (x_BTD, balance + stats.balance_loss.sum()), stats.expert_counts_E
 
     def loss(self, last_vars, carried, targets, side):

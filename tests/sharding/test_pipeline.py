@@ -33,6 +33,7 @@ PIPELINE_SCRIPT = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import PartitionSpec as P
     from sharding.mesh import build_mesh
     from sharding.pipeline import pipeline_value_and_grad
 
@@ -79,6 +80,18 @@ PIPELINE_SCRIPT = textwrap.dedent("""
             assert grads[0]["w1"].sharding.spec[0] == "pipeline"
             check((loss, grads), want)
             print(sizes, name, "ok")
+
+    # A stage leaf split over a batch axis too (w2's D over `data`): stage_fn gathers it, and the gather's transpose
+    # brings every shard's contribution to the owner, so its gradient is only averaged over the other batch shards.
+    gathering_fn = lambda p, x_BTD: stage_fn(dict(p, w2=jax.lax.all_gather(p["w2"], "data", axis=2, tiled=True)),
+                                             x_BTD)
+    specs = {"w1": P("pipeline"), "w2": P("pipeline", None, None, "data")}
+    step = pipeline_value_and_grad(gathering_fn, head_loss_fn, mesh, "1f1b", M, first_fn=embed_fn,
+                                   stage_param_specs=specs)
+    loss, grads = step(stage_params, first, last, tokens, targets)
+    assert grads[0]["w2"].sharding.spec[:4] == ("pipeline", None, None, "data"), grads[0]["w2"].sharding
+    check((loss, grads), want)
+    print("split stage leaf ok")
 
     # Side inputs, a pytree activation (hidden state, running penalty) and aux outputs, on the last mesh (PP=2):
     # every stage scales its rows by side["scale"] and adds a penalty; stats (positive entries per stage) and
@@ -130,7 +143,10 @@ PIPELINE_SCRIPT = textwrap.dedent("""
                  lambda: pipeline_value_and_grad(stage_fn, mse, mesh, "1f1b", 4)(
                      stage_params, (), (), x_MBTD, x_MBTD),
                  lambda: pipeline_value_and_grad(stage_fn, mse, mesh, "1f1b", 4)(
-                     stage_params_4, (), (), x_MBTD[:, :1], x_MBTD[:, :1])):
+                     stage_params_4, (), (), x_MBTD[:, :1], x_MBTD[:, :1]),
+                 lambda: pipeline_value_and_grad(stage_fn, mse, mesh, "1f1b", 4,
+                                                 stage_param_specs={"w1": P(None, "pipeline"), "w2": P("pipeline")})(
+                     stage_params_4, (), (), x_MBTD, x_MBTD)):
         try:
             make()
         except ValueError as error:
@@ -147,9 +163,10 @@ def test_pipeline_schedules_match_single_device_value_and_grad():
     result = subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr[-3000:]
-    assert result.stdout.count(" ok\n") == 8 and result.stdout.count("error:") == 4, result.stdout
+    assert result.stdout.count(" ok\n") == 9 and result.stdout.count("error:") == 5, result.stdout
     for message in ("dualpipe: needs an even number of micro-batches ≥ 2·PP = 8, got 6",
                     "pipeline: inputs leaf of shape (4, 2, 3, 8) needs leading axis 8",
                     "pipeline: stage_params leaf of shape (2, 2, 8, 12) needs leading axis 4",
-                    "pipeline: micro-batch of shape (1, 3, 8) does not split over 2 batch shards ("):
+                    "pipeline: micro-batch of shape (1, 3, 8) does not split over 2 batch shards (",
+                    "pipeline: stage_param_specs entry (None, 'pipeline') must start with 'pipeline'"):
         assert "error: " + message in result.stdout, result.stdout
