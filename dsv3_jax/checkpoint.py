@@ -16,7 +16,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 # ModelConfig fields that only choose an implementation; a checkpoint restores across them.
-_FREE_FIELDS = {"scan_layers", "remat_policy", "dtype"}
+_FREE_FIELDS = {"scan_layers", "remat_policy", "dtype", "fp8", "fp8_power_of_two_scales"}
 
 
 class CheckpointMismatch(ValueError):

@@ -42,7 +42,8 @@ class DeepSeekV3(nn.Module):
                                                                      ("vocab", "embed")), name="embed")
         final_norm = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")
         head = (lambda x: embed.attend(x).astype(jnp.float32)) if c.tie_word_embeddings else \
-            make_linear(c, c.vocab_size, ("embed", "vocab"), "lm_head", out_dtype=jnp.float32)
+            make_linear(c, c.vocab_size, ("embed", "vocab"), "lm_head", out_dtype=jnp.float32,
+                        allow_fp8=False)
 
         rope = rope_tables(positions_BT, c)
         x_BTD = embed(tokens_BT)

@@ -1,9 +1,11 @@
-"""A bias-free linear layer whose kernel carries logical axis names for sharding."""
+"""A bias-free linear layer whose kernel carries logical axis names for sharding; optionally an FP8 matmul."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from dsv3_jax.layers.fp8_linear import fp8_linear
 
 
 class Linear(nn.Module):
@@ -13,14 +15,22 @@ class Linear(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     out_dtype: jnp.dtype | None = None   # accumulate into this dtype (e.g. float32 logits from bf16 inputs)
+    fp8: bool = False                    # block-scaled E4M3 operands in the forward and both gradients
+    fp8_power_of_two_scales: bool = False
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes),
                             (x.shape[-1], self.features), self.param_dtype)
+        if self.fp8:   # quantized straight from the master weights; the weight gradient comes back in their dtype
+            return fp8_linear(x.astype(self.dtype), kernel, out_dtype=self.out_dtype or self.dtype,
+                              power_of_two=self.fp8_power_of_two_scales)
         return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
 
 
-def make_linear(config, features: int, axes: tuple[str, str], name: str, out_dtype=None) -> Linear:
+def make_linear(config, features: int, axes: tuple[str, str], name: str, out_dtype=None,
+                allow_fp8: bool = True) -> Linear:
+    """A projection of `config`'s dtypes; FP8 when `config.fp8`, unless `allow_fp8=False` (the output head,
+    which DeepSeek-V3 keeps in high precision)."""
     return Linear(features, axes, config.initializer_range, config.jnp_dtype, config.jnp_param_dtype, out_dtype,
-                  name=name)
+                  config.fp8 and allow_fp8, config.fp8_power_of_two_scales, name=name)

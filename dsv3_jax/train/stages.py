@@ -140,7 +140,8 @@ class LastStage(nn.Module):
         c = self.config
         embed = _embed(c)
         head = (lambda x: embed.attend(x).astype(jnp.float32)) if c.tie_word_embeddings else \
-            make_linear(c, c.vocab_size, ("embed", "vocab"), "lm_head", out_dtype=jnp.float32)
+            make_linear(c, c.vocab_size, ("embed", "vocab"), "lm_head", out_dtype=jnp.float32,
+                        allow_fp8=False)
         logits_BTV = head(RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")(x_BTD))
         mtp_logits, mtp_stats = [], []
         h_BTD = x_BTD

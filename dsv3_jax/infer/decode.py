@@ -1,0 +1,270 @@
+"""Inference forward passes over a latent cache: prefill (training-form attention) and absorbed-MLA decode.
+
+The model's parameters are read straight from its variables tree ({'params', 'moe_bias'}, layers stacked
+on a leading axis). Projections are plain matmuls in `config.dtype` (an FP8-trained model is served from
+its high-precision master weights); the MLP and MoE run the model's own modules on the new tokens.
+
+    forward_with_cache(config, variables, tokens_BT, positions_BT, cache, absorbed)
+        1. embed the new tokens; per layer (a lax.scan over each stacked stack):
+        2.   project q, RMSNorm(c_kv) and RoPE(k_rope) of the new tokens; write the latter two into the cache
+        3.   attend over the cache, naive (keys/values expanded by W_kvb) or absorbed (attention in latent space)
+        4.   MLP or MoE, residuals
+        5. final norm, output head → float32 logits, plus the last hidden state (MTP's input)
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.infer.cache import DecodeCache, LatentCache, init_cache, visible_slots, write_slots
+from dsv3_jax.infer.sampling import sample_tokens
+from dsv3_jax.layers.attention import softmax_attention
+from dsv3_jax.layers.mlp import MLP
+from dsv3_jax.layers.norm import rms_normalize
+from dsv3_jax.layers.rope import apply_rope, rope_tables
+from dsv3_jax.moe.layer import MoE
+from dsv3_jax.moe.router import BIAS_COLLECTION
+
+
+def _matmul(x, kernel, dtype, out_dtype=None):
+    return jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=out_dtype)
+
+
+def _norm(x, params, eps):
+    return params["scale"].astype(x.dtype) * rms_normalize(x, eps)
+
+
+# ---- MLA ------------------------------------------------------------------------------------------------
+
+def mla_project(c: ModelConfig, p: dict, x_BTD, cos_sin):
+    """(q_nope_BTHN, q_rope_BTHR after RoPE, latent_BTC after kv_norm, k_rope_BTR after RoPE)."""
+    B, T, _ = x_BTD.shape
+    H, Dn, Dr, dt = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.jnp_dtype
+    if c.q_lora_rank is None:
+        q = _matmul(x_BTD, p["wq"]["kernel"], dt)
+    else:
+        q_lat = _norm(_matmul(x_BTD, p["wq_a"]["kernel"], dt), p["q_norm"], c.rms_norm_eps)
+        q = _matmul(q_lat, p["wq_b"]["kernel"], dt)
+    q_BTHK = q.reshape(B, T, H, Dn + Dr)
+    cos, sin = cos_sin
+    kv_a = _matmul(x_BTD, p["wkv_a"]["kernel"], dt)
+    latent_BTC = _norm(kv_a[..., : c.kv_lora_rank], p["kv_norm"], c.rms_norm_eps)
+    k_rope_BTR = apply_rope(kv_a[..., None, c.kv_lora_rank:], cos, sin)[:, :, 0]
+    return q_BTHK[..., :Dn], apply_rope(q_BTHK[..., Dn:], cos, sin), latent_BTC, k_rope_BTR
+
+
+def _split_wkv_b(c: ModelConfig, p: dict):
+    """W_kvb (C, H·(Dn+Dv)) as W_UK (C, H, Dn) and W_UV (C, H, Dv)."""
+    w_CHK = p["wkv_b"]["kernel"].astype(c.jnp_dtype).reshape(c.kv_lora_rank, c.n_heads, -1)
+    return w_CHK[..., : c.qk_nope_head_dim], w_CHK[..., c.qk_nope_head_dim:]
+
+
+def attend_naive(c: ModelConfig, p: dict, q_nope_BTHN, q_rope_BTHR, latent_BSC, k_rope_BSR, visible_BTS):
+    """Training form: expand every cached latent into per-head k_nope and v, then softmax attention."""
+    w_uk_CHN, w_uv_CHV = _split_wkv_b(c, p)
+    k_nope_BSHN = jnp.einsum("bsc,chn->bshn", latent_BSC.astype(c.jnp_dtype), w_uk_CHN)
+    v_BSHV = jnp.einsum("bsc,chv->bshv", latent_BSC.astype(c.jnp_dtype), w_uv_CHV)
+    scores_BHTS = (jnp.einsum("bthn,bshn->bhts", q_nope_BTHN, k_nope_BSHN, preferred_element_type=jnp.float32)
+                   + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR, preferred_element_type=jnp.float32))
+    return softmax_attention(scores_BHTS * c.softmax_scale, visible_BTS[:, None], v_BSHV)
+
+
+def attend_absorbed(c: ModelConfig, p: dict, q_nope_BTHN, q_rope_BTHR, latent_BSC, k_rope_BSR, visible_BTS):
+    """Absorbed form: q_nope·W_UK moves the query into latent space, attention weights sum cached latents,
+    and W_UV maps the weighted latent to each head's value; no per-head key or value is ever formed."""
+    w_uk_CHN, w_uv_CHV = _split_wkv_b(c, p)
+    q_lat_BTHC = jnp.einsum("bthn,chn->bthc", q_nope_BTHN, w_uk_CHN)
+    scores_BHTS = (jnp.einsum("bthc,bsc->bhts", q_lat_BTHC, latent_BSC.astype(c.jnp_dtype),
+                              preferred_element_type=jnp.float32)
+                   + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR.astype(c.jnp_dtype),
+                                preferred_element_type=jnp.float32))
+    scores_BHTS = jnp.where(visible_BTS[:, None], scores_BHTS * c.softmax_scale, -jnp.inf)
+    weights_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)   # slot 0 is always visible: no empty rows
+    out_lat_BTHC = jnp.einsum("bhts,bsc->bthc", weights_BHTS.astype(c.jnp_dtype), latent_BSC.astype(c.jnp_dtype))
+    return jnp.einsum("bthc,chv->bthv", out_lat_BTHC, w_uv_CHV)
+
+
+def mla_with_cache(c: ModelConfig, p: dict, x_BTD, positions_BT, cos_sin, layer_cache, absorbed: bool):
+    """MLA of the new tokens against the cache, after writing their latents into it; (out_BTD, layer_cache)."""
+    latent_BSC, rope_BSR = layer_cache
+    q_nope, q_rope, latent_BTC, k_rope_BTR = mla_project(c, p, x_BTD, cos_sin)
+    latent_BSC = write_slots(latent_BSC, latent_BTC, positions_BT)
+    rope_BSR = write_slots(rope_BSR, k_rope_BTR, positions_BT)
+    visible_BTS = visible_slots(positions_BT, latent_BSC.shape[1])
+    attend = attend_absorbed if absorbed else attend_naive
+    out_BTHV = attend(c, p, q_nope, q_rope, latent_BSC, rope_BSR, visible_BTS)
+    B, T = positions_BT.shape
+    out_BTD = _matmul(out_BTHV.reshape(B, T, -1), p["wo"]["kernel"], c.jnp_dtype)
+    return out_BTD, (latent_BSC, rope_BSR)
+
+
+# ---- blocks and the model -------------------------------------------------------------------------------
+
+def block_with_cache(c: ModelConfig, use_moe: bool, p: dict, bias, x_BTD, positions_BT, cos_sin, layer_cache,
+                     absorbed: bool):
+    """DecoderBlock on the new tokens: (x_BTD, layer_cache). `bias` is the block's moe_bias subtree."""
+    attn_in = _norm(x_BTD, p["attn_norm"], c.rms_norm_eps)
+    attn_out, layer_cache = mla_with_cache(c, p["attn"], attn_in, positions_BT, cos_sin, layer_cache, absorbed)
+    h_BTD = x_BTD + attn_out
+    mlp_in = _norm(h_BTD, p["mlp_norm"], c.rms_norm_eps)
+    if use_moe:
+        y_BTD, _ = MoE(c).apply({"params": p["moe"], BIAS_COLLECTION: bias["moe"]}, mlp_in)
+    else:
+        y_BTD = MLP(c, c.intermediate_size).apply({"params": p["mlp"]}, mlp_in)
+    return h_BTD + y_BTD, layer_cache
+
+
+def _stack_with_cache(c, use_moe, params, bias, x_BTD, positions_BT, cos_sin, cache: LatentCache, absorbed):
+    def body(x, layer):
+        p, b, latent, rope = layer
+        x, (latent, rope) = block_with_cache(c, use_moe, p, b, x, positions_BT, cos_sin, (latent, rope), absorbed)
+        return x, (latent, rope)
+
+    x_BTD, (latent, rope) = jax.lax.scan(body, x_BTD, (params, bias, cache.latent_LBSC, cache.rope_LBSR))
+    return x_BTD, LatentCache(latent, rope)
+
+
+def embed_tokens(c: ModelConfig, params: dict, tokens_BT):
+    return jnp.take(params["embed"]["embedding"].astype(c.jnp_dtype), tokens_BT, axis=0)
+
+
+def output_logits(c: ModelConfig, params: dict, normed_BTD):
+    if c.tie_word_embeddings:
+        return _matmul(normed_BTD, params["embed"]["embedding"].T, c.jnp_dtype).astype(jnp.float32)
+    return _matmul(normed_BTD, params["lm_head"]["kernel"], c.jnp_dtype, jnp.float32)
+
+
+def forward_with_cache(config: ModelConfig, variables: dict, tokens_BT, positions_BT, cache: DecodeCache,
+                       absorbed: bool = True):
+    """Main model on the new tokens at `positions_BT`: (logits_BTV float32, hidden_BTD before the final norm,
+    cache with their latents written). absorbed=False is the training-form attention (used for prefill)."""
+    c, params = config, variables["params"]
+    bias = variables.get(BIAS_COLLECTION, {})
+    cos_sin = rope_tables(positions_BT, c)
+    x_BTD = embed_tokens(c, params, tokens_BT)
+    dense, moe = cache.dense, cache.moe
+    if c.first_k_dense_replace > 0:
+        dense_bias = jax.tree.map(lambda _: None, params["dense_layers"])  # scan needs a tree; dense has no bias
+        x_BTD, dense = _stack_with_cache(c, False, params["dense_layers"], dense_bias, x_BTD, positions_BT,
+                                         cos_sin, dense, absorbed)
+    if c.n_moe_layers > 0:
+        x_BTD, moe = _stack_with_cache(c, True, params["moe_layers"], bias["moe_layers"], x_BTD, positions_BT,
+                                       cos_sin, moe, absorbed)
+    logits_BTV = output_logits(c, params, _norm(x_BTD, params["final_norm"], c.rms_norm_eps))
+    return logits_BTV, x_BTD, cache._replace(dense=dense, moe=moe)
+
+
+def mtp_with_cache(config: ModelConfig, variables: dict, hidden_BTD, next_tokens_BT, positions_BT,
+                   cache: DecodeCache, absorbed: bool = True):
+    """MTP module 0 at `positions_BT`: from the main model's hidden state at position i and the token at i+1,
+    the logits for the token at i+2; (logits_BTV, cache with the module's latents written)."""
+    c, params = config, variables["params"]
+    p, bias = params["mtp_0"], variables.get(BIAS_COLLECTION, {}).get("mtp_0", {})
+    emb_BTD = embed_tokens(c, params, next_tokens_BT)
+    joined = jnp.concatenate([_norm(emb_BTD, p["enorm"], c.rms_norm_eps),
+                              _norm(hidden_BTD.astype(c.jnp_dtype), p["hnorm"], c.rms_norm_eps)], axis=-1)
+    x_BTD = _matmul(joined, p["eh_proj"]["kernel"], c.jnp_dtype)
+    layer_cache = (cache.mtp.latent_LBSC[0], cache.mtp.rope_LBSR[0])
+    h_BTD, (latent, rope) = block_with_cache(c, True, p["block"], bias.get("block"), x_BTD, positions_BT,
+                                             rope_tables(positions_BT, c), layer_cache, absorbed)
+    logits_BTV = output_logits(c, params, _norm(h_BTD, p["head_norm"], c.rms_norm_eps))
+    return logits_BTV, cache._replace(mtp=LatentCache(latent[None], rope[None]))
+
+
+# ---- generation -----------------------------------------------------------------------------------------
+
+class Generation(NamedTuple):
+    tokens: list            # per row, the generated ids (a stop token that ended the row included)
+    decode_steps: int       # main-model forward steps after the prefill
+    drafted: int = 0        # speculative decoding: drafts proposed to rows still generating
+    accepted: int = 0       # ... and of those, drafts the main model confirmed
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def pad_prompts(prompts) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded (B, P) int32 tokens (pad id 0) and the (B,) prompt lengths; every prompt non-empty."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if len(prompts) == 0 or lengths.min() < 1:
+        raise ValueError("generate needs at least one prompt, each of at least one token")
+    tokens = np.zeros((len(prompts), int(lengths.max())), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = np.asarray(prompt, np.int32)
+    return tokens, lengths
+
+
+class Emitter:
+    """Host-side bookkeeping: appends each row's tokens until a stop token or max_new_tokens, streams them."""
+
+    def __init__(self, batch: int, max_new_tokens: int, stop_tokens, on_token: Callable[[int, int], None] | None):
+        self.tokens = [[] for _ in range(batch)]
+        self.done = np.zeros(batch, bool) if max_new_tokens > 0 else np.ones(batch, bool)
+        self.max_new, self.stop, self.on_token = max_new_tokens, frozenset(int(t) for t in stop_tokens), on_token
+
+    def emit(self, row: int, token: int) -> None:
+        if self.done[row]:
+            return
+        self.tokens[row].append(token)
+        if self.on_token is not None:
+            self.on_token(row, token)
+        if token in self.stop or len(self.tokens[row]) >= self.max_new:
+            self.done[row] = True
+
+    @property
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+
+@partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+def prefill(config: ModelConfig, variables: dict, tokens_BP, lengths_B, cache: DecodeCache):
+    """The prompts through the training-form attention, filling the cache: (last-prompt-token logits_BV,
+    hidden_BPD, cache). Rows are right-padded; padding's cache slots get overwritten by generated tokens."""
+    B, P = tokens_BP.shape
+    positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    logits_BPV, hidden_BPD, cache = forward_with_cache(config, variables, tokens_BP, positions_BP, cache,
+                                                       absorbed=False)
+    return logits_BPV[jnp.arange(B), lengths_B - 1], hidden_BPD, cache
+
+
+@partial(jax.jit, static_argnames=("config", "absorbed"), donate_argnames=("cache",))
+def decode_step(config: ModelConfig, variables: dict, tokens_B, positions_B, cache: DecodeCache,
+                absorbed: bool = True):
+    """One new token per row at its own position, absorbed MLA: (logits_BV, cache)."""
+    logits_B1V, _, cache = forward_with_cache(config, variables, tokens_B[:, None], positions_B[:, None], cache,
+                                              absorbed=absorbed)
+    return logits_B1V[:, 0], cache
+
+
+_sample = jax.jit(sample_tokens, static_argnames=("temperature", "top_p"))
+
+
+def generate(config: ModelConfig, variables: dict, prompts, max_new_tokens: int, *, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, stop_tokens=(), on_token=None) -> Generation:
+    """Batched generation from token-id prompts of any lengths (right-padded internally); each row stops at
+    its first stop token or after max_new_tokens. `on_token(row, id)` streams tokens as they are chosen."""
+    tokens_BP, lengths_B = pad_prompts(prompts)
+    B, P = tokens_BP.shape
+    emitter = Emitter(B, max_new_tokens, stop_tokens, on_token)
+    cache = init_cache(config, B, P + max_new_tokens)
+    rng = jax.random.PRNGKey(seed)
+    logits_BV, _, cache = prefill(config, variables, jnp.asarray(tokens_BP), jnp.asarray(lengths_B), cache)
+    positions_B = jnp.asarray(lengths_B)
+    steps = 0
+    while True:
+        rng, key = jax.random.split(rng)
+        next_B = _sample(logits_BV, key, temperature=float(temperature), top_p=float(top_p))
+        for row, token in enumerate(np.asarray(next_B).tolist()):
+            emitter.emit(row, token)
+        if emitter.all_done:
+            return Generation(emitter.tokens, steps)
+        logits_BV, cache = decode_step(config, variables, next_B, positions_B, cache)
+        positions_B = positions_B + 1
+        steps += 1

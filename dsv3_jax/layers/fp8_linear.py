@@ -1,0 +1,65 @@
+"""y = x · W with FP8 operands in all three GEMMs (DeepSeek-V3's FP8 training recipe), as a `custom_vjp`.
+
+Forward  y  = x · W      x in 1×128 tiles, W in 128×128 blocks
+Data     dx = dy · Wᵀ    dy in 1×128 tiles, Wᵀ reuses the forward's blocks (transposed)
+Weight   dW = xᵀ · dy    x and dy in 128×1 tiles (128 tokens per scale), x saved as FP8 by the forward
+Every product accumulates in float32 with promotion every 128 of the contraction (`pallas_kernels.fp8`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.fp8 import default_impl, fp8_matmul, quantize_1x128, quantize_128x1, quantize_128x128
+
+
+class _Options(NamedTuple):   # static (hashable) settings of one call
+    impl: str
+    power_of_two: bool
+    interpret: bool
+    out_dtype: jnp.dtype
+    x_dtype: jnp.dtype
+    w_dtype: jnp.dtype
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fp8_matmul_2d(x_MK, w_KN, o: _Options):
+    return _forward(x_MK, w_KN, o)[0]
+
+
+def _forward(x_MK, w_KN, o: _Options):
+    x_q, x_scale = quantize_1x128(x_MK, o.power_of_two)
+    w_q, w_scale = quantize_128x128(w_KN, o.power_of_two)
+    y_MN = fp8_matmul(x_q, x_scale, w_q, w_scale, impl=o.impl, out_dtype=o.out_dtype, interpret=o.interpret)
+    xt_q_KM, xt_scale_KMb = quantize_1x128(x_MK.T, o.power_of_two)     # x in 128×1 tiles, for the weight gradient
+    return y_MN, (xt_q_KM, xt_scale_KMb, w_q, w_scale)
+
+
+def _backward(o: _Options, residuals, dy_MN):
+    xt_q_KM, xt_scale_KMb, w_q_KN, w_scale_KbNb = residuals
+    dy_q, dy_scale_MNb = quantize_1x128(dy_MN, o.power_of_two)
+    dx_MK = fp8_matmul(dy_q, dy_scale_MNb, w_q_KN.T, w_scale_KbNb.T, impl=o.impl, out_dtype=o.x_dtype,
+                       interpret=o.interpret)
+    dy_q_cols, dy_scale_MbN = quantize_128x1(dy_MN, o.power_of_two)
+    dw_KN = fp8_matmul(xt_q_KM, xt_scale_KMb, dy_q_cols, dy_scale_MbN, impl=o.impl, out_dtype=o.w_dtype,
+                       interpret=o.interpret)
+    return dx_MK, dw_KN
+
+
+_fp8_matmul_2d.defvjp(_forward, _backward)
+
+
+def fp8_linear(x_BK, w_KN, *, out_dtype=None, power_of_two: bool = False, impl: str | None = None,
+               interpret: bool = False):
+    """x [..., K] · w [K, N] -> [..., N] in out_dtype (default x.dtype); gradients in x's and w's dtypes.
+
+    `impl` names the `pallas_kernels.fp8` kernel (default: the one for this platform)."""
+    o = _Options(impl or default_impl(), bool(power_of_two), bool(interpret), jnp.dtype(out_dtype or x_BK.dtype),
+                 jnp.dtype(x_BK.dtype), jnp.dtype(w_KN.dtype))
+    lead, K = x_BK.shape[:-1], x_BK.shape[-1]
+    y_MN = _fp8_matmul_2d(x_BK.reshape(-1, K), w_KN, o)
+    return y_MN.reshape(*lead, w_KN.shape[1])

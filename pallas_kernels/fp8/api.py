@@ -1,0 +1,48 @@
+"""Entry point for block-scaled FP8 matmuls. Implementations by name: the jnp reference, the TPU Pallas kernel
+(also runs in interpret mode on CPU); the Mosaic GPU (Hopper) kernel is not built yet."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.fp8 import reference, tpu
+from pallas_kernels.fp8.quantize import quantize_1x128, quantize_128x128
+
+
+def _gpu_not_built(*args, **kwargs):
+    raise NotImplementedError("fp8_matmul impl='gpu': Mosaic GPU FP8 kernel not built yet; "
+                              "use impl='reference' (or 'tpu' with interpret=True)")
+
+
+IMPLEMENTATIONS = {
+    "reference": lambda a_q, a_s, b_q, b_s, out_dtype, interpret: reference.fp8_matmul(a_q, a_s, b_q, b_s, out_dtype),
+    "tpu": lambda a_q, a_s, b_q, b_s, out_dtype, interpret: tpu.fp8_matmul(a_q, a_s, b_q, b_s, out_dtype,
+                                                                           interpret=interpret),
+    "gpu": _gpu_not_built,
+}
+
+
+def default_impl() -> str:
+    """The kernel for this platform: the Pallas kernel on TPU, the reference elsewhere (until the GPU one lands)."""
+    return "tpu" if jax.default_backend() == "tpu" else "reference"
+
+
+def fp8_matmul(a_q_MK, a_scale_MKb, b_q_KN, b_scale, *, impl: str = "reference", out_dtype=jnp.bfloat16,
+               interpret: bool = False):
+    """a_q [M, K] e4m3 with a_scale [M, ceil(K/128)] (1×128 tiles) times b_q [K, N] e4m3 with b_scale
+    [ceil(K/128), ceil(N/128)] (128×128 blocks) or [ceil(K/128), N] (128×1 tiles); float32 accumulation
+    promoted every 128 of K; result in out_dtype."""
+    try:
+        fn = IMPLEMENTATIONS[impl]
+    except KeyError:
+        raise ValueError(f"fp8_matmul impl={impl!r} unknown; choose one of {sorted(IMPLEMENTATIONS)}") from None
+    return fn(a_q_MK, a_scale_MKb, b_q_KN, b_scale, jnp.dtype(out_dtype), interpret)
+
+
+def blockwise_matmul(a_MK, b_KN, *, impl: str = "reference", out_dtype=jnp.bfloat16, interpret: bool = False,
+                     power_of_two: bool = False):
+    """a · b by the recipe: a quantized per 1×128 tile, b per 128×128 block, then `fp8_matmul`."""
+    a_q, a_scale = quantize_1x128(a_MK, power_of_two)
+    b_q, b_scale = quantize_128x128(b_KN, power_of_two)
+    return fp8_matmul(a_q, a_scale, b_q, b_scale, impl=impl, out_dtype=out_dtype, interpret=interpret)

@@ -1,0 +1,74 @@
+"""Block-scaled FP8 matmul as a TPU Pallas kernel over an (M/bm, N/bn, K/128) grid.
+
+Each step loads a (bm, 128) tile of a and a (128, bn) tile of b, upcasts them to bf16 (exact for E4M3; chips
+without an FP8 MXU need it), multiplies on the MXU into float32, scales by the (bm, 1) and (1, bn) scale vectors
+of that K block and adds into a float32 VMEM accumulator, written out after the last K block. Operands are
+zero-padded to whole tiles and the result sliced back, so any M, N, K work. Same math as `reference.fp8_matmul`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.fp8.quantize import TILE, _cdiv
+from pallas_kernels.fp8.reference import check_operands, column_scales
+
+_SQUEEZED = pl.Squeezed() if hasattr(pl, "Squeezed") else None
+
+
+def _kernel(a_ref, b_ref, sa_ref, sb_ref, out_ref, acc_ref):
+    k = pl.program_id(2)
+
+    @pl.when(k == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    partial = jnp.dot(a_ref[...].astype(jnp.bfloat16), b_ref[...].astype(jnp.bfloat16),
+                      preferred_element_type=jnp.float32)
+    acc_ref[...] += partial * sa_ref[...] * sb_ref[...]
+
+    @pl.when(k == pl.num_programs(2) - 1)
+    def _store():
+        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+
+
+def _block(size: int, preferred: int) -> int:
+    """The largest of preferred, preferred/2, ..., 128 that divides `size` (a multiple of 128)."""
+    b = preferred
+    while b > TILE and size % b:
+        b //= 2
+    return b
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "block_n", "interpret"))
+def fp8_matmul(a_q_MK, a_scale_MKb, b_q_KN, b_scale, out_dtype=jnp.bfloat16, block_m: int = 256,
+               block_n: int = 256, interpret: bool = False):
+    M, K, N, Kb = check_operands(a_q_MK, a_scale_MKb, b_q_KN, b_scale)
+    Mp, Np, Kp = _cdiv(M, TILE) * TILE, _cdiv(N, TILE) * TILE, Kb * TILE
+    bm, bn = _block(Mp, block_m), _block(Np, block_n)
+    a = jnp.pad(a_q_MK, ((0, Mp - M), (0, Kp - K)))
+    b = jnp.pad(b_q_KN, ((0, Kp - K), (0, Np - N)))
+    # Scales as [Kb, M, 1] and [Kb, 1, N]: blocks whose last two dims are (bm, 1) / (1, bn) column / row vectors.
+    sa_KbM1 = jnp.pad(a_scale_MKb.astype(jnp.float32), ((0, Mp - M), (0, 0))).T[:, :, None]
+    sb_Kb1N = jnp.pad(column_scales(b_scale, N), ((0, 0), (0, Np - N)))[:, None, :]
+
+    return pl.pallas_call(
+        _kernel,
+        grid=(Mp // bm, Np // bn, Kb),
+        in_specs=[
+            pl.BlockSpec((bm, TILE), lambda i, j, k: (i, k)),
+            pl.BlockSpec((TILE, bn), lambda i, j, k: (k, j)),
+            pl.BlockSpec((_SQUEEZED, bm, 1), lambda i, j, k: (k, i, 0)),
+            pl.BlockSpec((_SQUEEZED, 1, bn), lambda i, j, k: (k, 0, j)),
+        ],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
+        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+    )(a, b, sa_KbM1, sb_Kb1N)[:M, :N]
