@@ -201,6 +201,12 @@ def pad_prompts(prompts) -> tuple[np.ndarray, np.ndarray]:
     return tokens, lengths
 
 
+def check_cache_len(cache_len: int | None, needed: int) -> int:
+    if cache_len is not None and cache_len < needed:
+        raise ValueError(f"cache_len={cache_len} is too short: this generation needs {needed} slots per row")
+    return needed if cache_len is None else cache_len
+
+
 class Emitter:
     """Host-side bookkeeping: appends each row's tokens until a stop token or max_new_tokens, streams them."""
 
@@ -247,13 +253,15 @@ _sample = jax.jit(sample_tokens, static_argnames=("temperature", "top_p"))
 
 
 def generate(config: ModelConfig, variables: dict, prompts, max_new_tokens: int, *, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, stop_tokens=(), on_token=None) -> Generation:
+             top_p: float = 1.0, seed: int = 0, stop_tokens=(), on_token=None,
+             cache_len: int | None = None) -> Generation:
     """Batched generation from token-id prompts of any lengths (right-padded internally); each row stops at
-    its first stop token or after max_new_tokens. `on_token(row, id)` streams tokens as they are chosen."""
+    its first stop token or after max_new_tokens. `on_token(row, id)` streams tokens as they are chosen.
+    `cache_len` (slots per row, default longest prompt + max_new_tokens) fixes the compiled shapes."""
     tokens_BP, lengths_B = pad_prompts(prompts)
     B, P = tokens_BP.shape
     emitter = Emitter(B, max_new_tokens, stop_tokens, on_token)
-    cache = init_cache(config, B, P + max_new_tokens)
+    cache = init_cache(config, B, check_cache_len(cache_len, P + max_new_tokens))
     rng = jax.random.PRNGKey(seed)
     logits_BV, _, cache = prefill(config, variables, jnp.asarray(tokens_BP), jnp.asarray(lengths_B), cache)
     positions_B = jnp.asarray(lengths_B)

@@ -17,7 +17,8 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer.cache import DecodeCache, init_cache
-from dsv3_jax.infer.decode import Emitter, Generation, forward_with_cache, mtp_with_cache, pad_prompts
+from dsv3_jax.infer.decode import (Emitter, Generation, check_cache_len, forward_with_cache, mtp_with_cache,
+                                   pad_prompts)
 
 
 @partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
@@ -53,14 +54,15 @@ def speculative_step(config: ModelConfig, variables: dict, last_B, draft_B, posi
 
 
 def generate_speculative(config: ModelConfig, variables: dict, prompts, max_new_tokens: int, *, stop_tokens=(),
-                         on_token=None) -> Generation:
-    """Greedy generation, as `decode.generate(temperature=0)`, with one MTP draft per main-model step."""
+                         on_token=None, cache_len: int | None = None) -> Generation:
+    """Greedy generation, as `decode.generate(temperature=0)`, with one MTP draft per main-model step;
+    the result also counts drafts and accepted drafts."""
     if config.num_mtp_modules < 1 or "mtp_0" not in variables["params"]:
         raise ValueError("speculative decoding needs the model's MTP module (num_mtp_modules >= 1)")
     tokens_BP, lengths_B = pad_prompts(prompts)
     B, P = tokens_BP.shape
     emitter = Emitter(B, max_new_tokens, stop_tokens, on_token)
-    cache = init_cache(config, B, P + max_new_tokens + 2, with_mtp=True)
+    cache = init_cache(config, B, check_cache_len(cache_len, P + max_new_tokens + 2), with_mtp=True)
     last_B, draft_B, cache = speculative_prefill(config, variables, jnp.asarray(tokens_BP), jnp.asarray(lengths_B),
                                                  cache)
     last = np.asarray(last_B)

@@ -4,7 +4,7 @@
     python -m experiments.bench <name> [--out PATH] [--simulate-devices N] [benchmark options]
 
 Each benchmark is a module of this package with NAME, SUMMARY, BASELINE, DEVICES (the XLA devices it wants; 0 for
-none), add_arguments(parser), run(args) -> dict (its `rows` and `baseline`) and table(result) -> str.
+none; USES_JAX = True marks one that runs JAX on the default devices), add_arguments(parser), run(args) -> dict (its `rows` and `baseline`) and table(result) -> str.
 The JSON goes to `--out` (default bench_results/<name>.json) with the date, device and command added.
 
 `--simulate-devices N` (default: the benchmark's DEVICES) asks XLA:CPU for N host devices by setting XLA_FLAGS,
@@ -24,7 +24,7 @@ import shlex
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
-BENCHMARKS = ("sharding_memory", "ep_buffers", "pipeline_bubbles")
+BENCHMARKS = ("sharding_memory", "ep_buffers", "pipeline_bubbles", "fp8_training")
 DEFAULT_OUT_DIR = "bench_results"
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = pr
     result = module.run(args)
     result = {"benchmark": args.name, "date": datetime.date.today().isoformat(),
               "command": "python -m experiments.bench " + shlex.join(argv),
-              "device": device_info(uses_jax=module.DEVICES > 0), **result}
+              "device": device_info(uses_jax=getattr(module, "USES_JAX", module.DEVICES > 0)), **result}
     print_fn(f"{args.name}: {result['device']['description']}")
     print_fn(module.table(result))
     write_json(result, args.out)

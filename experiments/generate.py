@@ -1,0 +1,172 @@
+"""Generate text from a trained model: `python -m experiments.generate (--ckpt WORKDIR | --hf-dir DIR)
+(--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N [--temperature T --top-p P --seed S]
+[--speculative mtp] [--tokenizer tokenizer.json]`.
+
+Tokens are printed as they are chosen; tokens/s is reported at the end. Decoding uses the absorbed-MLA
+latent cache (dsv3_jax.infer); `--speculative mtp` drafts with the MTP module (greedy only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+
+from dsv3_jax.config import ConfigError, ModelConfig, YarnConfig
+from dsv3_jax.data import DataConfig, DataError, Tokenizer
+from dsv3_jax.data import load_tokenizer as load_data_tokenizer
+from dsv3_jax.infer import generate, generate_speculative
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(ValueError):
+    """Bad command-line input (exit code 2, one line)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", metavar="DIR", help="a pre-training workdir (or its checkpoints/ folder): the "
+                        "newest orbax checkpoint's params; needs --tokenizer (checkpoints do not record it: for "
+                        "the BPE trained by pretrain, pass its tokenizer.json from ~/.cache/dsv3_jax)")
+    source.add_argument("--hf-dir", metavar="DIR", help="a Hugging Face DeepSeek-V2/V3 checkpoint directory "
+                        "(its tokenizer.json is used unless --tokenizer is given)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text, encoded with the tokenizer")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids (no tokenizer needed; ids are printed)")
+    p.add_argument("--max-new-tokens", type=int, required=True)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative", choices=["mtp"], default=None, help="MTP drafts, main model verifies (greedy)")
+    p.add_argument("--tokenizer", default=None, help="an HF tokenizer.json")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    return p
+
+
+def _checkpoint_dir(path: str) -> str:
+    nested = os.path.join(path, "checkpoints")
+    return nested if os.path.isdir(nested) else path
+
+
+def load_train_checkpoint(path: str, dtype: str) -> tuple[ModelConfig, dict]:
+    """(ModelConfig from the checkpoint's metadata, {'params', 'moe_bias'}) of the newest step under `path`."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(_checkpoint_dir(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"--ckpt: no such directory {path!r}")
+    with ocp.CheckpointManager(directory) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise UsageError(f"--ckpt: no checkpoint in {directory}")
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                 meta=ocp.args.JsonRestore()))
+    fields = dict(restored["meta"]["model"])
+    if fields.get("rope_scaling") is not None:
+        fields["rope_scaling"] = YarnConfig(**fields["rope_scaling"])
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    config = ModelConfig(**{k: v for k, v in fields.items() if k in known}).replace(dtype=dtype).validate()
+    state = restored["state"]
+    return config, {"params": state["params"], "moe_bias": state.get("moe_bias") or {}}
+
+
+def load_model(args) -> tuple[ModelConfig, dict]:
+    if args.ckpt is not None:
+        return load_train_checkpoint(args.ckpt, args.dtype)
+    from dsv3_jax.hf import load_pretrained
+
+    return load_pretrained(args.hf_dir, dtype=args.dtype)
+
+
+def load_tokenizer(args) -> Tokenizer | None:
+    path = args.tokenizer
+    if path is None and args.hf_dir is not None and os.path.isfile(os.path.join(args.hf_dir, "tokenizer.json")):
+        path = os.path.join(args.hf_dir, "tokenizer.json")
+    if path is None:
+        if args.prompt is not None:
+            raise UsageError("--prompt needs a tokenizer: pass --tokenizer tokenizer.json (or use --prompt-ids)")
+        return None
+    return load_data_tokenizer(DataConfig(tokenizer=path))
+
+
+class Streamer:
+    """Prints row 0's text as it grows (decoding the whole sequence, so multi-token characters come out whole)."""
+
+    def __init__(self, tokenizer: Tokenizer | None):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+        self.times = []   # when each of row 0's tokens arrived
+
+    def __call__(self, row: int, token: int) -> None:
+        if row != 0:
+            return
+        self.ids.append(token)
+        self.times.append(time.perf_counter())
+        if self.tokenizer is None:
+            print(f" {token}", end="", flush=True)
+            return
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):   # an incomplete UTF-8 sequence: wait for the rest
+            return
+        print(text[len(self.printed):], end="", flush=True)
+        self.printed = text
+
+
+def run(args) -> int:
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    if args.speculative and args.temperature != 0.0:
+        raise UsageError("--speculative mtp is greedy only: leave --temperature at 0")
+    tokenizer = load_tokenizer(args)
+    if args.prompt is not None:
+        prompt = tokenizer.encode(args.prompt).tolist()
+    else:
+        try:
+            prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise UsageError(f"--prompt-ids {args.prompt_ids!r}: not comma-separated integers") from None
+    if not prompt:
+        raise UsageError("the prompt encodes to no tokens")
+    config, variables = load_model(args)
+    if max(prompt) >= config.vocab_size:
+        raise UsageError(f"prompt token id {max(prompt)} >= model vocab_size={config.vocab_size}")
+    variables = jax.device_put(variables)
+    stop = [tokenizer.eos_id] if tokenizer is not None else []
+    print(args.prompt if args.prompt is not None else " ".join(map(str, prompt)), end="", flush=True)
+    streamer = Streamer(tokenizer)
+    start = time.perf_counter()
+    if args.speculative == "mtp":
+        result = generate_speculative(config, variables, [prompt], args.max_new_tokens, stop_tokens=stop,
+                                      on_token=streamer)
+    else:
+        result = generate(config, variables, [prompt], args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, seed=args.seed, stop_tokens=stop, on_token=streamer)
+    end = time.perf_counter()
+    n = len(result.tokens[0])
+    times = streamer.times
+    line = f"\n[{n} tokens, {n / (end - start):.1f} tokens/s overall; first token after {times[0] - start:.2f} s"
+    if len(times) > 2 and times[-1] > times[1]:   # from the second token on: the decode step is compiled
+        line += f"; decode {(len(times) - 2) / (times[-1] - times[1]):.1f} tokens/s"
+    if args.speculative == "mtp":
+        line += f"; MTP acceptance {result.acceptance_rate:.1%} ({result.accepted}/{result.drafted})"
+    print(line + "]", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, ConfigError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
