@@ -24,7 +24,7 @@ from dsv3_jax.counting import count_params, train_flops_per_token
 from dsv3_jax.data import DataError, load_tokenizer, make_batch_iterator
 from dsv3_jax.train.metrics_log import MetricsLog
 from dsv3_jax.train.mfu import mfu, peak_flops_per_device
-from dsv3_jax.train.step import TrainState, create_train_state, make_train_step
+from dsv3_jax.train.step import create_train_state, make_train_step
 from dsv3_jax.train.pipelined import make_pipelined_train_step
 from dsv3_jax.train.sharded import jit_sharded_step, state_shardings
 from dsv3_jax.train.stages import layers_per_stage

@@ -37,15 +37,18 @@ _EXPERT_LOCAL: contextvars.ContextVar = contextvars.ContextVar("expert_parallel_
 
 
 @contextlib.contextmanager
-def expert_parallel(mesh):
-    """While active, MoE layers traced here exchange tokens over `mesh`'s `expert` axis (when it is > 1)."""
-    token = _EXPERT_MESH.set(mesh if mesh is not None and mesh.shape.get("expert", 1) > 1 else None)
-    local = _EXPERT_LOCAL.set(None)
+def _expert_setting(mesh, local):
+    mesh_token, local_token = _EXPERT_MESH.set(mesh), _EXPERT_LOCAL.set(local)
     try:
         yield
     finally:
-        _EXPERT_LOCAL.reset(local)
-        _EXPERT_MESH.reset(token)
+        _EXPERT_LOCAL.reset(local_token)
+        _EXPERT_MESH.reset(mesh_token)
+
+
+def expert_parallel(mesh):
+    """While active, MoE layers traced here exchange tokens over `mesh`'s `expert` axis (when it is > 1)."""
+    return _expert_setting(mesh if mesh is not None and mesh.shape.get("expert", 1) > 1 else None, None)
 
 
 def expert_parallel_mesh():
@@ -60,18 +63,11 @@ class LocalExpertParallel:
     capacity_factor: float = 1.25
 
 
-@contextlib.contextmanager
 def expert_parallel_local(axis_name: str = "expert", capacity_factor: float = 1.25):
     """While active, MoE layers traced here run inside a shard_map where `axis_name` is manual: their routed-expert
     parameters are this rank's slice (E/EP, D, F) and tokens travel over `axis_name` (sharding.expert_parallel's
     per-rank body). Any `expert_parallel(mesh)` around it is suspended (no nested shard_map)."""
-    local = _EXPERT_LOCAL.set(LocalExpertParallel(axis_name, capacity_factor))
-    mesh = _EXPERT_MESH.set(None)
-    try:
-        yield
-    finally:
-        _EXPERT_MESH.reset(mesh)
-        _EXPERT_LOCAL.reset(local)
+    return _expert_setting(None, LocalExpertParallel(axis_name, capacity_factor))
 
 
 def expert_parallel_local_axis() -> LocalExpertParallel | None:

@@ -3,7 +3,6 @@ with a tokenizer (streamed text) and with raw ids; the tokens printed are `gener
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import pytest
 import tokenizers
@@ -17,14 +16,6 @@ from tests.dsv3_jax.infer.test_infer import CACHE_LEN, CONFIG, random_variables
 
 PROMPT = [5, 7, 9]
 NEW = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _cheap_compiles():
-    previous = jax.config.values.get("jax_disable_most_optimizations", False)
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 @pytest.fixture(scope="module")

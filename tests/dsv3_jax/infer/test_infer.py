@@ -27,14 +27,6 @@ NEW = 8
 PROMPTS = [[5, 7, 9, 11, 3], [100, 200], [42, 43, 44]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cheap_compiles():
-    previous = jax.config.values.get("jax_disable_most_optimizations", False)
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def random_variables(config, seed=0, std=0.05):
     shapes = jax.eval_shape(lambda: nn.meta.unbox(
         DeepSeekV3(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))))
