@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+from sharding.pipeline_schedules import SCHEDULE_NAMES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 PIPELINED_SCRIPT = textwrap.dedent("""
@@ -61,9 +63,7 @@ PIPELINED_SCRIPT = textwrap.dedent("""
         assert int(got.step) == 1
 
     # argv[1]: schedules with 2 stages, expert-parallel inside them (2 of the 8 experts per rank: the lowered step
-    # exchanges tokens with all_to_all); argv[2]: schedules with 4 stages and data parallelism. The test runs 1F1B
-    # and DualPipe (bidirectional) with EP, DualPipe (with middle stages) with 4 stages; the others pass as well but
-    # add to the (compile-bound) time: pass "gpipe,1f1b,dualpipe" to run them.
+    # exchanges tokens with all_to_all); argv[2]: schedules with 4 stages and data parallelism.
     for sizes, names in [(dict(pipeline=2, expert=4), sys.argv[1].split(",")),
                          (dict(pipeline=4, data=2), sys.argv[2].split(","))]:
         mesh = build_mesh(sizes)
@@ -86,9 +86,10 @@ PIPELINED_SCRIPT = textwrap.dedent("""
 
 def test_pipelined_step_equals_single_device_step():
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", PIPELINED_SCRIPT, "1f1b,dualpipe", "dualpipe"], cwd=ROOT,
+    every = ",".join(SCHEDULE_NAMES)
+    result = subprocess.run([sys.executable, "-c", PIPELINED_SCRIPT, every, every], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr[-3000:]
-    assert result.stdout.count(" ok\n") == 3, result.stdout
+    assert result.stdout.count(" ok\n") == 2 * len(SCHEDULE_NAMES), result.stdout
     errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "mesh.pipeline=2" in errors[0] and "model.n_layers=4" in errors[0], result.stdout
