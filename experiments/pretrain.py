@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.checkpoint import Checkpointer, CheckpointMismatch, model_signature
-from dsv3_jax.config import ConfigError
+from dsv3_jax.config import ConfigError, ModelConfig
+from dsv3_jax.convert import FRESH_DATA_KEY
 from dsv3_jax.counting import count_params, train_flops_per_token
 from dsv3_jax.data import DataError, load_tokenizer, make_batch_iterator
 from dsv3_jax.train.metrics_log import MetricsLog
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="total updates (train.steps)")
     p.add_argument("--data", default=None, help="file, directory or glob of .txt/.jsonl/.parquet/.arrayrecord")
     p.add_argument("--tokenizer", default=None, help="an HF tokenizer.json (default: BPE trained on the data)")
+    p.add_argument("--hf-config", default=None, metavar="PATH",
+                   help="take the model from an HF config.json (or a directory holding one); --set model.* after it")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="overrides")
     multi = p.add_argument_group("multi-process (also read from SLURM, TPU VM and JAX_COORDINATOR_ADDRESS "
                                  "environments)")
@@ -63,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args) -> RunConfig:
-    cfg = get_run_preset(args.config).with_overrides(*args.overrides)
+    cfg = get_run_preset(args.config)
+    if args.hf_config is not None:   # the model of an HF checkpoint (e.g. one converted by experiments.convert)
+        model = ModelConfig.from_hf(args.hf_config, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+        cfg = RunConfig(**{**cfg.__dict__, "model": model})
+    cfg = cfg.with_overrides(*args.overrides)
     changes = {}
     if args.steps is not None:
         changes["train"] = cfg.train.__class__(**{**cfg.train.__dict__, "steps": args.steps})
@@ -185,7 +192,8 @@ def train(cfg: RunConfig, workdir: str, data_iter, ckpt: Checkpointer, latest, m
         abstract = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                                 abstract, shardings)
         state, data_state, meta = ckpt.restore(latest, abstract)
-        data_iter.set_state(data_state)
+        if not data_state.get(FRESH_DATA_KEY):   # a converted checkpoint starts the data stream at its beginning
+            data_iter.set_state(data_state)
         tokens_seen, loss_ema = int(meta["tokens_seen"]), meta.get("loss_ema")
         log.truncate_after(latest)
         print(f"resumed from {ckpt.directory}/{latest} ({tokens_seen:,} tokens seen)", flush=True)

@@ -80,6 +80,7 @@ def bad_input_cases(corpus, empty_dir, tokenizer_300):
         "mesh_larger_than_devices": (["--set", "mesh.data=2"], "mesh: data=2 uses 2 devices"),
         "layers_not_divisible_into_stages": (["--set", "mesh.pipeline=3"], "mesh.pipeline=3"),
         "unknown_pipeline_schedule": (["--set", "mesh.pipeline=2", "--set", "train.pipeline_schedule=zb"], "'zb'"),
+        "missing_hf_config": (["--hf-config", "/nonexistent/model"], "/nonexistent/model"),
     }
 
 
@@ -99,7 +100,7 @@ def inputs(tmp_path_factory, trained):
 @pytest.mark.parametrize("case", ["unknown_preset", "unknown_field", "unknown_section", "wrong_type", "missing_data",
                                   "empty_data", "token_id_beyond_vocab", "seq_len_above_max_positions",
                                   "impossible_model", "mesh_larger_than_devices", "layers_not_divisible_into_stages",
-                                  "unknown_pipeline_schedule"])
+                                  "unknown_pipeline_schedule", "missing_hf_config"])
 def test_bad_input_exits_2_with_one_line_and_keeps_checkpoints(case, trained, inputs, corpus_dir, capsys):
     workdir, cache = trained
     before = checkpoint_digest(workdir)
