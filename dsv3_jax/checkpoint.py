@@ -19,6 +19,9 @@ import orbax.checkpoint as ocp
 _FREE_FIELDS = {"scan_layers", "remat_policy", "dtype", "fp8", "fp8_power_of_two_scales"}
 
 
+FRESH_DATA_KEY = "fresh"   # a data item {"fresh": true} (a converted checkpoint): start the data stream afresh
+
+
 class CheckpointMismatch(ValueError):
     """The checkpoint on disk was written for a different model than the one being run."""
 

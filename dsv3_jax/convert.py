@@ -17,8 +17,8 @@ with hf.py's one-line `CheckpointError` and leaves no output. The output is an o
   what `tx.init` produces. rng is `create_train_state`'s state key for `seed`.
 * `meta`: {"model": model_signature(config), "tokens_seen": 0, "loss_ema": None, "converted_from": ...}.
 * `data`: {"fresh": true, ...}: a marker, since a real data-iterator state needs the run's data config,
-  tokenizer and fingerprint. experiments/pretrain.py must skip `data_iter.set_state` for it (see
-  `FRESH_DATA_KEY`); without that change resuming stops with "iterator state has version None".
+  tokenizer and fingerprint; pre-training starts its data stream afresh when it sees it
+  (`dsv3_jax.checkpoint.FRESH_DATA_KEY`).
 
 Memory: every leaf of `state` is a `_Lazy` placeholder (shape, dtype, produce()). A type handler registered
 for it (a NumpyHandler) produces and writes the leaves strictly one after another, awaiting each write before
@@ -50,13 +50,12 @@ import tensorstore as ts
 from orbax.checkpoint._src.futures import future as ocp_future
 
 from dsv3_jax import hf
-from dsv3_jax.checkpoint import model_signature
+from dsv3_jax.checkpoint import FRESH_DATA_KEY, model_signature
 from dsv3_jax.config import ModelConfig, YarnConfig
 from dsv3_jax.moe.router import BIAS_COLLECTION
 from dsv3_jax.train.optimizer import OptimizerConfig, make_optimizer
 from dsv3_jax.train.step import TrainState
 
-FRESH_DATA_KEY = "fresh"   # data item {"fresh": true}: start the data stream from its beginning
 CHECKPOINTS = "checkpoints"
 
 
@@ -104,7 +103,11 @@ class _LazyHandler(ocp.type_handlers.NumpyHandler):
             del array
 
 
-ocp.type_handlers.register_type_handler(_Lazy, _LazyHandler(), override=True)
+def _register_lazy_handler() -> None:
+    """Teach orbax to write `_Lazy` leaves; done when a conversion runs, not at import, so that importing this
+    module leaves orbax's handlers for everyone else (pre-training included) as they were."""
+    if not ocp.type_handlers.has_type_handler(_Lazy):
+        ocp.type_handlers.register_type_handler(_Lazy, _LazyHandler(), override=True)
 
 
 def _zeros(shape, dtype) -> _Lazy:
@@ -183,6 +186,7 @@ def _manager(directory: str) -> ocp.CheckpointManager:
 def import_hf(hf_dir: str, workdir: str, param_dtype: str = "float32", seed: int = 0) -> ImportReport:
     """Write `workdir/checkpoints/0` from the HF checkpoint in `hf_dir` (see the module docstring)."""
     hf_dir, workdir = os.path.abspath(hf_dir), os.path.abspath(workdir)
+    _register_lazy_handler()
     config, variables = lazy_variables(hf_dir, param_dtype)
     state = lazy_train_state(config, variables, seed)
     ckpt_dir = os.path.join(workdir, CHECKPOINTS)

@@ -18,9 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax.checkpoint import Checkpointer, CheckpointMismatch, model_signature
+from dsv3_jax.checkpoint import FRESH_DATA_KEY, Checkpointer, CheckpointMismatch, model_signature
 from dsv3_jax.config import ConfigError, ModelConfig
-from dsv3_jax.convert import FRESH_DATA_KEY
 from dsv3_jax.counting import count_params, train_flops_per_token
 from dsv3_jax.data import DataError, load_tokenizer, make_batch_iterator
 from dsv3_jax.train.metrics_log import MetricsLog
