@@ -39,10 +39,6 @@ EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3   # the non-finite/spike policy "stop" fired
 
 
-class UsageError(ValueError):
-    """Bad command-line input (exit code 2, one line)."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     epilog = ["presets: " + ", ".join(RUN_PRESETS), "", "fields (--set section.field=value), tiny's defaults:"]
     epilog += describe_fields(RUN_PRESETS["tiny"])
@@ -293,7 +289,7 @@ def main(argv=None) -> int:
     try:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         prepared = prepare(args)
-    except (ConfigError, DataError, CheckpointMismatch, UsageError, DistributedError) as e:
+    except (ConfigError, DataError, CheckpointMismatch, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     cfg, workdir, _, data_iter, ckpt, latest, meta = prepared

@@ -8,7 +8,7 @@ axes (`data`, `fsdp`, and `expert`, whose ranks hold different tokens); every pr
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -64,11 +64,6 @@ def batch_sharding(mesh: Mesh, batch_dim: int = 0, ndim: int = 2) -> NamedShardi
     spec = [None] * ndim
     spec[batch_dim] = BATCH_AXES
     return NamedSharding(mesh, PartitionSpec(*spec))
-
-
-def replicate(mesh: Mesh, tree: Any) -> Any:
-    """Every leaf of `tree` copied to every device of `mesh`."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def put_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray], batch_dim: int = 0) -> dict[str, jax.Array]:

@@ -93,6 +93,3 @@ def tree_shardings(logical_specs: Any, abstract: Any, mesh: Mesh, rules: Rules, 
     return jax.tree.map(lambda spec, leaf: NamedSharding(mesh, mesh_spec(spec, leaf.shape, mesh, rules, extra)),
                         logical_specs, abstract, is_leaf=is_spec)
 
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
