@@ -1,31 +1,35 @@
-"""Entry point for block-scaled FP8 matmuls. Implementations by name: the jnp reference, the TPU Pallas kernel
-(also runs in interpret mode on CPU); the Mosaic GPU (Hopper) kernel is not built yet."""
+"""Entry point for block-scaled FP8 matmuls. Implementations by name: the jnp reference, the TPU Pallas kernel and
+the Mosaic GPU (Hopper) kernel; both kernels also run in their interpret modes on CPU."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.fp8 import reference, tpu
+from pallas_kernels.fp8 import gpu, reference, tpu
 from pallas_kernels.fp8.quantize import quantize_1x128, quantize_128x128
-
-
-def _gpu_not_built(*args, **kwargs):
-    raise NotImplementedError("fp8_matmul impl='gpu': Mosaic GPU FP8 kernel not built yet; "
-                              "use impl='reference' (or 'tpu' with interpret=True)")
 
 
 IMPLEMENTATIONS = {
     "reference": lambda a_q, a_s, b_q, b_s, out_dtype, interpret: reference.fp8_matmul(a_q, a_s, b_q, b_s, out_dtype),
     "tpu": lambda a_q, a_s, b_q, b_s, out_dtype, interpret: tpu.fp8_matmul(a_q, a_s, b_q, b_s, out_dtype,
                                                                            interpret=interpret),
-    "gpu": _gpu_not_built,
+    "gpu": lambda a_q, a_s, b_q, b_s, out_dtype, interpret: gpu.fp8_matmul(a_q, a_s, b_q, b_s, out_dtype,
+                                                                           interpret=interpret),
 }
 
 
+def is_hopper(device=None) -> bool:
+    """True on an NVIDIA GPU of compute capability 9.x (H100/H200/H800), where the Mosaic GPU kernel runs."""
+    device = device or jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
 def default_impl() -> str:
-    """The kernel for this platform: the Pallas kernel on TPU, the reference elsewhere (until the GPU one lands)."""
-    return "tpu" if jax.default_backend() == "tpu" else "reference"
+    """The kernel for this platform: the Pallas kernels on TPU and Hopper GPUs, the reference elsewhere."""
+    if jax.default_backend() == "tpu":
+        return "tpu"
+    return "gpu" if is_hopper() else "reference"
 
 
 def fp8_matmul(a_q_MK, a_scale_MKb, b_q_KN, b_scale, *, impl: str = "reference", out_dtype=jnp.bfloat16,
