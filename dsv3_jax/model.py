@@ -28,6 +28,39 @@ class ModelOutputs(NamedTuple):
     mtp_stats: RouterStats | None         # leading axis: MTP modules
 
 
+def embedding(c: ModelConfig) -> nn.Embed:
+    """The token embedding (shared with the MTP modules, and with the head when tied)."""
+    return nn.Embed(c.vocab_size, c.dim, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
+                    embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range),
+                                                                ("vocab", "embed")), name="embed")
+
+
+def output_head(c: ModelConfig, embed: nn.Embed):
+    """hidden -> float32 logits: the embedding's transpose when tied, else its own `lm_head` (never FP8)."""
+    if c.tie_word_embeddings:
+        return lambda x: embed.attend(x).astype(jnp.float32)
+    return make_linear(c, c.vocab_size, ("embed", "vocab"), "lm_head", out_dtype=jnp.float32, allow_fp8=False)
+
+
+def final_norm(c: ModelConfig) -> RMSNorm:
+    return RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")
+
+
+def mtp_outputs(c: ModelConfig, embed, head, x_BTD, tokens_BT, rope_cos_sin, segment_ids_BT):
+    """The MTP modules chained on the main model's last hidden state: (logits [D, B, T, V], RouterStats with a
+    leading D axis), or (None, None) without MTP. Call inside a compact method: it creates the `mtp_{d}` modules."""
+    mtp_logits, mtp_stats = [], []
+    h_BTD = x_BTD
+    for depth in range(c.num_mtp_modules):
+        next_emb_BTD = embed(shift_tokens(tokens_BT, depth + 1))
+        h_BTD, normed_BTD, stats = MTPModule(c, name=f"mtp_{depth}")(h_BTD, next_emb_BTD, rope_cos_sin,
+                                                                     segment_ids_BT)
+        mtp_logits.append(head(normed_BTD))
+        mtp_stats.append(stats)
+    stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs) if xs else None
+    return stack(mtp_logits), stack(mtp_stats)
+
+
 class DeepSeekV3(nn.Module):
     config: ModelConfig
 
@@ -37,13 +70,8 @@ class DeepSeekV3(nn.Module):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        embed = nn.Embed(c.vocab_size, c.dim, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
-                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range),
-                                                                     ("vocab", "embed")), name="embed")
-        final_norm = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")
-        head = (lambda x: embed.attend(x).astype(jnp.float32)) if c.tie_word_embeddings else \
-            make_linear(c, c.vocab_size, ("embed", "vocab"), "lm_head", out_dtype=jnp.float32,
-                        allow_fp8=False)
+        embed = embedding(c)
+        head = output_head(c, embed)
 
         rope = rope_tables(positions_BT, c)
         x_BTD = embed(tokens_BT)
@@ -52,19 +80,12 @@ class DeepSeekV3(nn.Module):
             x_BTD, _ = block_stack(c, False, c.first_k_dense_replace, "dense_layers")(x_BTD, rope, segment_ids_BT)
         if c.n_moe_layers > 0:
             x_BTD, moe_stats = block_stack(c, True, c.n_moe_layers, "moe_layers")(x_BTD, rope, segment_ids_BT)
-        logits_BTV = nn.with_logical_constraint(head(final_norm(x_BTD)), ("batch", "length", "vocab"))
+        logits_BTV = nn.with_logical_constraint(head(final_norm(c)(x_BTD)), ("batch", "length", "vocab"))
         if not (return_aux or self.is_initializing()):
             return logits_BTV
 
-        mtp_logits, mtp_stats = [], []
-        h_BTD = x_BTD
-        for depth in range(c.num_mtp_modules):
-            next_emb_BTD = embed(shift_tokens(tokens_BT, depth + 1))
-            h_BTD, normed_BTD, stats = MTPModule(c, name=f"mtp_{depth}")(h_BTD, next_emb_BTD, rope, segment_ids_BT)
-            mtp_logits.append(head(normed_BTD))
-            mtp_stats.append(stats)
-        stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs) if xs else None
-        outputs = ModelOutputs(logits_BTV, stack(mtp_logits), moe_stats, stack(mtp_stats))
+        mtp_logits, mtp_stats = mtp_outputs(c, embed, head, x_BTD, tokens_BT, rope, segment_ids_BT)
+        outputs = ModelOutputs(logits_BTV, mtp_logits, moe_stats, mtp_stats)
         return outputs if return_aux else logits_BTV
 
 

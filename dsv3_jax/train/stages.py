@@ -19,12 +19,10 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.block import block_stack
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers.linear import make_linear
-from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.layers.rope import rope_tables
+from dsv3_jax.model import embedding, final_norm, mtp_outputs, output_head
 from dsv3_jax.moe.backend import expert_parallel_local
 from dsv3_jax.moe.layer import EXPERT_WEIGHTS
-from dsv3_jax.mtp import MTPModule, shift_tokens
 from dsv3_jax.train.loss import LossConfig, shifted_targets
 
 FIRST_KEYS = ("embed", "dense_layers")   # top-level parameter groups of the first stage
@@ -112,11 +110,6 @@ def micro_batch_data(config: ModelConfig, batches: dict):
     return tokens_MBT, targets, side, n_tokens
 
 
-def _embed(c: ModelConfig) -> nn.Embed:
-    return nn.Embed(c.vocab_size, c.dim, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
-                    embedding_init=nn.initializers.normal(c.initializer_range), name="embed")
-
-
 class FirstStage(nn.Module):
     """The model's embedding and dense blocks (parameter names as in DeepSeekV3)."""
     config: ModelConfig
@@ -124,7 +117,7 @@ class FirstStage(nn.Module):
     @nn.compact
     def __call__(self, tokens_BT, rope_cos_sin, segment_ids_BT):
         c = self.config
-        x_BTD = _embed(c)(tokens_BT)
+        x_BTD = embedding(c)(tokens_BT)
         if c.first_k_dense_replace > 0:
             x_BTD, _ = block_stack(c, False, c.first_k_dense_replace, "dense_layers")(x_BTD, rope_cos_sin,
                                                                                       segment_ids_BT)
@@ -132,27 +125,18 @@ class FirstStage(nn.Module):
 
 
 class LastStage(nn.Module):
-    """The model's final norm, head and MTP modules: (logits_BTV, mtp_logits_DBTV | None, mtp_stats | None)."""
+    """The model's final norm, head and MTP modules (DeepSeekV3's own pieces): (logits_BTV, mtp_logits_DBTV | None,
+    mtp_stats | None)."""
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x_BTD, tokens_BT, rope_cos_sin, segment_ids_BT):
         c = self.config
-        embed = _embed(c)
-        head = (lambda x: embed.attend(x).astype(jnp.float32)) if c.tie_word_embeddings else \
-            make_linear(c, c.vocab_size, ("embed", "vocab"), "lm_head", out_dtype=jnp.float32,
-                        allow_fp8=False)
-        logits_BTV = head(RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")(x_BTD))
-        mtp_logits, mtp_stats = [], []
-        h_BTD = x_BTD
-        for depth in range(c.num_mtp_modules):
-            next_emb_BTD = embed(shift_tokens(tokens_BT, depth + 1))
-            h_BTD, normed_BTD, stats = MTPModule(c, name=f"mtp_{depth}")(h_BTD, next_emb_BTD, rope_cos_sin,
-                                                                         segment_ids_BT)
-            mtp_logits.append(head(normed_BTD))
-            mtp_stats.append(stats)
-        stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs) if xs else None
-        return logits_BTV, stack(mtp_logits), stack(mtp_stats)
+        embed = embedding(c)
+        head = output_head(c, embed)
+        logits_BTV = head(final_norm(c)(x_BTD))
+        mtp_logits_DBTV, mtp_stats = mtp_outputs(c, embed, head, x_BTD, tokens_BT, rope_cos_sin, segment_ids_BT)
+        return logits_BTV, mtp_logits_DBTV, mtp_stats
 
 
 def weighted_cross_entropy(logits_BTV, targets_BT, weights_BT):
