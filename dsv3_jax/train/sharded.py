@@ -54,11 +54,11 @@ def jit_sharded_step(step_fn, shardings: TrainState, mesh: Mesh, batch_dim: int 
                      out_shardings=(shardings, everywhere), donate_argnums=0)
 
     def run(state, batches, tokens_seen, loss_limit):
-        with mesh:
+        with jax.set_mesh(mesh):
             return jitted(state, batches, tokens_seen, loss_limit)
 
     def lower(*args):
-        with mesh:
+        with jax.set_mesh(mesh):
             return jitted.lower(*args)
 
     run.lower = lower
