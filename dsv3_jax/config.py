@@ -25,7 +25,19 @@ SCORE_FUNCS = ("sigmoid", "softmax")
 #   group_limited_greedy group score = max score in a group (V2)
 #   greedy               no group limit (V2-Lite)
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+# What a remat'd decoder block keeps for the backward pass (the rest is recomputed there):
+#   none           everything (no remat; fastest while it fits in memory)
+#   full           only the block's input (least memory, one extra forward per block)
+#   dots           every matmul output, attention scores included (the xla core's (B, H, T, S) scores are large)
+#   dots_no_batch  the projections' outputs (matmuls without batch dims); the attention core and the MoE
+#                  experts (ragged / grouped matmuls, not dot_general) are recomputed: the usual GPU choice
+#                  when `none` does not fit
+#   save_attn_out  only the attention core's output (named "attn_out"); every projection is recomputed
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
+# MLA's training attention core (dsv3_jax.layers.attention_core): xla = einsums + float32 softmax on any backend;
+# cudnn = jax.nn.dot_product_attention's cuDNN flash attention, v padded to the q/k head dim; cudnn_mla = JAX's
+# cuDNN attention with unequal head dims (cuDNN >= 9.10, Hopper). Both cuDNN cores need a GPU and bf16/fp16.
+ATTENTION_IMPLS = ("xla", "cudnn", "cudnn_mla")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -77,7 +89,8 @@ class ModelConfig:
     dtype: str = "bfloat16"
     # Implementation switches (no effect on the function computed).
     scan_layers: bool = True
-    remat_policy: str = "none"
+    remat_policy: str = "none"         # see REMAT_POLICIES
+    attention_impl: str = "xla"        # see ATTENTION_IMPLS
 
     # FP8 training (DeepSeek-V3 recipe): block-scaled E4M3 matmuls, forward and both gradients, in every
     # `make_linear` projection (MLA, dense and shared-expert MLPs, MTP eh_proj); the embedding, output head,
@@ -135,6 +148,7 @@ class ModelConfig:
                f"must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         for name in ("dtype", "param_dtype"):
             _check(getattr(self, name) in DTYPES, name, f"must be one of {DTYPES}, got {getattr(self, name)!r}")
+        self._validate_attention_impl()
         if self.n_moe_layers > 0 or self.num_mtp_modules > 0:
             self._validate_moe()
         y = self.rope_scaling
@@ -145,6 +159,23 @@ class ModelConfig:
             _check(y.beta_fast > y.beta_slow > 0, "rope_scaling.beta_fast",
                    f"must exceed beta_slow > 0, got beta_fast={y.beta_fast} beta_slow={y.beta_slow}")
         return self
+
+    def _validate_attention_impl(self) -> None:
+        impl = self.attention_impl
+        _check(impl in ATTENTION_IMPLS, "attention_impl", f"must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        if impl == "xla":
+            return
+        _check(self.dtype in ("bfloat16", "float16"), "attention_impl",
+               f"is {impl!r} (cuDNN flash attention), which needs model.dtype bfloat16 or float16, got {self.dtype!r}")
+        dims = {"qk_head_dim": self.qk_head_dim}   # 'cudnn' pads v to it; 'cudnn_mla' passes v as it is
+        if impl == "cudnn_mla":
+            dims["v_head_dim"] = self.v_head_dim
+        for name, d in dims.items():
+            _check(d % 8 == 0 and d <= 256, "attention_impl",
+                   f"is {impl!r}: cuDNN needs head dims that are multiples of 8 and <= 256, got {name}={d}")
+        _check(impl != "cudnn" or self.v_head_dim <= self.qk_head_dim, "attention_impl",
+               f"is 'cudnn', which pads v to the q/k head dim, so v_head_dim={self.v_head_dim} must be <= "
+               f"qk_head_dim={self.qk_head_dim}")
 
     def _validate_moe(self) -> None:
         e, k, g, kg = self.n_routed_experts, self.num_experts_per_tok, self.n_group, self.topk_group
