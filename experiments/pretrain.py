@@ -21,7 +21,8 @@ import numpy as np
 from dsv3_jax.checkpoint import FRESH_DATA_KEY, Checkpointer, CheckpointMismatch, model_signature
 from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.counting import count_params, train_flops_per_token
-from dsv3_jax.data import DataError, load_tokenizer, make_batch_iterator
+import dsv3_jax.data
+from dsv3_jax.data import DataError, load_tokenizer
 from dsv3_jax.train.metrics_log import MetricsLog
 from dsv3_jax.train.mfu import mfu, peak_flops_per_device
 from dsv3_jax.train.step import create_train_state, make_train_step
@@ -160,7 +161,7 @@ def prepare(args):
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
                           f"{cfg.model.vocab_size}; set --set model.vocab_size={tokenizer.vocab_size}")
-    data_iter = make_batch_iterator(cfg.data, tokenizer, jax.process_index(), jax.process_count())
+    data_iter = dsv3_jax.data.make_batch_iterator(cfg.data, tokenizer, jax.process_index(), jax.process_count())
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep, cfg.checkpoint.every,
                         cfg.checkpoint.use_async)
     latest = ckpt.latest_step()

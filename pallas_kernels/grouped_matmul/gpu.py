@@ -1,0 +1,587 @@
+"""Grouped matmul for Hopper GPUs: Mosaic GPU Pallas kernels behind the five functions of the gmm protocol.
+
+Persistent kernels: `num_ctas` CTAs walk a list of output tiles. A CTA has `compute_wgs` consumer warpgroups and
+one producer warpgroup; per tile the producer streams operand tiles with TMA into a `stages`-deep ring of
+swizzled SMEM buffers, the consumers multiply them with WGMMA into float32 register accumulators and store the
+result through SMEM with TMA.
+- gmm / gmm_t / gmm_fp8 (row kernel): tiles are (work item, N tile) pairs. A work item is a (group, row tile)
+  pair from gpu_schedule.row_tile_items: a row tile straddling a group boundary is computed once per group it
+  touches and each pass stores only its own rows. Rows past sum(group_sizes) form a pseudo-group storing zeros.
+- tgmm / tgmm_fp8 (weight-gradient kernel): tiles are (group, K tile, N tile); a tile contracts over its group's
+  rows in `block_k`-row chunks. BF16 zeroes the other groups' rows of a group's first and last chunk in SMEM.
+- FP8: per 128-wide contraction block, E4M3 WGMMA into a fresh float32 partial accumulator, waited for, then
+  acc += partial * a_scale * b_scale (DeepSeek-V3's promotion); weights stored (N, K), K-major, as FP8 WGMMA needs.
+Operands are zero-padded to whole tiles where needed and the result sliced back, so any M, K, N work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.grouped_matmul import gpu_mosaic as mg
+from pallas_kernels.grouped_matmul.gpu_schedule import group_row_ranges, row_tile_items
+
+FP8_DTYPE = jnp.float8_e4m3fn
+SCALE_BLOCK = 128        # FP8 scales cover 128 elements of the contraction (and 128 weight rows)
+H100_SMS = 132
+_MEMORY_REGISTERS = 40   # registers per thread left to the producer warpgroup (setmaxnreg)
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTiling:
+    """Tile sizes of one kernel launch.
+
+    block_m, block_n: output tile of a CTA (row kernel: token rows x output columns; weight-gradient kernel:
+      rows x columns of dw[g]). compute_wgs consumer warpgroups split it along `wg_split` ("m" or "n"); each
+      warpgroup's tile needs rows a multiple of 64 and columns a multiple of 8, at most 256.
+    block_k: contraction per pipeline step (row kernel: K columns; weight gradient: token rows); 128 for FP8.
+    stages: depth of the TMA -> SMEM ring.
+    epilogue_n: columns per epilogue TMA store (None: a warpgroup's whole tile); smaller saves SMEM.
+    num_ctas: persistent CTAs looping over the output tiles (None: the GPU's SM count, 132 (H100 SXM) when
+      lowering elsewhere, and 1 in interpret mode, whose cost grows with the CTA count).
+    """
+    block_m: int
+    block_n: int
+    block_k: int
+    stages: int
+    compute_wgs: int = 2
+    wg_split: str = "n"
+    epilogue_n: int | None = None
+    num_ctas: int | None = None
+
+    @property
+    def wg_tile(self) -> tuple[int, int]:
+        if self.compute_wgs == 1:
+            return self.block_m, self.block_n
+        if self.wg_split == "m":
+            return self.block_m // self.compute_wgs, self.block_n
+        return self.block_m, self.block_n // self.compute_wgs
+
+
+# H100 defaults for DeepSeek-V3's expert shapes (K 7168 -> N 2048 and K 2048 -> N 7168, ~1024 rows per group).
+# BF16: 128x256 CTA tiles, one 128x128 float32 accumulator per consumer warpgroup (as JAX's Hopper matmul).
+# FP8: 128x128 CTA tiles split by rows, so accumulator + partial (2 x 64 registers) fit; 4 x 32 KiB stages.
+DEFAULT_TILING = {
+    "gmm": GpuTiling(block_m=128, block_n=256, block_k=64, stages=3, compute_wgs=2, wg_split="n"),
+    "gmm_fp8": GpuTiling(block_m=128, block_n=128, block_k=128, stages=4, compute_wgs=2, wg_split="m"),
+    "tgmm": GpuTiling(block_m=128, block_n=128, block_k=64, stages=4, compute_wgs=2, wg_split="n"),
+    "tgmm_fp8": GpuTiling(block_m=128, block_n=128, block_k=128, stages=4, compute_wgs=2, wg_split="m"),
+}
+
+
+def _num_ctas(t: GpuTiling, interpret) -> int:
+    if t.num_ctas is not None:
+        return t.num_ctas
+    if interpret is not None:
+        return 1
+    device = jax.devices()[0]
+    return device.core_count if device.platform == "gpu" else H100_SMS
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pad_axis(x, axis: int, multiple: int, value=0):
+    extra = _cdiv(x.shape[axis], multiple) * multiple - x.shape[axis]
+    if extra == 0:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, extra)
+    return jnp.pad(x, pads, constant_values=value)
+
+
+def _check_tiling(t: GpuTiling, kind: str, in_dtype, out_dtype) -> None:
+    """Raise ValueError naming the field at fault when `t` cannot run `kind` on an H100."""
+    fp8 = kind.endswith("fp8")
+    wm, wn = t.wg_tile
+    if t.num_ctas is not None and t.num_ctas < 1:
+        raise ValueError(f"GpuTiling.num_ctas must be >= 1, got {t.num_ctas}")
+    if t.compute_wgs not in (1, 2):
+        raise ValueError(f"GpuTiling.compute_wgs must be 1 or 2, got {t.compute_wgs}")
+    if t.wg_split not in ("m", "n"):
+        raise ValueError(f"GpuTiling.wg_split must be 'm' or 'n', got {t.wg_split!r}")
+    split = t.block_m if (t.wg_split == "m" and t.compute_wgs > 1) else t.block_n
+    if t.compute_wgs > 1 and split % t.compute_wgs:
+        raise ValueError(f"GpuTiling: block_{t.wg_split}={split} must split evenly over {t.compute_wgs} warpgroups")
+    if wm % 64:
+        raise ValueError(f"GpuTiling.block_m: a warpgroup tile has {wm} rows; WGMMA needs a multiple of 64")
+    if wn % 8 or not 8 <= wn <= 256:
+        raise ValueError(f"GpuTiling.block_n: a warpgroup tile has {wn} columns; WGMMA needs 8..256, a multiple of 8")
+    if fp8 and t.block_k != SCALE_BLOCK:
+        raise ValueError(f"GpuTiling.block_k must be {SCALE_BLOCK} for FP8 (one scale per step), got {t.block_k}")
+    if fp8 and kind == "gmm_fp8" and SCALE_BLOCK % wn:
+        raise ValueError(f"GpuTiling.block_n: FP8 warpgroup tiles need 128 % columns == 0 (one weight scale), got {wn}")
+    if t.block_k % 16 or t.block_k * jnp.dtype(in_dtype).itemsize < 32:
+        raise ValueError(f"GpuTiling.block_k must be a multiple of 16 and span >= 32 bytes, got {t.block_k}")
+    if kind == "tgmm" and t.block_k % 64:
+        raise ValueError(f"GpuTiling.block_k must be a multiple of 64 for tgmm (group-boundary chunks are masked "
+                         f"in WGMMA-layout registers), got {t.block_k}")
+    if kind == "tgmm":
+        for name, size in (("block_m", t.block_m), ("block_n", t.block_n)):
+            if (size // t.compute_wgs) % 64:
+                raise ValueError(f"GpuTiling.{name}={size}: the weight-gradient kernel masks {t.compute_wgs} "
+                                 "column shares of each operand, each must be a multiple of 64")
+    if t.stages < 1:
+        raise ValueError(f"GpuTiling.stages must be >= 1, got {t.stages}")
+    epi = t.epilogue_n or wn
+    if wn % epi or (epi * jnp.dtype(out_dtype).itemsize) % 16:
+        raise ValueError(f"GpuTiling.epilogue_n={epi} must divide the warpgroup tile's {wn} columns and span a "
+                         "multiple of 16 bytes")
+    smem = _smem_bytes(t, kind, in_dtype, out_dtype)
+    if smem > mg.SMEM_BYTES:
+        raise ValueError(f"GpuTiling {t} needs ~{smem} bytes of shared memory for {kind}; an H100 block has "
+                         f"{mg.SMEM_BYTES}: lower stages, block sizes or epilogue_n")
+
+
+def _smem_bytes(t: GpuTiling, kind: str, in_dtype, out_dtype) -> int:
+    """Operand ring + FP8 scale vectors + epilogue buffers (barriers and alignment are a few hundred bytes)."""
+    wm, wn = t.wg_tile
+    epi = t.epilogue_n or wn
+    scales = 0
+    if kind.endswith("fp8"):
+        scales = 4 * (t.block_m + t.block_n) if kind.startswith("tgmm") else 4 * t.block_m
+    stage = (t.block_m + t.block_n) * t.block_k * jnp.dtype(in_dtype).itemsize + scales
+    return t.stages * stage + t.compute_wgs * min(2, wn // epi) * wm * epi * jnp.dtype(out_dtype).itemsize
+
+
+def _fitted_default(kind: str, in_dtype, out_dtype) -> GpuTiling:
+    """DEFAULT_TILING[kind] with the epilogue chunk halved until it fits (wide outputs such as float32)."""
+    t = DEFAULT_TILING[kind]
+    while (_smem_bytes(t, kind, in_dtype, out_dtype) > mg.SMEM_BYTES
+           and (t.epilogue_n or t.wg_tile[1]) * jnp.dtype(out_dtype).itemsize > 32):
+        t = dataclasses.replace(t, epilogue_n=(t.epilogue_n or t.wg_tile[1]) // 2)
+    return t
+
+
+def _tiling(tiling, kind, in_dtype, out_dtype) -> GpuTiling:
+    t = _fitted_default(kind, in_dtype, out_dtype) if tiling is None else tiling
+    if not isinstance(t, GpuTiling):
+        raise ValueError(f"tiling must be a GpuTiling, got {type(t).__name__}")
+    _check_tiling(t, kind, in_dtype, out_dtype)
+    return t
+
+
+def _operand_dtype(x, name):
+    if x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"gpu grouped matmul: {name} must be bfloat16 or float16, got {x.dtype}")
+    return x.dtype
+
+
+def _wg_slices(t: GpuTiling, wg):
+    """(row slice, column slice) of a warpgroup's part of the CTA tile, as pl.ds or full slices."""
+    wm, wn = t.wg_tile
+    split_m = t.compute_wgs > 1 and t.wg_split == "m"
+    split_n = t.compute_wgs > 1 and t.wg_split == "n"
+    rows = pl.ds(wg * wm, wm) if split_m else slice(None)
+    cols = pl.ds(wg * wn, wn) if split_n else slice(None)
+    return rows, cols, (wg * wm if split_m else 0), (wg * wn if split_n else 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Row kernel: out[rows of g] = a[rows of g] @ B_g, B_g stored (K, N) ("kn") or (N, K) ("nk").
+# ----------------------------------------------------------------------------------------------------------------
+
+def _row_kernel(a_MK, b_GXY, group_sizes_G, scales, *, b_layout: str, t: GpuTiling, out_dtype, interpret):
+    M, K = a_MK.shape
+    G = b_GXY.shape[0]
+    N = b_GXY.shape[2] if b_layout == "kn" else b_GXY.shape[1]
+    bm, bn, bk = t.block_m, t.block_n, t.block_k
+    wm, wn = t.wg_tile
+    wgs = t.compute_wgs
+    fp8 = scales is not None
+    k_steps, n_tiles = K // bk, N // bn
+    dtype = a_MK.dtype
+    epi = t.epilogue_n or wn
+    emulate = interpret is not None   # interpret mode: no layouts, no transposed WGMMA operands
+    items = row_tile_items(group_sizes_G, M, bm)
+    num_items = items[0].shape[0]
+    a_swizzle = mg.swizzled(bk, dtype)
+    b_swizzle = mg.swizzled(bn if b_layout == "kn" else bk, dtype)
+
+    def in_specs(tile, nt):
+        specs = [plgpu.BlockSpec((bm, bk), lambda k: (tile, k), transforms=a_swizzle)]
+        if b_layout == "kn":
+            specs.append(plgpu.BlockSpec((bk, bn), lambda k: (k, nt), transforms=b_swizzle))
+        else:
+            specs.append(plgpu.BlockSpec((bn, bk), lambda k: (nt, k), transforms=b_swizzle))
+        if fp8:
+            specs.append(plgpu.BlockSpec((None, bm), lambda k: (k, tile)))
+        return specs
+
+    def pipeline(specs, step, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            step, grid=(k_steps,), memory_registers=_MEMORY_REGISTERS, in_specs=specs, wg_axis="wg",
+            num_compute_wgs=wgs, max_concurrent_steps=t.stages, compute_context=context)
+
+    def body(seg_ref, tile_ref, lo_ref, hi_ref, a_gmem, b_gmem, *refs):
+        if fp8:
+            sa_gmem, sb_gmem, out_gmem = refs
+        else:
+            (out_gmem,) = refs
+        wg = lax.axis_index("wg")
+        wg_rows, wg_cols, row_off, col_off = _wg_slices(t, wg)
+        gmem_in = lambda seg: [a_gmem, b_gmem.at[jnp.minimum(seg, G - 1)]] + ([sa_gmem] if fp8 else [])
+        ignore = lambda *_, **__: None
+        zero = jnp.int32(0)
+        allocs = dict(pipe=pipeline(in_specs(zero, zero), ignore, ignore).get_allocations(*gmem_in(zero)),
+                      out_smem=plgpu.SMEM((wgs, min(2, wn // epi), wm, epi), out_dtype))
+        if emulate and b_layout == "nk":
+            allocs["b_t"] = plgpu.SMEM((wgs, bk, wn), dtype)
+
+        def wg_b(b_s):
+            return b_s.at[:, wg_cols] if b_layout == "kn" else b_s.at[wg_cols]
+
+        def scope(pipe, out_smem, b_t=None):
+            scratch = (None, None if b_t is None else b_t.at[wg])
+
+            # Persistent CTAs walk the (item, N tile) list, N fastest: neighbours share rows and weights in L2.
+            @plgpu.nd_loop((num_items * n_tiles,), collective_axes="cta")
+            def _tile(loop):
+                (lin,) = loop.index
+                item, nt = lin // n_tiles, lin % n_tiles
+                seg, tile, lo, hi = seg_ref[item], tile_ref[item], lo_ref[item], hi_ref[item]
+                first_row, first_col = tile * bm + row_off, nt * bn + col_off
+                dst = out_gmem.at[:, pl.ds(first_col, wn)]
+
+                def epilogue(acc):
+                    mg.store_tile(acc.astype(out_dtype), out_smem.at[wg], dst, first_row, (lo, hi))
+
+                def bf16_step(_, a_s, b_s, acc_ref):
+                    mg.wgmma(acc_ref, a_s.at[wg_rows], wg_b(b_s), a_transposed=False,
+                             b_transposed=b_layout == "nk", scratch=scratch)
+                    # Wait before the slot is released: the pipeline does not release a delayed last slot
+                    # before the next tile's prologue refills it. The other warpgroup keeps the tensor cores busy.
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
+
+                def bf16_context(run):
+                    def acc_scope(acc_ref):
+                        run(acc_ref)
+                        return acc_ref[...]
+                    epilogue(pl.run_scoped(acc_scope, plgpu.ACC((wm, wn), jnp.float32)))
+
+                def fp8_step(idx, a_s, b_s, sa_s, acc_MN):
+                    (k,) = idx
+
+                    def partial_scope(p_ref):
+                        mg.wgmma(p_ref, a_s.at[wg_rows], wg_b(b_s), a_transposed=False, b_transposed=True,
+                                 scratch=scratch)
+                        return p_ref[...]
+                    partial_MN = pl.run_scoped(partial_scope, plgpu.ACC((wm, wn), jnp.float32))
+                    scale_M = mg.row_vector(sa_s.at[wg_rows], emulate) * sb_gmem[seg, first_col // SCALE_BLOCK, k]
+                    return acc_MN + partial_MN * lax.broadcast_in_dim(scale_M, (wm, wn), (0,))
+
+                def fp8_context(run):
+                    epilogue(run(mg.zeros_tile(wm, wn, jnp.float32, emulate)))
+
+                @pl.when((seg < G) & (hi > lo))
+                def _matmul():
+                    step, context = (fp8_step, fp8_context) if fp8 else (bf16_step, bf16_context)
+                    pipeline(in_specs(tile, nt), step, context)(*gmem_in(seg), allocations=pipe)
+
+                @pl.when((seg == G) & (hi > lo) & (wg < wgs))
+                def _zeros():   # rows past sum(group_sizes)
+                    mg.store_tile(mg.zeros_tile(wm, wn, out_dtype, emulate), out_smem.at[wg], dst, first_row,
+                                  (lo, hi))
+
+        pl.run_scoped(scope, **allocs, collective_axes="wg")
+
+    kernel = mg.kernel_call(body, jax.ShapeDtypeStruct((M, N), out_dtype), num_ctas=_num_ctas(t, interpret),
+                            compute_wgs=wgs, interpret=interpret)
+    return kernel(*items, a_MK, b_GXY, *(scales or ()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight-gradient kernel: out[g] = A[:, rows of g] @ B[rows of g, :], contraction over the token rows.
+# ----------------------------------------------------------------------------------------------------------------
+
+def _wgrad_kernel(a, b, group_sizes_G, scales, *, num_rows: int, t: GpuTiling, out_dtype, interpret):
+    """BF16: a = x (M, K), b = dy (M, N). FP8: a = a_q (K, M), b = b_q (N, M), scales = (sa (Mb, K), sb (Mb, N))."""
+    fp8 = scales is not None
+    K = a.shape[0] if fp8 else a.shape[1]
+    N = b.shape[0] if fp8 else b.shape[1]
+    G = group_sizes_G.shape[0]
+    bm, bn, bk = t.block_m, t.block_n, t.block_k
+    wm, wn = t.wg_tile
+    wgs = t.compute_wgs
+    n_tiles, k_tiles = N // bn, K // bm
+    dtype = a.dtype
+    epi = t.epilogue_n or wn
+    emulate = interpret is not None   # interpret mode: no layouts, no transposed WGMMA operands
+    start_G, end_G = group_row_ranges(group_sizes_G, num_rows)
+
+    def in_specs(first, kt, nt):
+        if fp8:
+            return [plgpu.BlockSpec((bm, bk), lambda c: (kt, first + c), transforms=mg.swizzled(bk, dtype)),
+                    plgpu.BlockSpec((bn, bk), lambda c: (nt, first + c), transforms=mg.swizzled(bk, dtype)),
+                    plgpu.BlockSpec((None, bm), lambda c: (first + c, kt)),
+                    plgpu.BlockSpec((None, bn), lambda c: (first + c, nt))]
+        return [plgpu.BlockSpec((bk, bm), lambda c: (first + c, kt), transforms=mg.swizzled(bm, dtype)),
+                plgpu.BlockSpec((bk, bn), lambda c: (first + c, nt), transforms=mg.swizzled(bn, dtype))]
+
+    def pipeline(specs, num_chunks, step, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            step, grid=(num_chunks,), memory_registers=_MEMORY_REGISTERS, in_specs=specs, wg_axis="wg",
+            num_compute_wgs=wgs, max_concurrent_steps=t.stages, compute_context=context)
+
+    def body(start_ref, end_ref, a_gmem, b_gmem, *refs):
+        if fp8:
+            sa_gmem, sb_gmem, out_gmem = refs
+            gmem_in = [a_gmem, b_gmem, sa_gmem, sb_gmem]
+        else:
+            (out_gmem,) = refs
+            gmem_in = [a_gmem, b_gmem]
+        wg = lax.axis_index("wg")
+        wg_rows, wg_cols, row_off, col_off = _wg_slices(t, wg)
+        ignore = lambda *_, **__: None
+        zero = jnp.int32(0)
+        allocs = dict(pipe=pipeline(in_specs(zero, zero, zero), t.stages, ignore, ignore).get_allocations(*gmem_in),
+                      out_smem=plgpu.SMEM((wgs, min(2, wn // epi), wm, epi), out_dtype,
+                                          transforms=mg.swizzled(epi, out_dtype)))
+        if emulate and fp8:
+            allocs["b_t"] = plgpu.SMEM((wgs, bk, wn), dtype)
+        elif emulate:
+            allocs["a_t"] = plgpu.SMEM((wgs, wm, bk), dtype)
+        if not fp8 and wgs > 1:
+            allocs["mask_barrier"] = plgpu.Barrier(num_arrivals=wgs)
+
+        def scope(pipe, out_smem, a_t=None, b_t=None, mask_barrier=None):
+            scratch = (None if a_t is None else a_t.at[wg], None if b_t is None else b_t.at[wg])
+
+            # Persistent CTAs walk the (group, K tile, N tile) list, N fastest: neighbours share x's columns.
+            @plgpu.nd_loop((G * k_tiles * n_tiles,), collective_axes="cta")
+            def _tile(loop):
+                (lin,) = loop.index
+                g, kt, nt = lin // (k_tiles * n_tiles), lin // n_tiles % k_tiles, lin % n_tiles
+                start, end = start_ref[g], end_ref[g]
+                first = start // bk
+                num_chunks = jnp.where(end > start, (end - 1) // bk - first + 1, 0)
+                first_row, first_col = kt * bm + row_off, nt * bn + col_off
+                dst = out_gmem.at[g].at[:, pl.ds(first_col, wn)]
+
+                def epilogue(acc):
+                    if fp8:   # precondition: groups are whole 128-row tiles; poison the result of any that is not
+                        bad = (end - start) % SCALE_BLOCK != 0
+                        acc = acc * jnp.where(bad, jnp.float32(jnp.nan), jnp.float32(1))
+                    mg.store_tile(acc.astype(out_dtype), out_smem.at[wg], dst, first_row)
+
+                def bf16_step(idx, a_s, b_s, acc_ref):
+                    (c,) = idx
+                    row0 = (first + c) * bk
+
+                    @pl.when((row0 < start) | (row0 + bk > end))
+                    def _mask_other_groups():
+                        # Each warpgroup zeroes its share of both tiles' columns, then waits for the others.
+                        a_share, b_share = bm // wgs, bn // wgs
+                        for ref, share in ((a_s, a_share), (b_s, b_share)):
+                            mg.mask_rows(ref.at[:, pl.ds(wg * share, share)], start - row0, end - row0, emulate)
+                        plgpu.commit_smem()
+                        if mask_barrier is not None:
+                            plgpu.barrier_arrive(mask_barrier)
+                            plgpu.barrier_wait(mask_barrier)
+
+                    mg.wgmma(acc_ref, a_s.at[:, wg_rows], b_s.at[:, wg_cols], a_transposed=True,
+                             b_transposed=False, scratch=scratch)
+                    plgpu.wgmma_wait(0)   # see the row kernel
+                    return acc_ref
+
+                def bf16_context(run):
+                    def acc_scope(acc_ref):
+                        run(acc_ref)
+                        return acc_ref[...]
+                    epilogue(pl.run_scoped(acc_scope, plgpu.ACC((wm, wn), jnp.float32)))
+
+                def fp8_step(_, a_s, b_s, sa_s, sb_s, acc_MN):
+                    def partial_scope(p_ref):
+                        mg.wgmma(p_ref, a_s.at[wg_rows], b_s.at[wg_cols], a_transposed=False, b_transposed=True,
+                                 scratch=scratch)
+                        return p_ref[...]
+                    partial_MN = pl.run_scoped(partial_scope, plgpu.ACC((wm, wn), jnp.float32))
+                    sa_M = mg.row_vector(sa_s.at[wg_rows], emulate)
+                    sb_N = mg.col_vector(sb_s.at[wg_cols], emulate)
+                    return acc_MN + (partial_MN * lax.broadcast_in_dim(sa_M, (wm, wn), (0,))
+                                     * lax.broadcast_in_dim(sb_N, (wm, wn), (1,)))
+
+                def fp8_context(run):
+                    epilogue(run(mg.zeros_tile(wm, wn, jnp.float32, emulate)))
+
+                @pl.when(num_chunks > 0)
+                def _matmul():
+                    step, context = (fp8_step, fp8_context) if fp8 else (bf16_step, bf16_context)
+                    pipeline(in_specs(first, kt, nt), num_chunks, step, context)(*gmem_in, allocations=pipe)
+
+                @pl.when((num_chunks == 0) & (wg < wgs))
+                def _zeros():   # empty group: dw[g] = 0
+                    mg.store_tile(mg.zeros_tile(wm, wn, out_dtype, emulate), out_smem.at[wg], dst, first_row)
+
+        pl.run_scoped(scope, **allocs, collective_axes="wg")
+
+    kernel = mg.kernel_call(body, jax.ShapeDtypeStruct((G, K, N), out_dtype), num_ctas=_num_ctas(t, interpret),
+                            compute_wgs=wgs, interpret=interpret)
+    return kernel(start_G, end_G, a, b, *(scales or ()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The protocol's five functions.
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_groups(group_sizes_G, G: int | None, fn: str):
+    if group_sizes_G.ndim != 1 or (G is not None and group_sizes_G.shape[0] != G):
+        raise ValueError(f"{fn}: group_sizes_G must have shape ({G if G is not None else 'G'},), "
+                         f"got {group_sizes_G.shape}")
+    if not jnp.issubdtype(group_sizes_G.dtype, jnp.integer):
+        raise ValueError(f"{fn}: group_sizes_G must be integer, got {group_sizes_G.dtype}")
+    return group_sizes_G.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("transpose_w", "out_dtype", "interpret", "tiling"))
+def _gmm(x_MK, w_GKN, group_sizes_G, *, transpose_w: bool, out_dtype, interpret, tiling):
+    """transpose_w: dx = dy @ w[g].T, contracting over w's N (read K-major through a transposed SMEM view)."""
+    t = tiling
+    x = _pad_axis(_pad_axis(x_MK, 0, t.block_m), 1, t.block_k)
+    w = w_GKN.astype(x_MK.dtype)
+    if transpose_w:
+        w = _pad_axis(_pad_axis(w, 1, t.block_n), 2, t.block_k)
+    else:
+        w = _pad_axis(_pad_axis(w, 1, t.block_k), 2, t.block_n)
+    y = _row_kernel(x, w, group_sizes_G, None, b_layout="nk" if transpose_w else "kn", t=t, out_dtype=out_dtype,
+                    interpret=interpret)
+    return y[:x_MK.shape[0], :w_GKN.shape[1 if transpose_w else 2]]
+
+
+def gmm(x_MK, w_GKN, group_sizes_G, *, out_dtype, interpret=False, tiling: GpuTiling | None = None):
+    """y[rows of g] = x[rows of g] @ w[g] (rows past sum(group_sizes) are 0). w is cast to x's dtype."""
+    M, K = x_MK.shape
+    G, K2, N = w_GKN.shape
+    if K != K2:
+        raise ValueError(f"gmm: x_MK is {x_MK.shape} but w_GKN is {w_GKN.shape}: contraction sizes differ")
+    sizes = _check_groups(group_sizes_G, G, "gmm")
+    t = _tiling(tiling, "gmm", _operand_dtype(x_MK, "x_MK"), out_dtype)
+    return _gmm(x_MK, w_GKN, sizes, transpose_w=False, out_dtype=jnp.dtype(out_dtype),
+                interpret=mg.interpret_params(interpret), tiling=t)
+
+
+def gmm_t(dy_MN, w_GKN, group_sizes_G, *, out_dtype, interpret=False, tiling: GpuTiling | None = None):
+    """dx[rows of g] = dy[rows of g] @ w[g].T (rows past sum(group_sizes) are 0). w is cast to dy's dtype."""
+    M, N = dy_MN.shape
+    G, K, N2 = w_GKN.shape
+    if N != N2:
+        raise ValueError(f"gmm_t: dy_MN is {dy_MN.shape} but w_GKN is {w_GKN.shape}: contraction sizes differ")
+    sizes = _check_groups(group_sizes_G, G, "gmm_t")
+    t = _tiling(tiling, "gmm", _operand_dtype(dy_MN, "dy_MN"), out_dtype)
+    return _gmm(dy_MN, w_GKN, sizes, transpose_w=True, out_dtype=jnp.dtype(out_dtype),
+                interpret=mg.interpret_params(interpret), tiling=t)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "tiling"))
+def _gmm_fp8(a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, group_sizes_G, *, out_dtype, interpret, tiling):
+    t = tiling
+    M, N = a_q_MK.shape[0], b_q_GNK.shape[1]
+    a = _pad_axis(_pad_axis(a_q_MK, 0, t.block_m), 1, SCALE_BLOCK)
+    b = _pad_axis(_pad_axis(b_q_GNK, 1, t.block_n), 2, SCALE_BLOCK)
+    sa_KbM = _pad_axis(a_scale_MKb.astype(jnp.float32), 0, t.block_m).T
+    # A warpgroup reads the scale of its first column's 128-block, which for padded columns can be past Nb.
+    sb = b_scale_GNbKb.astype(jnp.float32)
+    sb = jnp.pad(sb, ((0, 0), (0, max(_cdiv(b.shape[1], SCALE_BLOCK) - sb.shape[1], 0)), (0, 0)))
+    y = _row_kernel(a, b, group_sizes_G, (sa_KbM, sb), b_layout="nk", t=t, out_dtype=out_dtype,
+                    interpret=interpret)
+    return y[:M, :N]
+
+
+def gmm_fp8(a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, group_sizes_G, *, out_dtype, interpret=False,
+            tiling: GpuTiling | None = None):
+    """y[rows of g] = dequant(a)[rows of g] @ dequant(b[g]).T, promoted to float32 every 128 of K.
+
+    a: 1x128 tiles (a_scale_MKb [M, ceil(K/128)]); b stored (N, K) with 128x128 block scales [G, Nb, Kb].
+    """
+    M, K = a_q_MK.shape
+    G, N, K2 = b_q_GNK.shape
+    Kb, Nb = _cdiv(K, SCALE_BLOCK), _cdiv(N, SCALE_BLOCK)
+    if K != K2:
+        raise ValueError(f"gmm_fp8: a_q_MK is {a_q_MK.shape} but b_q_GNK is {b_q_GNK.shape}: contraction differs")
+    for name, x in (("a_q_MK", a_q_MK), ("b_q_GNK", b_q_GNK)):
+        if x.dtype != FP8_DTYPE:
+            raise ValueError(f"gmm_fp8: {name} must be float8_e4m3fn, got {x.dtype}")
+    if a_scale_MKb.shape != (M, Kb):
+        raise ValueError(f"gmm_fp8: a_scale_MKb must be {(M, Kb)}, got {a_scale_MKb.shape}")
+    if b_scale_GNbKb.shape != (G, Nb, Kb):
+        raise ValueError(f"gmm_fp8: b_scale_GNbKb must be {(G, Nb, Kb)}, got {b_scale_GNbKb.shape}")
+    sizes = _check_groups(group_sizes_G, G, "gmm_fp8")
+    t = _tiling(tiling, "gmm_fp8", FP8_DTYPE, out_dtype)
+    return _gmm_fp8(a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, sizes, out_dtype=jnp.dtype(out_dtype),
+                    interpret=mg.interpret_params(interpret), tiling=t)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "tiling"))
+def _tgmm(x_MK, dy_MN, group_sizes_G, *, out_dtype, interpret, tiling):
+    t = tiling
+    (M, K), N = x_MK.shape, dy_MN.shape[1]
+    x = _pad_axis(_pad_axis(x_MK, 0, t.block_k), 1, t.block_m)
+    dy = _pad_axis(_pad_axis(dy_MN.astype(x_MK.dtype), 0, t.block_k), 1, t.block_n)
+    dw = _wgrad_kernel(x, dy, group_sizes_G, None, num_rows=M, t=t, out_dtype=out_dtype, interpret=interpret)
+    return dw[:, :K, :N]
+
+
+def tgmm(x_MK, dy_MN, group_sizes_G, *, out_dtype, interpret=False, tiling: GpuTiling | None = None):
+    """dw[g] = x[rows of g].T @ dy[rows of g]; zeros for empty groups. dy is cast to x's dtype."""
+    M, _ = x_MK.shape
+    if dy_MN.ndim != 2 or dy_MN.shape[0] != M:
+        raise ValueError(f"tgmm: dy_MN must be [M={M}, N], got {dy_MN.shape}")
+    sizes = _check_groups(group_sizes_G, None, "tgmm")
+    t = _tiling(tiling, "tgmm", _operand_dtype(x_MK, "x_MK"), out_dtype)
+    return _tgmm(x_MK, dy_MN, sizes, out_dtype=jnp.dtype(out_dtype), interpret=mg.interpret_params(interpret),
+                 tiling=t)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "tiling"))
+def _tgmm_fp8(a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, group_sizes_G, *, out_dtype, interpret, tiling):
+    t = tiling
+    (K, M), N = a_q_KM.shape, b_q_NM.shape[0]
+    a = _pad_axis(_pad_axis(a_q_KM, 0, t.block_m), 1, SCALE_BLOCK)
+    b = _pad_axis(_pad_axis(b_q_NM, 0, t.block_n), 1, SCALE_BLOCK)
+    sa_MbK = _pad_axis(a_scale_KMb.astype(jnp.float32), 0, t.block_m).T
+    sb_MbN = _pad_axis(b_scale_NMb.astype(jnp.float32), 0, t.block_n).T
+    dw = _wgrad_kernel(a, b, group_sizes_G, (sa_MbK, sb_MbN), num_rows=M, t=t, out_dtype=out_dtype,
+                       interpret=interpret)
+    return dw[:, :K, :N]
+
+
+def tgmm_fp8(a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, group_sizes_G, *, out_dtype, interpret=False,
+             tiling: GpuTiling | None = None):
+    """dw[g] = dequant(a)[:, rows of g] @ dequant(b)[:, rows of g].T, promoted to float32 every 128 rows.
+
+    a = x.T, b = dy.T, quantized in 1x128 tiles along M. Every group size must be a multiple of 128 (checked
+    here when the sizes are concrete; otherwise a group that breaks it gets NaN in its dw).
+    """
+    K, M = a_q_KM.shape
+    N, M2 = b_q_NM.shape
+    Mb = _cdiv(M, SCALE_BLOCK)
+    if M != M2:
+        raise ValueError(f"tgmm_fp8: a_q_KM is {a_q_KM.shape} but b_q_NM is {b_q_NM.shape}: row counts differ")
+    for name, x in (("a_q_KM", a_q_KM), ("b_q_NM", b_q_NM)):
+        if x.dtype != FP8_DTYPE:
+            raise ValueError(f"tgmm_fp8: {name} must be float8_e4m3fn, got {x.dtype}")
+    if a_scale_KMb.shape != (K, Mb):
+        raise ValueError(f"tgmm_fp8: a_scale_KMb must be {(K, Mb)}, got {a_scale_KMb.shape}")
+    if b_scale_NMb.shape != (N, Mb):
+        raise ValueError(f"tgmm_fp8: b_scale_NMb must be {(N, Mb)}, got {b_scale_NMb.shape}")
+    sizes = _check_groups(group_sizes_G, None, "tgmm_fp8")
+    try:
+        concrete = np.asarray(group_sizes_G)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        concrete = None
+    if concrete is not None:
+        bad = [int(s) for s in concrete if int(s) % SCALE_BLOCK]
+        if bad:
+            raise ValueError(f"tgmm_fp8: group_sizes_G must be multiples of {SCALE_BLOCK}, got sizes {bad}")
+    t = _tiling(tiling, "tgmm_fp8", FP8_DTYPE, out_dtype)
+    return _tgmm_fp8(a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, sizes, out_dtype=jnp.dtype(out_dtype),
+                     interpret=mg.interpret_params(interpret), tiling=t)
