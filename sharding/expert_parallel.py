@@ -17,6 +17,8 @@ Dropless, with a bounded buffer:
 Transports: `all_to_all` moves padded [EP, C] blocks with lax.all_to_all (runs everywhere); `ragged` moves
 only the filled rows with lax.ragged_all_to_all (GPU/TPU: XLA:CPU lowers but cannot compile it);
 `ragged_reference` is the ragged path with that collective emulated by all_gather (a test oracle).
+`all_to_all=` swaps the collective of the `all_to_all` transport for any callable with lax.all_to_all's
+signature, e.g. the Pallas TPU remote-DMA kernel (pallas_kernels.all_to_all); the tiny count exchange stays lax.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class _Exchange:
     capacity: int                 # C: rows per (sender, receiver) pair per round
     impl: str
     grouped_matmul: Callable
+    all_to_all: Callable = lax.all_to_all   # moves the padded [EP, C, P] blocks of the `all_to_all` transport
 
     @property
     def ragged_collective(self):
@@ -113,7 +116,7 @@ def _send(ex: _Exchange, plan: _Plan, rows_NP, r):
     pos_RC = r * c + jnp.arange(c)[None, :]
     valid_RC = pos_RC < plan.send_count_R[:, None]
     rows_RCP = jnp.where(valid_RC[..., None], rows_NP[jnp.clip(plan.send_start_R[:, None] + pos_RC, 0, n - 1)], 0)
-    return lax.all_to_all(rows_RCP, ex.axis, 0, 0).reshape(ex.ep * c, p)
+    return ex.all_to_all(rows_RCP, ex.axis, 0, 0).reshape(ex.ep * c, p)
 
 
 def _send_back(ex: _Exchange, plan: _Plan, rows_MP, r, out_NP):
@@ -125,7 +128,7 @@ def _send_back(ex: _Exchange, plan: _Plan, rows_MP, r, out_NP):
         dest_R = plan.recv_start_R + jnp.minimum(r * c, plan.recv_count_R)
         return ex.ragged_collective(rows_MP, out_NP, slot_R, sizes_R, dest_R,
                                     _round_sizes(plan.send_count_R, r, c), axis_name=ex.axis)
-    back_RCP = lax.all_to_all(rows_MP.reshape(ex.ep, c, p), ex.axis, 0, 0)
+    back_RCP = ex.all_to_all(rows_MP.reshape(ex.ep, c, p), ex.axis, 0, 0)
     pos_RC = r * c + jnp.arange(c)[None, :]
     dest_RC = jnp.where(pos_RC < plan.send_count_R[:, None], plan.send_start_R[:, None] + pos_RC, n)
     return out_NP.at[dest_RC.reshape(-1)].set(back_RCP.reshape(-1, p), mode="drop", unique_indices=True)
@@ -196,9 +199,13 @@ _exchange_ffn.defvjp(_exchange_ffn_fwd, _exchange_ffn_bwd)
 
 def expert_parallel_ffn_local(x_TD, experts_TK, weights_TK, w_gate_eDF, w_up_eDF, w_down_eFD, *, expert_axis: str,
                               capacity: int, impl: str = "all_to_all", max_rounds: int | None = None,
-                              grouped_matmul: Callable | None = None, out_dtype=None) -> tuple[jax.Array, EPStats]:
+                              grouped_matmul: Callable | None = None, out_dtype=None,
+                              all_to_all: Callable | None = None) -> tuple[jax.Array, EPStats]:
     """The per-rank body: call inside a shard_map where `expert_axis` is manual. x_TD and the routing are this
-    rank's tokens; the weights are its E/EP local experts; `capacity` is C. Stats are scalars."""
+    rank's tokens; the weights are its E/EP local experts; `capacity` is C. Stats are scalars. `all_to_all`:
+    the row collective of impl="all_to_all" (default lax.all_to_all)."""
+    if all_to_all is not None and impl != "all_to_all":
+        raise ValueError(f"expert_parallel.all_to_all is a transport for impl='all_to_all', not impl={impl!r}")
     ep = lax.axis_size(expert_axis)
     (t, k), e_local, c = experts_TK.shape, w_gate_eDF.shape[0], capacity
     flat_N = experts_TK.reshape(-1).astype(jnp.int32)
@@ -217,7 +224,7 @@ def expert_parallel_ffn_local(x_TD, experts_TK, weights_TK, w_gate_eDF, w_up_eDF
     plan = _Plan(send_start_R, send_count_R, recv_count_R, jnp.cumsum(recv_counts_RE, axis=1), recv_start_R,
                  rounds.astype(jnp.int32))
 
-    ex = _Exchange(expert_axis, ep, c, impl, grouped_matmul or ragged_dot_gmm)
+    ex = _Exchange(expert_axis, ep, c, impl, grouped_matmul or ragged_dot_gmm, all_to_all or lax.all_to_all)
     w = [_vary_like(a, x_TD) for a in (w_gate_eDF, w_up_eDF, w_down_eFD)]   # so weight grads psum over tokens
     ys_ND = _exchange_ffn(ex, plan, xs_ND, *w)
 
@@ -243,7 +250,7 @@ def expert_parallel_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_do
                         expert_axis: str = "expert", token_axes: tuple[str, ...] = BATCH_AXES,
                         impl: str = "all_to_all", capacity_factor: float = 1.25, block_multiple: int = 8,
                         max_rounds: int | None = None, grouped_matmul: Callable | None = None,
-                        out_dtype=None) -> tuple[jax.Array, EPStats]:
+                        out_dtype=None, all_to_all: Callable | None = None) -> tuple[jax.Array, EPStats]:
     """Σ_k weights_TK · SwiGLU_{experts_TK}(x_TD) with experts sharded over `expert_axis` of `mesh`.
 
     Tokens are split over `token_axes` then `expert_axis`; the expert weights (E first) over `expert_axis`,
@@ -271,7 +278,8 @@ def expert_parallel_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_do
 
     capacity = capacity_per_peer(t // shards * k, ep, capacity_factor, block_multiple)
     body = functools.partial(expert_parallel_ffn_local, expert_axis=expert_axis, capacity=capacity, impl=impl,
-                             max_rounds=max_rounds, grouped_matmul=grouped_matmul, out_dtype=out_dtype)
+                             max_rounds=max_rounds, grouped_matmul=grouped_matmul, out_dtype=out_dtype,
+                             all_to_all=all_to_all)
 
     def per_rank(*args):
         out_TD, stats = body(*args)

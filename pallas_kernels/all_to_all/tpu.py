@@ -1,0 +1,143 @@
+"""All-to-all over one mesh axis as a Pallas TPU kernel: every device DMAs block j of its input straight into
+slot `me` of device j's output (remote DMA, HBM to HBM), then waits for its own n − 1 incoming blocks.
+
+Call inside shard_map (the axis must be manual). A barrier semaphore first makes sure every peer has entered
+the kernel, so no DMA lands in an output buffer its owner is not done with. Each peer distance s = 1 … n−1 has
+its own send and receive DMA semaphore: device me sends to me + s and receives from me − s on semaphore s,
+so each wait counts exactly one block. Sends are issued in that staggered order, so at every step the n
+devices target n different peers. Same result as jax.lax.all_to_all (tiled or not); its transpose is the
+all-to-all with split and concat axes swapped. Runs on CPU under interpret=pltpu.InterpretParams().
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
+
+
+def _kernel(x_hbm, out_hbm, local_sem, send_sems, recv_sems, *, axis_name: str, n: int):
+    me = lax.axis_index(axis_name)
+    peer = lambda s: lax.rem(me + s, n)
+
+    barrier = pltpu.get_barrier_semaphore()
+    for s in range(1, n):
+        pl.semaphore_signal(barrier, 1, device_id={axis_name: peer(s)}, device_id_type=pl.DeviceIdType.MESH)
+    pl.semaphore_wait(barrier, n - 1)
+
+    local = pltpu.make_async_copy(x_hbm.at[me], out_hbm.at[me], local_sem)
+    local.start()
+    remote = []
+    for s in range(1, n):
+        copy = pltpu.make_async_remote_copy(x_hbm.at[peer(s)], out_hbm.at[me], send_sems.at[s - 1],
+                                            recv_sems.at[s - 1], device_id={axis_name: peer(s)},
+                                            device_id_type=pl.DeviceIdType.MESH)
+        copy.start()
+        remote.append(copy)
+    local.wait()
+    for copy in remote:
+        copy.wait()   # my block to me + s has left, and the block from me − s has arrived
+
+
+def _varying_axes(x):
+    """The manual axes x varies over under shard_map's check_vma (JAX 0.10+: `.manual_axis_type`, before:
+    `.vma`), or None where the type carries none."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    varying = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", None)
+    return None if varying is None else frozenset(varying)
+
+
+def _vary_over(x, axes):
+    have = _varying_axes(x)
+    missing = () if have is None else tuple(sorted(frozenset(axes) - have))
+    if not missing:
+        return x
+    return lax.pcast(x, missing, to="varying") if hasattr(lax, "pcast") else lax.pvary(x, missing)
+
+
+def _varying(x, axis_name: str):
+    """x typed as varying over `axis_name` too, and the kernel's output type: the same."""
+    x = _vary_over(x, frozenset([axis_name]))
+    aval = jax.typeof(x)
+    for name in ("manual_axis_type", "vma"):
+        if getattr(aval, name, None) is not None:
+            return x, jax.ShapeDtypeStruct(x.shape, x.dtype, **{name: getattr(aval, name)})
+    return x, jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def _exchange_blocks(x_NX, axis_name: str, interpret):
+    """out[j] = block `me` of device j's x_NX ([n, ...] with n = the axis size)."""
+    if interpret:
+        # TPU interpret mode traces its device simulator (axis_index arithmetic of its own) under the enclosing
+        # shard_map's varying-axes checks, which it fails (JAX 0.10): run it in a shard_map over no new axes
+        # with the checks off. Compiled kernels need no such wrapper.
+        mesh = jax.sharding.get_abstract_mesh()
+        out = jax.shard_map(functools.partial(_exchange_kernel, axis_name=axis_name, interpret=interpret),
+                            mesh=mesh, in_specs=P(), out_specs=P(), axis_names=frozenset(),
+                            check_vma=False)(x_NX)
+        return _vary_over(out, (_varying_axes(x_NX) or frozenset()) | {axis_name})
+    return _exchange_kernel(x_NX, axis_name=axis_name, interpret=interpret)
+
+
+def _exchange_kernel(x_NX, *, axis_name: str, interpret):
+    n = x_NX.shape[0]
+    x_NX, out_shape = _varying(x_NX, axis_name)
+    sems = pltpu.SemaphoreType.DMA((max(n - 1, 1),))
+    return pl.pallas_call(
+        functools.partial(_kernel, axis_name=axis_name, n=n),
+        out_shape=out_shape,
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+        out_specs=pl.BlockSpec(memory_space=pl.ANY),
+        scratch_shapes=[pltpu.SemaphoreType.DMA(()), sems, sems],
+        compiler_params=pltpu.CompilerParams(collective_id=0, has_side_effects=True),
+        interpret=interpret,
+    )(x_NX)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _all_to_all(x, axis_name, split_axis, concat_axis, tiled, interpret):
+    n = lax.axis_size(axis_name)
+    if n == 1:
+        return x if tiled else jnp.moveaxis(x, split_axis, concat_axis)
+    if tiled:
+        shape = x.shape
+        blocks = jnp.moveaxis(x.reshape(*shape[:split_axis], n, shape[split_axis] // n, *shape[split_axis + 1:]),
+                              split_axis, 0)
+        got = jnp.moveaxis(_exchange_blocks(blocks, axis_name, interpret), 0, concat_axis)
+        merged = list(got.shape)
+        merged[concat_axis:concat_axis + 2] = [n * merged[concat_axis + 1]]
+        return got.reshape(merged)
+    got = _exchange_blocks(jnp.moveaxis(x, split_axis, 0), axis_name, interpret)
+    return jnp.moveaxis(got, 0, concat_axis)
+
+
+def _all_to_all_fwd(x, axis_name, split_axis, concat_axis, tiled, interpret):
+    return _all_to_all(x, axis_name, split_axis, concat_axis, tiled, interpret), None
+
+
+def _all_to_all_bwd(axis_name, split_axis, concat_axis, tiled, interpret, _, ct):
+    return (_all_to_all(ct, axis_name, concat_axis, split_axis, tiled, interpret),)
+
+
+_all_to_all.defvjp(_all_to_all_fwd, _all_to_all_bwd)
+
+
+def all_to_all(x, axis_name: str, split_axis: int, concat_axis: int, *, tiled: bool = False, interpret=False):
+    """jax.lax.all_to_all(x, axis_name, split_axis, concat_axis, tiled=tiled) by remote DMA, over one axis.
+    interpret: False on TPU; True or pltpu.InterpretParams() to simulate the devices on CPU."""
+    if not isinstance(axis_name, str):
+        raise ValueError(f"all_to_all: axis_name={axis_name!r} must be one mesh axis name")
+    split_axis, concat_axis = split_axis % x.ndim, concat_axis % x.ndim
+    n = lax.axis_size(axis_name)
+    if x.shape[split_axis] % n if tiled else x.shape[split_axis] != n:
+        raise ValueError(f"all_to_all: x.shape[{split_axis}]={x.shape[split_axis]} must "
+                         f"{'be divisible by' if tiled else 'equal'} the size {n} of axis {axis_name!r}")
+    if interpret is True:
+        interpret = pltpu.InterpretParams()
+    return _all_to_all(x, axis_name, split_axis, concat_axis, tiled, interpret)
