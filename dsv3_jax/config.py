@@ -93,8 +93,9 @@ class ModelConfig:
     attention_impl: str = "xla"        # see ATTENTION_IMPLS
 
     # FP8 training (DeepSeek-V3 recipe): block-scaled E4M3 matmuls, forward and both gradients, in every
-    # `make_linear` projection (MLA, dense and shared-expert MLPs, MTP eh_proj); the embedding, output head,
-    # router, norms and attention core keep `dtype`. Power-of-two scales round each scale up to 2^e (UE8M0).
+    # `make_linear` projection (MLA, dense and shared-expert MLPs, MTP eh_proj) and in the routed experts' grouped
+    # matmuls (pallas_kernels.grouped_matmul_fp8); the embedding, output head, router, norms and attention core
+    # keep `dtype`. Power-of-two scales round each scale up to 2^e (UE8M0).
     fp8: bool = False
     fp8_power_of_two_scales: bool = False
 

@@ -7,29 +7,74 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
 
 from pallas_kernels import dispatch as dispatch_kernels
 from pallas_kernels import grouped_matmul as gmm_kernels
+from pallas_kernels.fp8.api import is_hopper
 
 
 @dataclasses.dataclass(frozen=True)
 class MoEKernels:
+    """The routed experts' kernels: dispatch/combine and grouped matmul implementations by name (`reference`,
+    `tpu`, `gpu`), `interpret` to run Pallas kernels in their CPU interpreters, and `exchange` (None: lax) the
+    all-to-all the expert-parallel paths move rows with."""
     dispatch_impl: str = "reference"
     grouped_matmul_impl: str = "reference"
+    interpret: bool = False
+    exchange: Callable | None = None
 
     def dispatch(self, x_TD, experts_TK, n_experts):
-        return dispatch_kernels.dispatch(x_TD, experts_TK, n_experts, impl=self.dispatch_impl)
+        return dispatch_kernels.dispatch(x_TD, experts_TK, n_experts, impl=self.dispatch_impl,
+                                         interpret=self.interpret)
 
-    def grouped_matmul(self, x_ND, w_EDF, group_sizes_E):
-        return gmm_kernels.grouped_matmul(x_ND, w_EDF, group_sizes_E, impl=self.grouped_matmul_impl)
+    def grouped_matmul_fn(self, fp8: bool = False, power_of_two: bool = False) -> Callable:
+        """(x_ND, w_EDF, group_sizes_E) -> y_NF, differentiable; FP8 block-scaled operands in all three GEMMs when
+        `fp8` (DeepSeek-V3's recipe for the routed experts)."""
+        if fp8:
+            return functools.partial(gmm_kernels.grouped_matmul_fp8, impl=self.grouped_matmul_impl,
+                                     interpret=self.interpret, power_of_two=power_of_two)
+        return functools.partial(gmm_kernels.grouped_matmul, impl=self.grouped_matmul_impl, interpret=self.interpret)
 
-    def combine(self, y_ND, weights_TK, order_N, out_dtype):
-        return dispatch_kernels.combine(y_ND, weights_TK, order_N, out_dtype, impl=self.dispatch_impl)
+    def combine(self, y_ND, weights_TK, sent, out_dtype):
+        return dispatch_kernels.combine(y_ND, weights_TK, sent.order_N, out_dtype, row_TK=sent.row_TK,
+                                        impl=self.dispatch_impl, interpret=self.interpret)
 
 
-def default_kernels() -> MoEKernels:
-    """The reference kernels on every platform until the Pallas paths land."""
+def platform_kernels(compute_dtype) -> MoEKernels:
+    """The kernels for this platform: Pallas TPU kernels and the Pallas all-to-all on TPU; the Mosaic GPU grouped
+    matmul and Pallas GPU dispatch on Hopper GPUs when computing in bf16/fp16 (the kernels' operand types); the
+    jnp / ragged_dot reference elsewhere (CPU, other GPUs, float32 compute)."""
+    backend = jax.default_backend()
+    if backend == "tpu":
+        from pallas_kernels.all_to_all import all_to_all
+        return MoEKernels("tpu", "tpu", exchange=all_to_all)
+    if is_hopper() and jnp.dtype(compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return MoEKernels("gpu", "gpu")
     return MoEKernels()
+
+
+_KERNELS: contextvars.ContextVar = contextvars.ContextVar("moe_kernels", default=None)
+
+
+@contextlib.contextmanager
+def use_kernels(kernels: MoEKernels):
+    """While active, MoE layers traced here use `kernels` instead of the platform's (tests run the Pallas kernels
+    in interpret mode this way; benchmarks compare against the reference)."""
+    token = _KERNELS.set(kernels)
+    try:
+        yield
+    finally:
+        _KERNELS.reset(token)
+
+
+def default_kernels(compute_dtype=jnp.bfloat16) -> MoEKernels:
+    """The kernels set by `use_kernels`, else the platform's."""
+    return _KERNELS.get() or platform_kernels(compute_dtype)
 
 
 _EXPERT_MESH: contextvars.ContextVar = contextvars.ContextVar("expert_parallel_mesh", default=None)

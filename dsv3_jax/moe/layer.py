@@ -30,7 +30,8 @@ class MoE(nn.Module):
         E, F = c.n_routed_experts, c.moe_intermediate_size
         x_TD = x_BTD.reshape(B * T, D)
         routing = Router(c, name="router")(x_TD)
-        kernels, mesh, local = default_kernels(), expert_parallel_mesh(), expert_parallel_local_axis()
+        kernels, mesh, local = default_kernels(c.jnp_dtype), expert_parallel_mesh(), expert_parallel_local_axis()
+        grouped_matmul = kernels.grouped_matmul_fn(c.fp8, c.fp8_power_of_two_scales)
         # Inside a manual shard_map over `local.axis_name`, this rank holds E/EP contiguous experts.
         ep = jax.lax.axis_size(local.axis_name) if local is not None else 1
         if local is not None:
@@ -49,17 +50,18 @@ class MoE(nn.Module):
             routed_TD, _ = expert_parallel_ffn_local(
                 x_TD.astype(c.jnp_dtype), routing.experts_TK, routing.weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
                 expert_axis=local.axis_name, capacity=capacity_per_peer(B * T * K, ep, local.capacity_factor),
-                grouped_matmul=kernels.grouped_matmul, out_dtype=c.jnp_dtype)
+                grouped_matmul=grouped_matmul, out_dtype=c.jnp_dtype, all_to_all=kernels.exchange)
         elif mesh is None:
             sent = kernels.dispatch(x_TD.astype(c.jnp_dtype), routing.experts_TK, E)
-            gate_NF = kernels.grouped_matmul(sent.x_ND, w_gate_EDF, sent.group_sizes_E)
-            up_NF = kernels.grouped_matmul(sent.x_ND, w_up_EDF, sent.group_sizes_E)
-            y_ND = kernels.grouped_matmul(jax.nn.silu(gate_NF) * up_NF, w_down_EFD, sent.group_sizes_E)
-            routed_TD = kernels.combine(y_ND, routing.weights_TK, sent.order_N, c.jnp_dtype)
+            gate_NF = grouped_matmul(sent.x_ND, w_gate_EDF, sent.group_sizes_E)
+            up_NF = grouped_matmul(sent.x_ND, w_up_EDF, sent.group_sizes_E)
+            y_ND = grouped_matmul(jax.nn.silu(gate_NF) * up_NF, w_down_EFD, sent.group_sizes_E)
+            routed_TD = kernels.combine(y_ND, routing.weights_TK, sent, c.jnp_dtype)
         else:   # experts split over the mesh's `expert` axis: tokens travel to them and back (dropless)
             routed_TD, _ = expert_parallel_ffn(x_TD.astype(c.jnp_dtype), routing.experts_TK, routing.weights_TK,
                                                w_gate_EDF, w_up_EDF, w_down_EFD, mesh=mesh,
-                                               grouped_matmul=kernels.grouped_matmul, out_dtype=c.jnp_dtype)
+                                               grouped_matmul=grouped_matmul, out_dtype=c.jnp_dtype,
+                                               all_to_all=kernels.exchange)
 
         out_BTD = routed_TD.reshape(B, T, D)
         if c.n_shared_experts > 0:

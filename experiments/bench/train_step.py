@@ -325,7 +325,7 @@ def run(args) -> dict:
     for row in rows:
         row["vs_baseline"] = row["tokens_per_s"] / base["tokens_per_s"] if base and "tokens_per_s" in row else None
     counts = count_params(cfg.model)
-    kernels = default_kernels()
+    kernels = default_kernels(cfg.model.jnp_dtype)
     config = dict(preset=args.config, overrides=list(args.overrides), batch=cfg.data.batch_size,
                   seq_len=cfg.data.seq_len, micro_batches=cfg.train.grad_accum, steps=args.steps, warmup=args.warmup,
                   docs_per_row=args.docs_per_row, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,

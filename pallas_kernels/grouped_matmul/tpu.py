@@ -1,0 +1,401 @@
+"""Grouped matmuls as TPU Pallas kernels (megablox technique), same math as `reference`.
+
+1. A visit list, built in jnp from group_sizes and handed to the kernels by scalar prefetch: one visit per
+   (group, row tile it touches), in row order. A tile that straddles a group boundary is visited once per group
+   it holds, consecutively, so its output block stays in VMEM across those visits. At most T + G - 1 visits for
+   T row tiles and G groups: that static bound is the grid size, and the unused visits at the end do nothing.
+2. Row kernels (gmm, gmm_t, gmm_fp8) run over (N tiles, visits, contraction tiles): a float32 accumulator per
+   visit, then the rows of the visit's group are stored (the first visit of a tile zeroes the rest). Row tiles
+   past the groups get a visit of their own that writes zeros.
+3. Weight kernels (tgmm, tgmm_fp8) run over (K tiles, N tiles, visits): every group is visited at least once, its
+   row tiles accumulate into one (bk, bn) accumulator (rows of other groups masked out), stored at the group's
+   last visit, so empty groups get zeros.
+FP8 tiles are upcast to bf16 (exact) for the MXU; each 128 of the contraction is its own dot, scaled by its
+(rows, 1) and (1, cols) scale vectors before joining the float32 accumulator. The vectors are picked (one-hot
+sums) from lane-dense scale blocks: TPU memory pads an array whose last dim is 1 to 128 lanes. Operands are
+zero-padded to whole tiles and results sliced back, so any M, K, N work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.fp8.quantize import TILE, _cdiv
+from pallas_kernels.grouped_matmul import reference
+from pallas_kernels.grouped_matmul.layout import group_bounds
+
+_SQUEEZED = pl.Squeezed() if hasattr(pl, "Squeezed") else None
+_POW2_TILES = (128, 256, 512, 1024)
+_NN = (((1,), (0,)), ((), ()))     # [m, c] · [c, n]
+_NT = (((1,), (1,)), ((), ()))     # [m, c] · [n, c]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Preferred tile sizes. `m` and `k` are 128·2^i up to 1024 (so one tile's FP8 scales lie in one scale block),
+    `n` any multiple of 128. Rows are padded to a multiple of the row tile (`m`, halved while that still covers
+    all rows); `k` and `n` are halved down to 128 until they divide the dim rounded up to 128."""
+    m: int = 256     # rows of the grouped operand
+    k: int = 512     # contraction of the row kernels / first output dim of the weight kernels
+    n: int = 512     # output columns
+
+    def __post_init__(self):
+        for name, allowed in (("m", _POW2_TILES), ("k", _POW2_TILES), ("n", None)):
+            value = getattr(self, name)
+            if (value not in allowed) if allowed else (value < TILE or value % TILE):
+                want = f"one of {allowed}" if allowed else f"a positive multiple of {TILE}"
+                raise ValueError(f"BlockSizes.{name} must be {want}, got {value}")
+
+
+def _round_up(a: int, b: int) -> int:
+    return _cdiv(a, b) * b
+
+
+def _block(size: int, preferred: int) -> int:
+    """The largest of preferred, preferred/2, ..., 128 that divides `size` (a multiple of 128)."""
+    b = preferred
+    while b > TILE and size % b:
+        b //= 2
+    return b
+
+
+def _row_block(M: int, preferred: int) -> int:
+    """Row tile: `preferred`, halved (down to 128) while half still covers M. Rows are padded to a multiple of it:
+    the row count is the routing's, often without useful factors, unlike the model dims K and N."""
+    b = preferred
+    while b > TILE and b // 2 >= M:
+        b //= 2
+    return b
+
+
+def _pad2(x, rows: int, cols: int):
+    return jnp.pad(x, ((0, rows - x.shape[0]), (0, cols - x.shape[1])))
+
+
+def _cdiv_traced(a, b: int):
+    return (a + b - 1) // b
+
+
+def _visits(group_sizes_G, M: int, bm: int, T: int, *, tail_tiles: bool, empty_groups: bool):
+    """int32 [V] arrays (group, row tile, lo, hi) of V = T + G - 1 visits; rows [lo, hi) of the tile are the
+    group's (lo == hi: nothing to compute). `tail_tiles`: also visit tiles past the groups (row kernels zero
+    them). `empty_groups`: visit every group at least once (weight kernels zero theirs)."""
+    G = group_sizes_G.shape[0]
+    starts_G, ends_G = group_bounds(group_sizes_G, M)
+    nonempty_G = ends_G > starts_G
+    first_G = jnp.minimum(starts_G // bm, T - 1)
+    last_G = jnp.maximum(ends_G - 1, 0) // bm
+    count_G = jnp.where(nonempty_G, last_G - first_G + 1, 1 if empty_groups else 0)
+    cum_G = jnp.cumsum(count_G)
+    real = cum_G[-1]
+    v_V = jnp.arange(T + G - 1, dtype=jnp.int32)
+    g_V = jnp.minimum(jnp.searchsorted(cum_G, v_V, side="right"), G - 1).astype(jnp.int32)
+    tile_V = first_G[g_V] + v_V - (cum_G[g_V] - count_G[g_V])
+    in_groups_V = v_V < real
+    lo_V = jnp.where(in_groups_V, jnp.maximum(starts_G[g_V], tile_V * bm), 0)
+    hi_V = jnp.where(in_groups_V, jnp.minimum(ends_G[g_V], (tile_V + 1) * bm), 0)
+    if tail_tiles:     # tiles no group reaches, then repeats of the last tile (T - 1), which do nothing
+        tail_V = _cdiv_traced(ends_G[-1], bm) + v_V - real
+        tile_V = jnp.where(in_groups_V, tile_V, jnp.minimum(tail_V, T - 1))
+    else:              # repeats of the last visit's tile (that of group G - 1)
+        tile_V = jnp.where(in_groups_V, tile_V, tile_V[jnp.maximum(real - 1, 0)])
+    return tuple(a.astype(jnp.int32) for a in (g_V, tile_V, lo_V, hi_V))
+
+
+def _div(a, b: int):
+    """a // b for a >= 0. lax's truncating ops: jnp's flooring // and % add a `sign`, whose Mosaic lowering asks
+    for the TPU generation (so lowering on a CPU host would fail)."""
+    return jax.lax.div(a, jnp.int32(b))
+
+
+def _rem(a, b: int):
+    """a % b for a >= 0."""
+    return jax.lax.rem(a, jnp.int32(b))
+
+
+def _pick_column(block, idx):
+    """(r, 128) -> (r, 1): column `idx` (traced), by a one-hot lane sum (exact; no dynamic lane slicing)."""
+    lanes = jax.lax.broadcasted_iota(jnp.int32, block.shape, 1)
+    return jnp.sum(jnp.where(lanes == idx, block, 0.0), axis=1, keepdims=True)
+
+
+def _pick_row(block, idx):
+    """(8, c) -> (1, c): row `idx` (traced), by a one-hot sublane sum."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, block.shape, 0)
+    return jnp.sum(jnp.where(rows == idx, block, 0.0), axis=0, keepdims=True)
+
+
+def _row_mask(tile, lo, hi, shape, bm: int):
+    rows = tile * bm + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    return (rows >= lo) & (rows < hi)
+
+
+def _row_kernel(group_ref, tile_ref, lo_ref, hi_ref, *refs, bm: int, dims, scaled: bool, compute_dtype):
+    if scaled:
+        lhs_ref, rhs_ref, sa_ref, sb_ref, out_ref, acc_ref = refs
+    else:
+        lhs_ref, rhs_ref, out_ref, acc_ref = refs
+    del group_ref
+    v, k = pl.program_id(1), pl.program_id(2)
+    tile, lo, hi = tile_ref[v], lo_ref[v], hi_ref[v]
+    busy = lo < hi
+
+    @pl.when(k == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(busy)
+    def _accumulate():
+        if not scaled:
+            acc_ref[...] += jax.lax.dot_general(lhs_ref[...].astype(compute_dtype), rhs_ref[...].astype(compute_dtype),
+                                                dims, preferred_element_type=jnp.float32)
+            return
+        acc, sa, sb = acc_ref[...], sa_ref[...], sb_ref[...]
+        for s in range(lhs_ref.shape[1] // TILE):    # promotion: one scaled float32 partial per 128 of K
+            cols, kb = slice(s * TILE, (s + 1) * TILE), k * (lhs_ref.shape[1] // TILE) + s
+            partial = jax.lax.dot_general(lhs_ref[:, cols].astype(jnp.bfloat16),
+                                          rhs_ref[:, cols].astype(jnp.bfloat16), _NT,
+                                          preferred_element_type=jnp.float32)
+            acc = acc + partial * _pick_column(sa, _rem(kb, TILE)) * _pick_row(sb, _rem(kb, 8))
+        acc_ref[...] = acc
+
+    @pl.when(k == pl.num_programs(2) - 1)
+    def _store():
+        mask = _row_mask(tile, lo, hi, acc_ref.shape, bm)
+        first = (v == 0) | (tile_ref[jnp.maximum(v - 1, 0)] != tile)
+
+        @pl.when(first)
+        def _first_visit_of_tile():
+            out_ref[...] = jnp.where(mask, acc_ref[...], 0.0).astype(out_ref.dtype)
+
+        @pl.when(jnp.logical_not(first) & busy)
+        def _later_visit_of_tile():
+            out_ref[...] = jnp.where(mask, acc_ref[...], out_ref[...].astype(jnp.float32)).astype(out_ref.dtype)
+
+
+def _row_call(lhs_MC, rhs, group_sizes_G, scales, *, rhs_nc: bool, O: int, out_dtype, interpret: bool,
+              bs: BlockSizes):
+    """The row kernels. rhs is [G, C, O] (rhs_nc False) or [G, O, C]; scales None or (a_scale [M, Cb],
+    b_scale [G, Ob, Cb]) for FP8 operands."""
+    M, C = lhs_MC.shape
+    bm = _row_block(M, bs.m)
+    Mp, Cp, Op = _round_up(M, bm), _round_up(C, TILE), _round_up(O, TILE)
+    bc, bo = _block(Cp, bs.k), _block(Op, bs.n)
+    T = Mp // bm
+    visits = _visits(group_sizes_G, M, bm, T, tail_tiles=True, empty_groups=False)
+    lhs = _pad2(lhs_MC, Mp, Cp)
+    pads = ((0, 0), (0, Op - O), (0, Cp - C)) if rhs_nc else ((0, 0), (0, Cp - C), (0, Op - O))
+    rhs = jnp.pad(rhs, pads)
+
+    def kk(v, k, lo, hi):      # idle visits keep the contraction index still: no refetch
+        return jnp.where(lo[v] < hi[v], k, 0)
+
+    in_specs = [
+        pl.BlockSpec((bm, bc), lambda j, v, k, g, t, lo, hi: (t[v], kk(v, k, lo, hi))),
+        pl.BlockSpec((_SQUEEZED, bo, bc), lambda j, v, k, g, t, lo, hi: (g[v], j, kk(v, k, lo, hi))) if rhs_nc else
+        pl.BlockSpec((_SQUEEZED, bc, bo), lambda j, v, k, g, t, lo, hi: (g[v], kk(v, k, lo, hi), j)),
+    ]
+    operands = [lhs, rhs]
+    if scales is not None:
+        a_scale_MCb, b_scale_GObCb = scales
+        Cb, bcb = Cp // TILE, bc // TILE       # bcb (1, 2, 4 or 8) divides 8 and 128: a step's scales share a block
+        # a scales [Mp, Cb → 128k]: a (bm, 128) block holds the (bm, 1) columns of 128 K blocks. b scales
+        # repeated along N, [G, Cb → 8k, Op]: an (8, bo) block holds the (1, bo) rows of 8 K blocks. (Shapes
+        # whose last dim is 1, or second-last 1, would be padded 128× / 8× in TPU memory.)
+        sa = _pad2(a_scale_MCb.astype(jnp.float32), Mp, _round_up(Cb, TILE))
+        sb = jnp.repeat(jnp.swapaxes(b_scale_GObCb.astype(jnp.float32), 1, 2), TILE, axis=2)
+        sb = jnp.pad(sb, ((0, 0), (0, _round_up(Cb, 8) - Cb), (0, 0)))
+        in_specs += [
+            pl.BlockSpec((bm, TILE), lambda j, v, k, g, t, lo, hi: (t[v], _div(kk(v, k, lo, hi) * bcb, TILE))),
+            pl.BlockSpec((_SQUEEZED, 8, bo), lambda j, v, k, g, t, lo, hi: (g[v], _div(kk(v, k, lo, hi) * bcb, 8), j)),
+        ]
+        operands += [sa, sb]
+    kernel = functools.partial(_row_kernel, bm=bm, dims=_NT if rhs_nc else _NN, scaled=scales is not None,
+                               compute_dtype=jnp.promote_types(lhs.dtype, rhs.dtype))
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=4,
+            grid=(Op // bo, visits[0].shape[0], Cp // bc),
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((bm, bo), lambda j, v, k, g, t, lo, hi: (t[v], j)),
+            scratch_shapes=[pltpu.VMEM((bm, bo), jnp.float32)],
+        ),
+        out_shape=jax.ShapeDtypeStruct((Mp, Op), out_dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+        interpret=interpret,
+    )(*visits, *operands)
+    return out[:M, :O]
+
+
+def _weight_kernel(group_ref, tile_ref, lo_ref, hi_ref, *refs, bm: int, scaled: bool, compute_dtype):
+    if scaled:
+        a_ref, b_ref, sa_ref, sb_ref, out_ref, acc_ref = refs
+    else:
+        a_ref, b_ref, out_ref, acc_ref = refs
+    v, last_v = pl.program_id(2), pl.num_programs(2) - 1
+    group, tile, lo, hi = group_ref[v], tile_ref[v], lo_ref[v], hi_ref[v]
+
+    @pl.when((v == 0) | (group_ref[jnp.maximum(v - 1, 0)] != group))
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(lo < hi)
+    def _accumulate():
+        if not scaled:    # a = x tile [bm, bk], b = dy tile [bm, bn]: rows of other groups masked to 0
+            x = jnp.where(_row_mask(tile, lo, hi, a_ref.shape, bm), a_ref[...].astype(jnp.float32), 0.0)
+            dy = jnp.where(_row_mask(tile, lo, hi, b_ref.shape, bm), b_ref[...].astype(jnp.float32), 0.0)
+            # xᵀ by an explicit float32 transpose (well supported by Mosaic), then a plain [k, m] · [m, n] dot.
+            acc_ref[...] += jax.lax.dot_general(x.T.astype(compute_dtype), dy.astype(compute_dtype), _NN,
+                                                preferred_element_type=jnp.float32)
+            return
+        # a = xᵀ tile [bk, bm], b = dyᵀ tile [bn, bm]; groups are 128-aligned, so each 128 rows is in or out.
+        sa, sb = sa_ref[...], sb_ref[...]
+        for s in range(a_ref.shape[1] // TILE):
+            mb = tile * (bm // TILE) + s     # the 128-row block: its scales' column in sa and row in sb
+
+            @pl.when((mb * TILE >= lo) & (mb * TILE < hi))
+            def _sub_tile():
+                cols = slice(s * TILE, (s + 1) * TILE)
+                partial = jax.lax.dot_general(a_ref[:, cols].astype(jnp.bfloat16), b_ref[:, cols].astype(jnp.bfloat16),
+                                              _NT, preferred_element_type=jnp.float32)
+                acc_ref[...] += partial * _pick_column(sa, _rem(mb, TILE)) * _pick_row(sb, _rem(mb, 8))
+
+    @pl.when((v == last_v) | (group_ref[jnp.minimum(v + 1, last_v)] != group))
+    def _store():
+        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+
+
+def _weight_call(a, b, group_sizes_G, scales, *, transposed: bool, out_dtype, interpret: bool, bs: BlockSizes):
+    """The weight kernels: a = x [M, K], b = dy [M, N] (transposed False) or a = xᵀ [K, M], b = dyᵀ [N, M] with
+    scales (a_scale [K, Mb], b_scale [N, Mb]) for FP8 operands. Result [G, K, N]."""
+    if transposed:
+        (K, M), N = a.shape, b.shape[0]
+    else:
+        (M, K), N = a.shape, b.shape[1]
+    G = group_sizes_G.shape[0]
+    bm = _row_block(M, bs.m)
+    Mp, Kp, Np = _round_up(M, bm), _round_up(K, TILE), _round_up(N, TILE)
+    bk, bn = _block(Kp, bs.k), _block(Np, bs.n)
+    T = Mp // bm
+    visits = _visits(group_sizes_G, M, bm, T, tail_tiles=False, empty_groups=True)
+    if transposed:
+        operands = [_pad2(a, Kp, Mp), _pad2(b, Np, Mp)]
+        in_specs = [pl.BlockSpec((bk, bm), lambda i, j, v, g, t, lo, hi: (i, t[v])),
+                    pl.BlockSpec((bn, bm), lambda i, j, v, g, t, lo, hi: (j, t[v]))]
+    else:
+        operands = [_pad2(a, Mp, Kp), _pad2(b, Mp, Np)]
+        in_specs = [pl.BlockSpec((bm, bk), lambda i, j, v, g, t, lo, hi: (t[v], i)),
+                    pl.BlockSpec((bm, bn), lambda i, j, v, g, t, lo, hi: (t[v], j))]
+    if scales is not None:
+        a_scale_KMb, b_scale_NMb = scales
+        Mb, bmb = Mp // TILE, bm // TILE       # bmb (1, 2, 4 or 8) divides 8 and 128: a tile's scales share a block
+        # a scales [Kp, Mb → 128k]: a (bk, 128) block holds the (bk, 1) columns of 128 row blocks; b scales
+        # transposed, [Mb → 8k, Np]: an (8, bn) block holds the (1, bn) rows of 8 row blocks.
+        operands += [_pad2(a_scale_KMb.astype(jnp.float32), Kp, _round_up(Mb, TILE)),
+                     _pad2(b_scale_NMb.astype(jnp.float32).T, _round_up(Mb, 8), Np)]
+        in_specs += [pl.BlockSpec((bk, TILE), lambda i, j, v, g, t, lo, hi: (i, _div(t[v] * bmb, TILE))),
+                     pl.BlockSpec((8, bn), lambda i, j, v, g, t, lo, hi: (_div(t[v] * bmb, 8), j))]
+    kernel = functools.partial(_weight_kernel, bm=bm, scaled=scales is not None,
+                               compute_dtype=jnp.promote_types(a.dtype, b.dtype))
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=4,
+            grid=(Kp // bk, Np // bn, visits[0].shape[0]),
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((_SQUEEZED, bk, bn), lambda i, j, v, g, t, lo, hi: (g[v], i, j)),
+            scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32)],
+        ),
+        out_shape=jax.ShapeDtypeStruct((G, Kp, Np), out_dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+    )(*visits, *operands)
+    return out[:, :K, :N]
+
+
+_STATIC = ("out_dtype", "interpret", "bs")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _gmm(x_MK, w_GKN, group_sizes_G, *, out_dtype, interpret, bs):
+    return _row_call(x_MK, w_GKN, group_sizes_G, None, rhs_nc=False, O=w_GKN.shape[2], out_dtype=out_dtype,
+                     interpret=interpret, bs=bs)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _gmm_t(dy_MN, w_GKN, group_sizes_G, *, out_dtype, interpret, bs):
+    return _row_call(dy_MN, w_GKN, group_sizes_G, None, rhs_nc=True, O=w_GKN.shape[1], out_dtype=out_dtype,
+                     interpret=interpret, bs=bs)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _tgmm(x_MK, dy_MN, group_sizes_G, *, out_dtype, interpret, bs):
+    return _weight_call(x_MK, dy_MN, group_sizes_G, None, transposed=False, out_dtype=out_dtype,
+                        interpret=interpret, bs=bs)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _gmm_fp8(a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, group_sizes_G, *, out_dtype, interpret, bs):
+    return _row_call(a_q_MK, b_q_GNK, group_sizes_G, (a_scale_MKb, b_scale_GNbKb), rhs_nc=True,
+                     O=b_q_GNK.shape[1], out_dtype=out_dtype, interpret=interpret, bs=bs)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _tgmm_fp8(a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, group_sizes_G, *, out_dtype, interpret, bs):
+    return _weight_call(a_q_KM, b_q_NM, group_sizes_G, (a_scale_KMb, b_scale_NMb), transposed=True,
+                        out_dtype=out_dtype, interpret=interpret, bs=bs)
+
+
+# The protocol's functions: shapes checked eagerly (and tgmm_fp8's 128-multiple sizes when they are concrete),
+# then the jitted kernel; `block_sizes` picks the tiles (tests use 128 everywhere to exercise many tiles).
+
+def gmm(x_MK, w_GKN, group_sizes_G, *, out_dtype, interpret: bool = False, block_sizes: BlockSizes = BlockSizes()):
+    """y[rows of g] = x[rows of g] · w[g]; float32 accumulation."""
+    M, _, N, _ = reference.check_rows("gmm", x_MK, w_GKN, group_sizes_G, contract_axis=1)
+    if M == 0:
+        return jnp.zeros((0, N), out_dtype)
+    return _gmm(x_MK, w_GKN, group_sizes_G, out_dtype=jnp.dtype(out_dtype), interpret=interpret, bs=block_sizes)
+
+
+def gmm_t(dy_MN, w_GKN, group_sizes_G, *, out_dtype, interpret: bool = False, block_sizes: BlockSizes = BlockSizes()):
+    """dx[rows of g] = dy[rows of g] · w[g]ᵀ; float32 accumulation."""
+    M, _, K, _ = reference.check_rows("gmm_t", dy_MN, w_GKN, group_sizes_G, contract_axis=2)
+    if M == 0:
+        return jnp.zeros((0, K), out_dtype)
+    return _gmm_t(dy_MN, w_GKN, group_sizes_G, out_dtype=jnp.dtype(out_dtype), interpret=interpret, bs=block_sizes)
+
+
+def tgmm(x_MK, dy_MN, group_sizes_G, *, out_dtype, interpret: bool = False, block_sizes: BlockSizes = BlockSizes()):
+    """dw[g] = x[rows of g]ᵀ · dy[rows of g] -> [G, K, N]; zeros for empty groups; float32 accumulation."""
+    M, K, N, G = reference.check_tgmm("tgmm", x_MK, dy_MN, group_sizes_G)
+    if M == 0:
+        return jnp.zeros((G, K, N), out_dtype)
+    return _tgmm(x_MK, dy_MN, group_sizes_G, out_dtype=jnp.dtype(out_dtype), interpret=interpret, bs=block_sizes)
+
+
+def gmm_fp8(a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, group_sizes_G, *, out_dtype, interpret: bool = False,
+            block_sizes: BlockSizes = BlockSizes()):
+    """y[rows of g] = dequant(a)[rows of g] · dequant(b[g])ᵀ, a in 1×128 tiles, b [G, N, K] in 128×128 blocks."""
+    M, _, N, _ = reference.check_gmm_fp8("gmm_fp8", a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, group_sizes_G)
+    if M == 0:
+        return jnp.zeros((0, N), out_dtype)
+    return _gmm_fp8(a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, group_sizes_G, out_dtype=jnp.dtype(out_dtype),
+                    interpret=interpret, bs=block_sizes)
+
+
+def tgmm_fp8(a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, group_sizes_G, *, out_dtype, interpret: bool = False,
+             block_sizes: BlockSizes = BlockSizes()):
+    """dw[g] = dequant(a)[:, rows of g] · dequant(b)[:, rows of g]ᵀ -> [G, K, N]; a, b in 1×128 tiles along M.
+    Every group size must be a multiple of 128 (checked when the sizes are known at trace time)."""
+    M, K, N, G = reference.check_tgmm_fp8("tgmm_fp8", a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, group_sizes_G)
+    if M == 0:
+        return jnp.zeros((G, K, N), out_dtype)
+    return _tgmm_fp8(a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, group_sizes_G, out_dtype=jnp.dtype(out_dtype),
+                     interpret=interpret, bs=block_sizes)
