@@ -24,7 +24,8 @@ import shlex
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
-BENCHMARKS = ("sharding_memory", "ep_buffers", "pipeline_bubbles", "fp8_training", "fp8_gemm")
+BENCHMARKS = ("sharding_memory", "ep_buffers", "pipeline_bubbles", "fp8_training", "fp8_gemm", "moe", "train_step",
+              "decode")
 DEFAULT_OUT_DIR = "bench_results"
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 

@@ -24,6 +24,9 @@ USES_JAX = True
 # groups × rows per group, K → N: DeepSeek-V3 experts (32 local experts at 32K tokens; 256 experts at 4K) and the
 # `small` preset (64 experts, 8K tokens, top-6).
 GEMM_SHAPES = "32x1024x7168x2048,32x1024x2048x7168,64x768x1024x512,256x128x7168x2048"
+# tokens × dim × top-k × experts: DeepSeek-V3 (16K tokens) and the `small` preset (batch 8 × 2048)
+DISPATCH_SHAPES = "16384x7168x8x256,16384x1024x6x64"
+SECTIONS = ("gemm", "dispatch", "layer")
 
 
 def add_arguments(parser) -> None:
@@ -35,16 +38,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--iters", type=int, default=20, help="timed calls per variant (default: %(default)s)")
     parser.add_argument("--interpret", action="store_true",
                         help="run the GPU kernels in JAX's GPU interpreter (CPU hosts; small shapes only)")
-    parser.add_argument("--sections", default="gemm", help="comma-separated: gemm (default: %(default)s)")
+    parser.add_argument("--dispatch-shapes", default=DISPATCH_SHAPES, metavar="TxDxKxE,...",
+                        help="dispatch/combine shapes: tokens x dim x top-k x experts (default: %(default)s)")
+    parser.add_argument("--layer-config", default="small", help="model preset of the MoE layer row (default: %(default)s)")
+    parser.add_argument("--layer-tokens", type=int, default=16384, help="tokens through the layer (default: %(default)s)")
+    parser.add_argument("--sections", default="gemm,dispatch,layer",
+                        help="comma-separated subset of gemm,dispatch,layer (default: %(default)s)")
 
 
-def parse_gemm_shapes(text: str) -> list[tuple[int, int, int, int]]:
+def parse_shapes(flag: str, form: str, text: str) -> list[tuple[int, ...]]:
+    """Comma-separated AxBx... with len(form) positive sizes, else SystemExit naming `flag`."""
     try:
         shapes = [tuple(int(d) for d in s.lower().split("x")) for s in text.split(",") if s]
     except ValueError:
-        raise SystemExit(f"--gemm-shapes: expected comma-separated GxRxKxN, got {text!r}") from None
-    if not shapes or any(len(s) != 4 or min(s) < 1 for s in shapes):
-        raise SystemExit(f"--gemm-shapes: expected comma-separated GxRxKxN with positive sizes, got {text!r}")
+        shapes = []
+    if not shapes or any(len(s) != len(form) or min(s) < 1 for s in shapes):
+        raise SystemExit(f"{flag}: expected comma-separated {'x'.join(form)} with positive sizes, got {text!r}")
     return shapes
 
 
@@ -105,6 +114,7 @@ def gemm_row(args, G, R, K, N) -> dict:
     from experiments.bench.timing import median_seconds
     from pallas_kernels.fp8 import quantize_1x128, quantize_128x128
     from pallas_kernels.grouped_matmul import gpu as gmm_gpu
+    from pallas_kernels.grouped_matmul import reference as gmm_reference
 
     sizes = group_sizes(G, R, args.skew)
     M = int(sizes.sum())
@@ -146,12 +156,13 @@ def gemm_row(args, G, R, K, N) -> dict:
                 row[name] = flops / median_seconds(fn, *operands, iters=args.iters)["median"] / 1e12
         except Exception as e:   # noqa: BLE001  one failing variant must not hide the others
             row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:200]
-    ref = np.asarray(jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), gs,
-                                        precision="highest"), np.float64)
-    for name in ("ours_bf16", "ours_fp8_blockwise"):
+    # bf16 against the float32 product; FP8 against the reference kernel on the same FP8 inputs (float32 output)
+    refs = {"ours_bf16": jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), gs, precision="highest"),
+            "ours_fp8_blockwise": gmm_reference.gmm_fp8(x_q, x_s, w_q_GNK, w_s_GNbKb, gs, out_dtype=jnp.float32)}
+    for name, want in refs.items():
         if name in outputs:
-            y = np.asarray(outputs[name], np.float64)
-            row[f"{name}_rel_err"] = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))
+            y, want = np.asarray(outputs[name], np.float64), np.asarray(want, np.float64)
+            row[f"{name}_rel_err"] = float(np.max(np.abs(y - want)) / np.max(np.abs(want)))
     for name, t in ({} if interpret else _torch_gemm(x, w, sizes, args.iters)).items():
         row[name] = flops / t["median"] / 1e12 if "median" in t else None
         if "error" in t:
@@ -163,14 +174,118 @@ def gemm_row(args, G, R, K, N) -> dict:
     return row
 
 
+def random_routing(T: int, K: int, E: int, seed: int = 0):
+    """Top-K distinct experts per token, skewed like a real router (a Zipf-ish expert popularity)."""
+    import jax
+    import jax.numpy as jnp
+
+    popularity = jnp.log(1.0 / jnp.arange(1, E + 1, dtype=jnp.float32))
+    logits = popularity + jax.random.gumbel(jax.random.key(seed), (T, E))
+    weights, experts = jax.lax.top_k(logits, K)
+    return experts.astype(jnp.int32), jax.nn.softmax(weights, axis=-1)
+
+
+def dispatch_rows(args, T, D, K, E) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments.bench.timing import median_seconds
+    from pallas_kernels import dispatch as dk
+
+    x = jax.random.normal(jax.random.key(T + D), (T, D), jnp.float32).astype(jnp.bfloat16)
+    experts_TK, weights_TK = random_routing(T, K, E)
+    impl = "gpu" if args.interpret else dk.default_impl()
+    N = T * K
+    row_bytes = D * 2
+    rows = []
+    ref = dk.dispatch(x, experts_TK, E, impl="reference")
+    cases = {
+        # name: (function, operands, bytes read + written)
+        "dispatch_bf16": (lambda a, e: dk.dispatch(a, e, E, impl=impl, interpret=args.interpret).x_ND,
+                          (x, experts_TK), 2 * N * row_bytes),
+        "dispatch_fp8_fused": (lambda a, e: dk.dispatch(a, e, E, impl=impl, quantize=True,
+                                                        interpret=args.interpret).x_q_ND,
+                               (x, experts_TK), N * row_bytes + N * (D + 4 * -(-D // 128))),
+        "combine": (lambda y, w: dk.combine(y, w, ref.order_N, jnp.bfloat16, row_TK=ref.row_TK, impl=impl,
+                                            interpret=args.interpret),
+                    (ref.x_ND, weights_TK), N * row_bytes + T * row_bytes),
+    }
+    copy = jax.jit(lambda a: a * 2)   # one read and one write of the operand: the bandwidth ceiling
+    big = jnp.ones((N, D), jnp.bfloat16)
+    copy_gbs = None if args.interpret else 2 * N * row_bytes / median_seconds(copy, big, iters=args.iters)["median"] / 1e9
+    for name, (fn, operands, nbytes) in cases.items():
+        fn = jax.jit(fn)
+        row = {"section": "dispatch", "shape": f"T{T} D{D} top{K} E{E}", "op": name, "impl": impl,
+               "copy_GBps": copy_gbs}
+        out = fn(*operands)
+        if name == "dispatch_bf16":
+            row["exact"] = bool(np.array_equal(np.asarray(out, np.float32), np.asarray(ref.x_ND, np.float32)))
+        elif name == "combine":
+            want = dk.combine(ref.x_ND, weights_TK, ref.order_N, jnp.float32, impl="reference")
+            row["rel_err"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
+        if not args.interpret:
+            row["GBps"] = nbytes / median_seconds(fn, *operands, iters=args.iters)["median"] / 1e9
+            row["of_copy"] = row["GBps"] / copy_gbs
+        rows.append(row)
+    return rows
+
+
+def layer_rows(args) -> list[dict]:
+    """The MoE layer forward + backward (input and parameter gradients) on the platform's kernels vs the reference."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from dsv3_jax.moe.backend import MoEKernels, platform_kernels, use_kernels
+    from dsv3_jax.moe.layer import MoE
+    from dsv3_jax.presets import PRESETS
+    from experiments.bench.timing import median_seconds
+
+    if args.layer_config not in PRESETS:
+        raise SystemExit(f"--layer-config: unknown preset {args.layer_config!r}; choose from {sorted(PRESETS)}")
+    base = PRESETS[args.layer_config]
+    rows = []
+    for fp8 in (False, True):
+        config = dataclasses.replace(base, fp8=fp8)
+        x = jax.random.normal(jax.random.key(0), (1, args.layer_tokens, config.dim), jnp.float32)
+        x = x.astype(config.jnp_dtype)
+        variables = MoE(config).init(jax.random.key(1), x)
+        kernels = (MoEKernels("tpu", "tpu", interpret=True) if args.interpret
+                   else platform_kernels(config.jnp_dtype))
+        results = {}
+        for label, k in (("kernels", kernels), ("reference", MoEKernels())):
+            def loss(params, x_BTD, k=k):
+                with use_kernels(k):
+                    out, _ = MoE(config).apply({**variables, "params": params}, x_BTD)
+                return jnp.mean(out.astype(jnp.float32) ** 2)
+
+            step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+            value, grads = step(variables["params"], x)
+            t = None if args.interpret else median_seconds(step, variables["params"], x, iters=args.iters)["median"]
+            results[label] = (value, grads, t)
+        (v_k, g_k, t_k), (v_r, g_r, t_r) = results["kernels"], results["reference"]
+        rel = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) /
+                        jnp.maximum(jnp.max(jnp.abs(b.astype(jnp.float32))), 1e-30))
+                  for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_r)))
+        rows.append({"section": "layer", "shape": f"{args.layer_config} T{args.layer_tokens}", "fp8": fp8,
+                     "kernels": f"{kernels.dispatch_impl}/{kernels.grouped_matmul_impl}",
+                     "ms_kernels": t_k and t_k * 1e3, "ms_reference": t_r and t_r * 1e3,
+                     "speedup": (t_r / t_k) if t_k else None, "grad_rel_err": rel,
+                     "loss_rel_err": float(abs(v_k - v_r) / abs(v_r))})
+    return rows
+
+
 def run(args) -> dict:
     from pallas_kernels.fp8.api import is_hopper
 
     sections = [s for s in args.sections.split(",") if s]
-    unknown = sorted(set(sections) - {"gemm"})
-    if unknown:
-        raise SystemExit(f"--sections: unknown {unknown}; choose from gemm")
-    shapes = parse_gemm_shapes(args.gemm_shapes)
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or not sections:
+        raise SystemExit(f"--sections: unknown {unknown}; choose from {','.join(SECTIONS)}")
+    gemm_shapes = parse_shapes("--gemm-shapes", "GRKN", args.gemm_shapes)
+    dispatch_shapes = parse_shapes("--dispatch-shapes", "TDKE", args.dispatch_shapes)
     if not 0.0 <= args.skew < 1.0:
         raise SystemExit(f"--skew must be in [0, 1), got {args.skew}")
     if not args.interpret and not is_hopper():
@@ -178,9 +293,14 @@ def run(args) -> dict:
                          "--interpret with small shapes (a correctness run, not a measurement)")
     rows = []
     if "gemm" in sections:
-        rows += [gemm_row(args, *shape) for shape in shapes]
+        rows += [gemm_row(args, *shape) for shape in gemm_shapes]
+    if "dispatch" in sections:
+        rows += [r for shape in dispatch_shapes for r in dispatch_rows(args, *shape)]
+    if "layer" in sections:
+        rows += layer_rows(args)
     return {"rows": rows, "baseline": BASELINE, "interpreted": bool(args.interpret),
-            "units": {"gemm": "TFLOP/s (2·rows·K·N / median seconds)"}}
+            "units": {"gemm": "TFLOP/s (2·rows·K·N / median seconds)", "dispatch": "GB/s read + written",
+                      "layer": "ms per forward + backward"}}
 
 
 def table(result) -> str:
@@ -190,4 +310,17 @@ def table(result) -> str:
             ("ragged_dot", "xla_ragged_dot_bf16", ".0f"), ("jax mgpu ex.", "jax_example_ragged_dot_mgpu", ".0f"),
             ("bf16/base", "ours_bf16_vs_base", ".2f"), ("fp8/base", "ours_fp8_blockwise_vs_base", ".2f"),
             ("err bf16", "ours_bf16_rel_err", ".1e"), ("err fp8", "ours_fp8_blockwise_rel_err", ".1e")]
-    return "grouped GEMM (TFLOP/s)\n" + format_table(gemm, cols)
+    parts = ["grouped GEMM (TFLOP/s)\n" + format_table(gemm, cols)] if gemm else []
+    dispatch = [r for r in result["rows"] if r["section"] == "dispatch"]
+    if dispatch:
+        parts.append("dispatch / combine (GB/s, read + written)\n" + format_table(dispatch, [
+            ("shape", "shape", "s"), ("op", "op", "s"), ("impl", "impl", "s"), ("GB/s", "GBps", ".0f"),
+            ("copy GB/s", "copy_GBps", ".0f"), ("of copy", "of_copy", ".2f"), ("exact", "exact", ""),
+            ("rel err", "rel_err", ".1e")]))
+    layer = [r for r in result["rows"] if r["section"] == "layer"]
+    if layer:
+        parts.append("MoE layer forward + backward (ms)\n" + format_table(layer, [
+            ("shape", "shape", "s"), ("fp8", "fp8", ""), ("kernels", "kernels", "s"), ("ours", "ms_kernels", ".2f"),
+            ("reference", "ms_reference", ".2f"), ("speedup", "speedup", ".2f"), ("grad err", "grad_rel_err", ".1e"),
+            ("loss err", "loss_rel_err", ".1e")]))
+    return "\n\n".join(parts)
