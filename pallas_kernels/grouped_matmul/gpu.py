@@ -457,28 +457,29 @@ def _gmm(x_MK, w_GKN, group_sizes_G, *, transpose_w: bool, out_dtype, interpret,
     return y[:x_MK.shape[0], :w_GKN.shape[1 if transpose_w else 2]]
 
 
+def _checked_gmm(name, rows_MC, w_GKN, group_sizes_G, *, transpose_w, out_dtype, interpret, tiling):
+    """gmm / gmm_t after their checks: rows_MC contracts with w's K (gmm) or N (gmm_t, w transposed)."""
+    G, contraction = w_GKN.shape[0], w_GKN.shape[2 if transpose_w else 1]
+    rows_name = "dy_MN" if transpose_w else "x_MK"
+    if rows_MC.shape[1] != contraction:
+        raise ValueError(f"{name}: {rows_name} is {rows_MC.shape} but w_GKN is {w_GKN.shape}: contraction sizes "
+                         "differ")
+    sizes = _check_groups(group_sizes_G, G, name)
+    t = _tiling(tiling, "gmm", _operand_dtype(rows_MC, rows_name), out_dtype)
+    return _gmm(rows_MC, w_GKN, sizes, transpose_w=transpose_w, out_dtype=jnp.dtype(out_dtype),
+                interpret=mg.interpret_params(interpret), tiling=t)
+
+
 def gmm(x_MK, w_GKN, group_sizes_G, *, out_dtype, interpret=False, tiling: GpuTiling | None = None):
     """y[rows of g] = x[rows of g] @ w[g] (rows past sum(group_sizes) are 0). w is cast to x's dtype."""
-    M, K = x_MK.shape
-    G, K2, N = w_GKN.shape
-    if K != K2:
-        raise ValueError(f"gmm: x_MK is {x_MK.shape} but w_GKN is {w_GKN.shape}: contraction sizes differ")
-    sizes = _check_groups(group_sizes_G, G, "gmm")
-    t = _tiling(tiling, "gmm", _operand_dtype(x_MK, "x_MK"), out_dtype)
-    return _gmm(x_MK, w_GKN, sizes, transpose_w=False, out_dtype=jnp.dtype(out_dtype),
-                interpret=mg.interpret_params(interpret), tiling=t)
+    return _checked_gmm("gmm", x_MK, w_GKN, group_sizes_G, transpose_w=False, out_dtype=out_dtype,
+                        interpret=interpret, tiling=tiling)
 
 
 def gmm_t(dy_MN, w_GKN, group_sizes_G, *, out_dtype, interpret=False, tiling: GpuTiling | None = None):
     """dx[rows of g] = dy[rows of g] @ w[g].T (rows past sum(group_sizes) are 0). w is cast to dy's dtype."""
-    M, N = dy_MN.shape
-    G, K, N2 = w_GKN.shape
-    if N != N2:
-        raise ValueError(f"gmm_t: dy_MN is {dy_MN.shape} but w_GKN is {w_GKN.shape}: contraction sizes differ")
-    sizes = _check_groups(group_sizes_G, G, "gmm_t")
-    t = _tiling(tiling, "gmm", _operand_dtype(dy_MN, "dy_MN"), out_dtype)
-    return _gmm(dy_MN, w_GKN, sizes, transpose_w=True, out_dtype=jnp.dtype(out_dtype),
-                interpret=mg.interpret_params(interpret), tiling=t)
+    return _checked_gmm("gmm_t", dy_MN, w_GKN, group_sizes_G, transpose_w=True, out_dtype=out_dtype,
+                        interpret=interpret, tiling=tiling)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "tiling"))

@@ -17,6 +17,7 @@ import pytest
 from pallas_kernels.fp8 import quantize_1x128, quantize_128x128
 from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_fp8
 from pallas_kernels.grouped_matmul import reference, tpu
+from tests.pallas_kernels.test_grouped_matmul_reference import np_tgmm
 
 # At the api's default tiles (BlockSizes()), K = 384 gives the FP8 forward three 128-wide K steps and the data and
 # weight gradients 256-wide tiles of two 128 sub-blocks each; 300 rows make two 256-row tiles. The kernel tests
@@ -49,13 +50,6 @@ def np_gmm(x, w_GKN, sizes):
         start += n
     return y
 
-
-def np_tgmm(x, dy, sizes):
-    dw, start = np.zeros((len(sizes), x.shape[1], dy.shape[1])), 0
-    for g, n in enumerate(sizes):
-        dw[g] = np.asarray(x[start:start + n], np.float64).T @ np.asarray(dy[start:start + n], np.float64)
-        start += n
-    return dw
 
 
 def deepgemm_diff(x, y):
