@@ -200,7 +200,7 @@ def _row_kernel(a_MK, b_GXY, group_sizes_G, scales, *, b_layout: str, t: GpuTili
     k_steps, n_tiles = K // bk, N // bn
     dtype = a_MK.dtype
     epi = t.epilogue_n or wn
-    emulate = interpret is not None   # interpret mode: no layouts, no transposed WGMMA operands
+    emulate = interpret is not None   # interpret mode: no register layouts (transposed operands work, see mg)
     items = row_tile_items(group_sizes_G, M, bm)
     num_items = items[0].shape[0]
     a_swizzle = mg.swizzled(bk, dtype)
@@ -233,14 +233,11 @@ def _row_kernel(a_MK, b_GXY, group_sizes_G, scales, *, b_layout: str, t: GpuTili
         zero = jnp.int32(0)
         allocs = dict(pipe=pipeline(in_specs(zero, zero), ignore, ignore).get_allocations(*gmem_in(zero)),
                       out_smem=plgpu.SMEM((wgs, min(2, wn // epi), wm, epi), out_dtype))
-        if emulate and b_layout == "nk":
-            allocs["b_t"] = plgpu.SMEM((wgs, bk, wn), dtype)
 
         def wg_b(b_s):
             return b_s.at[:, wg_cols] if b_layout == "kn" else b_s.at[wg_cols]
 
-        def scope(pipe, out_smem, b_t=None):
-            scratch = (None, None if b_t is None else b_t.at[wg])
+        def scope(pipe, out_smem):
 
             # Persistent CTAs walk the (item, N tile) list, N fastest: neighbours share rows and weights in L2.
             @plgpu.nd_loop((num_items * n_tiles,), collective_axes="cta")
@@ -256,7 +253,7 @@ def _row_kernel(a_MK, b_GXY, group_sizes_G, scales, *, b_layout: str, t: GpuTili
 
                 def bf16_step(_, a_s, b_s, acc_ref):
                     mg.wgmma(acc_ref, a_s.at[wg_rows], wg_b(b_s), a_transposed=False,
-                             b_transposed=b_layout == "nk", scratch=scratch)
+                             b_transposed=b_layout == "nk")
                     # Wait before the slot is released: the pipeline does not release a delayed last slot
                     # before the next tile's prologue refills it. The other warpgroup keeps the tensor cores busy.
                     plgpu.wgmma_wait(0)
@@ -272,8 +269,7 @@ def _row_kernel(a_MK, b_GXY, group_sizes_G, scales, *, b_layout: str, t: GpuTili
                     (k,) = idx
 
                     def partial_scope(p_ref):
-                        mg.wgmma(p_ref, a_s.at[wg_rows], wg_b(b_s), a_transposed=False, b_transposed=True,
-                                 scratch=scratch)
+                        mg.wgmma(p_ref, a_s.at[wg_rows], wg_b(b_s), a_transposed=False, b_transposed=True)
                         return p_ref[...]
                     partial_MN = pl.run_scoped(partial_scope, plgpu.ACC((wm, wn), jnp.float32))
                     scale_M = mg.row_vector(sa_s.at[wg_rows], emulate) * sb_gmem[seg, first_col // SCALE_BLOCK, k]
@@ -315,7 +311,7 @@ def _wgrad_kernel(a, b, group_sizes_G, scales, *, num_rows: int, t: GpuTiling, o
     n_tiles, k_tiles = N // bn, K // bm
     dtype = a.dtype
     epi = t.epilogue_n or wn
-    emulate = interpret is not None   # interpret mode: no layouts, no transposed WGMMA operands
+    emulate = interpret is not None   # interpret mode: no register layouts (transposed operands work, see mg)
     start_G, end_G = group_row_ranges(group_sizes_G, num_rows)
 
     def in_specs(first, kt, nt):
@@ -346,15 +342,10 @@ def _wgrad_kernel(a, b, group_sizes_G, scales, *, num_rows: int, t: GpuTiling, o
         allocs = dict(pipe=pipeline(in_specs(zero, zero, zero), t.stages, ignore, ignore).get_allocations(*gmem_in),
                       out_smem=plgpu.SMEM((wgs, min(2, wn // epi), wm, epi), out_dtype,
                                           transforms=mg.swizzled(epi, out_dtype)))
-        if emulate and fp8:
-            allocs["b_t"] = plgpu.SMEM((wgs, bk, wn), dtype)
-        elif emulate:
-            allocs["a_t"] = plgpu.SMEM((wgs, wm, bk), dtype)
         if not fp8 and wgs > 1:
             allocs["mask_barrier"] = plgpu.Barrier(num_arrivals=wgs)
 
-        def scope(pipe, out_smem, a_t=None, b_t=None, mask_barrier=None):
-            scratch = (None if a_t is None else a_t.at[wg], None if b_t is None else b_t.at[wg])
+        def scope(pipe, out_smem, mask_barrier=None):
 
             # Persistent CTAs walk the (group, K tile, N tile) list, N fastest: neighbours share x's columns.
             @plgpu.nd_loop((G * k_tiles * n_tiles,), collective_axes="cta")
@@ -389,7 +380,7 @@ def _wgrad_kernel(a, b, group_sizes_G, scales, *, num_rows: int, t: GpuTiling, o
                             plgpu.barrier_wait(mask_barrier)
 
                     mg.wgmma(acc_ref, a_s.at[:, wg_rows], b_s.at[:, wg_cols], a_transposed=True,
-                             b_transposed=False, scratch=scratch)
+                             b_transposed=False)
                     plgpu.wgmma_wait(0)   # see the row kernel
                     return acc_ref
 
@@ -401,8 +392,7 @@ def _wgrad_kernel(a, b, group_sizes_G, scales, *, num_rows: int, t: GpuTiling, o
 
                 def fp8_step(_, a_s, b_s, sa_s, sb_s, acc_MN):
                     def partial_scope(p_ref):
-                        mg.wgmma(p_ref, a_s.at[wg_rows], b_s.at[wg_cols], a_transposed=False, b_transposed=True,
-                                 scratch=scratch)
+                        mg.wgmma(p_ref, a_s.at[wg_rows], b_s.at[wg_cols], a_transposed=False, b_transposed=True)
                         return p_ref[...]
                     partial_MN = pl.run_scoped(partial_scope, plgpu.ACC((wm, wn), jnp.float32))
                     sa_M = mg.row_vector(sa_s.at[wg_rows], emulate)

@@ -1,8 +1,7 @@
 """Mosaic GPU building blocks shared by the grouped-matmul kernels in gpu.py.
 
-Interpret-mode switch, swizzled SMEM layouts, a WGMMA call that accepts transposed SMEM operands in interpret
-mode too (JAX 0.10's GPU interpreter cannot read an operand through `transpose_ref`, so there the tile is first
-copied transposed into a scratch buffer), and the epilogue that stores a register tile through SMEM with TMA,
+Interpret-mode switch (pallas_kernels.gpu_interpret: JAX's GPU interpreter plus transposed WGMMA operands),
+swizzled SMEM layouts, a WGMMA call on optionally transposed SMEM operands, and the epilogue that stores a register tile through SMEM with TMA,
 optionally only rows [lo, hi) of it.
 """
 
@@ -13,26 +12,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-try:  # private path; present in JAX 0.10 and 0.11
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-except ImportError:  # pragma: no cover - only on JAX versions without the GPU interpreter
-    InterpretGPUParams = None
+from pallas_kernels.gpu_interpret import resolve_interpret
 
 SMEM_BYTES = 232_448     # shared memory one H100 block may use (227 KiB)
 
 
 def interpret_params(interpret):
-    """False/None -> None (compile for the GPU); True -> InterpretGPUParams(); params pass through."""
+    """False/None -> None (compile for the GPU); True -> the interpreter's parameters; params pass through."""
     if interpret is None or interpret is False:
         return None
-    if InterpretGPUParams is None:
-        raise ValueError("interpret: this JAX has no Mosaic GPU interpreter "
-                         "(jax._src.pallas.mosaic_gpu.interpret.params.InterpretGPUParams)")
-    if interpret is True:
-        return InterpretGPUParams()
-    if not isinstance(interpret, InterpretGPUParams):
-        raise ValueError(f"interpret must be a bool or InterpretGPUParams, got {type(interpret).__name__}")
-    return interpret
+    return resolve_interpret(interpret)
 
 
 def swizzled(minor: int, dtype) -> tuple:
@@ -42,24 +31,11 @@ def swizzled(minor: int, dtype) -> tuple:
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
-def wgmma(acc_ref, a_ref, b_ref, *, a_transposed: bool, b_transposed: bool, scratch=(None, None)):
-    """acc += op(a) @ op(b) on the tensor cores; op transposes a (k, m) / (n, k) SMEM tile when asked.
-
-    `scratch` = (a_scratch, b_scratch): plain SMEM buffers of the transposed shapes, given only in interpret
-    mode; the operand is then copied transposed into them instead of being read through `transpose_ref`.
-    """
-    a_scratch, b_scratch = scratch
-    operands = []
-    for ref, transposed, buf in ((a_ref, a_transposed, a_scratch), (b_ref, b_transposed, b_scratch)):
-        if transposed and buf is not None:
-            buf[...] = ref[...].T
-            ref = buf
-        elif transposed:
-            ref = plgpu.transpose_ref(ref, (1, 0))
-        operands.append(ref)
-    if a_scratch is not None or b_scratch is not None:
-        plgpu.commit_smem()
-    plgpu.wgmma(acc_ref, *operands)
+def wgmma(acc_ref, a_ref, b_ref, *, a_transposed: bool, b_transposed: bool):
+    """acc += op(a) @ op(b) on the tensor cores; op transposes a (k, m) / (n, k) SMEM tile when asked."""
+    a = plgpu.transpose_ref(a_ref, (1, 0)) if a_transposed else a_ref
+    b = plgpu.transpose_ref(b_ref, (1, 0)) if b_transposed else b_ref
+    plgpu.wgmma(acc_ref, a, b)
 
 
 def wgmma_layout(x, interpret: bool):

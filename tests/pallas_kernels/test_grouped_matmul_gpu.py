@@ -3,10 +3,10 @@
 (a) Each of the five functions runs in Mosaic GPU interpret mode on small ragged problems (an empty group,
 unaligned group sizes, rows past sum(group_sizes), shapes that need padding) and is compared to a float64
 numpy oracle written here. NaN in the rows no group owns checks that the row-masked stores and the masked
-weight-gradient chunks keep them out. JAX 0.10's interpreter cannot read a WGMMA operand through
-`transpose_ref` or apply layouts, so in interpret mode the kernels copy transposed tiles into SMEM scratch and
-skip layout casts; everything else (TMA pipeline, warpgroups, barriers, WGMMA accumulation, FP8 promotion,
-epilogue stores) is the GPU code path.
+weight-gradient chunks keep them out. JAX 0.10's interpreter has no register layouts, so in interpret mode the
+kernels skip layout casts (transposed WGMMA operands go through pallas_kernels.gpu_interpret); everything else
+(TMA pipeline, warpgroups, barriers, transposed and FP8 WGMMA, FP8 promotion, epilogue stores) is the GPU code
+path.
 (b) Each function is lowered for CUDA (the full Pallas -> Mosaic GPU lowering, no GPU needed) at DeepSeek-V3's
 expert shape: 32 groups x 1024 rows, K 7168 -> N 2048, with the default H100 tilings.
 """
