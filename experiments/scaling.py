@@ -1,0 +1,281 @@
+"""Scaling study: the sharded train step AOT-compiled per (preset, mesh, FP8, pipeline schedule), with XLA's per-device
+memory and FLOPs, and on accelerators the measured step time, tokens/s and MFU.
+
+    python -m experiments.scaling --presets tiny,small --meshes data=8 fsdp=8 data=2,expert=4 \\
+        [--fp8 off|on|both] [--schedules gpipe,1f1b,dualpipe] [--simulate-devices N] [--out DIR]
+
+A mesh is `axis=size[,axis=size...][/strategy]` over the axes data, fsdp, expert, pipeline, tensor; the strategy
+(replicated | zero1 | fsdp) defaults to fsdp when the mesh has an fsdp axis, else zero1. Schedules apply to meshes
+with pipeline > 1 (one point per schedule, over --micro micro-batches, default 2 × PP). Layers are compiled
+unrolled (`scan_layers=false`, overridable with --set) so that XLA's cost analysis, which counts a loop body once,
+sees every layer; a pipelined step scans over its schedule's ticks, so there XLA counts one tick. The XLA/model
+column divides XLA's FLOPs by experiments.cost_model's executed FLOPs per device. Writes DIR/scaling.csv and three
+plots: memory_by_mesh.png, mfu_by_model_size.png, bubble_by_schedule.png (simulated bubble fraction, F = 1, B = 2).
+Bad arguments: one line naming the argument, exit code 2, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import sys
+
+from experiments.bench import device_info, format_table, simulate_devices
+from experiments.bench.sharding_memory import parse_mesh
+
+EXIT_BAD_INPUT = 2
+DEFAULT_MESHES = ("data=8", "fsdp=8", "data=2,expert=4")
+FP8_CHOICES = {"off": (False,), "on": (True,), "both": (False, True)}
+UNROLLED = ("scan_layers=false",)
+CSV_COLUMNS = ("preset", "mesh", "strategy", "schedule", "fp8", "devices", "micro", "batch", "seq_len",
+               "tokens_per_step", "params_total", "params_activated", "params_bytes", "opt_state_bytes",
+               "moe_bias_bytes", "state_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+               "alias_size_in_bytes", "temp_size_in_bytes", "total_bytes", "xla_flops_per_device",
+               "cost_model_flops_per_device", "xla_vs_cost_model", "model_flops_per_token", "bubble_fraction",
+               "compile_s", "step_s", "tokens_per_s", "mfu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """What one compile covers."""
+    preset: str
+    mesh: tuple[tuple[str, int], ...]      # axis sizes, in the order given on the command line
+    strategy: str
+    fp8: bool
+    schedule: str | None                   # pipeline schedule (meshes with pipeline > 1 only)
+    micro: int                             # micro-batches per step
+
+    @property
+    def axes(self) -> dict[str, int]:
+        return dict(self.mesh)
+
+    @property
+    def n_devices(self) -> int:
+        return math.prod(self.axes.values())
+
+    @property
+    def mesh_name(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.mesh)
+
+
+class UsageError(ValueError):
+    """A bad command-line argument; the message starts with the argument's name."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # argparse's own errors as one line, exit code 2
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m experiments.scaling", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="tiny,small", help="comma-separated model presets (default: %(default)s)")
+    p.add_argument("--meshes", nargs="+", default=list(DEFAULT_MESHES), metavar="AXES[/STRATEGY]",
+                   help="meshes (default: %(default)s)")
+    p.add_argument("--fp8", default="off", help="off | on | both: model.fp8 per point (default: %(default)s)")
+    p.add_argument("--schedules", default="1f1b", help="pipeline schedules for meshes with pipeline > 1, "
+                   "comma-separated of gpipe, 1f1b, dualpipe (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="global sequences per micro-batch (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--micro", type=int, default=0, help="micro-batches per step (default 0: 1, or 2 × PP on "
+                   "pipeline meshes)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="model override for every preset (model.FIELD=VALUE or FIELD=VALUE), after scan_layers=false")
+    p.add_argument("--timed-steps", type=int, default=None, help="real steps to time per point (default: 5 on an "
+                   "accelerator, 0 on CPU)")
+    p.add_argument("--simulate-devices", type=int, default=None, metavar="N", help="XLA:CPU host devices to ask "
+                   "for before JAX is imported (default: the largest mesh; 0 leaves XLA_FLAGS alone)")
+    p.add_argument("--out", default=os.path.join("bench_results", "scaling"), help="output directory "
+                   "(default: %(default)s)")
+    return p
+
+
+def parse_meshes(texts: list[str]) -> list[tuple[tuple[tuple[str, int], ...], str]]:
+    """['data=2,expert=4', 'fsdp=8/fsdp'] -> [((('data', 2), ('expert', 4)), 'zero1'), ((('fsdp', 8),), 'fsdp')].
+
+    Syntax only (no JAX import, so that --simulate-devices can still take effect); `resolve` checks the names."""
+    meshes = []
+    for text in texts:
+        default = "fsdp" if "fsdp=" in text and "/" not in text else "zero1"
+        try:
+            axes, strategy = parse_mesh(text if "/" in text else f"{text}/{default}")
+        except SystemExit as e:   # parse_mesh's message quotes the text with the default strategy added
+            raise UsageError(str(e).replace(f"{text}/{default}", text)) from None
+        if not axes:
+            raise UsageError(f"--meshes {text!r}: no axes")
+        for name, size in axes.items():
+            if size < 1:
+                raise UsageError(f"--meshes {text!r}: {name}={size} must be a positive size")
+        meshes.append((tuple(axes.items()), strategy))
+    return meshes
+
+
+def resolve(args, meshes) -> tuple[dict, list]:
+    """Model configs per preset and the study's points, every argument checked; UsageError names the bad one."""
+    from dsv3_jax.config import ConfigError
+    from dsv3_jax.presets import PRESETS
+    from dsv3_jax.train.stages import layers_per_stage
+    from sharding.mesh import MESH_AXES
+    from sharding.pipeline_schedules import SCHEDULE_NAMES, ScheduleError, make_schedule
+    from sharding.rules import STRATEGIES
+
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    if not presets:
+        raise UsageError("--presets: empty")
+    for name in presets:
+        if name not in PRESETS:
+            raise UsageError(f"--presets: {name!r} is not a preset; choose from {', '.join(PRESETS)}")
+    if args.fp8 not in FP8_CHOICES:
+        raise UsageError(f"--fp8 {args.fp8!r}: choose off, on or both")
+    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    for name in schedules or [""]:
+        if name not in SCHEDULE_NAMES:
+            raise UsageError(f"--schedules: {name!r} is not one of {', '.join(SCHEDULE_NAMES)}")
+    for flag, value, low in (("--batch", args.batch, 1), ("--seq-len", args.seq_len, 1), ("--micro", args.micro, 0)):
+        if value < low:
+            raise UsageError(f"{flag}={value}: must be at least {low}")
+    if args.timed_steps is not None and args.timed_steps < 0:
+        raise UsageError(f"--timed-steps={args.timed_steps}: must be at least 0")
+    if args.simulate_devices is not None and args.simulate_devices < 0:
+        raise UsageError(f"--simulate-devices={args.simulate_devices}: must be at least 0")
+    for mesh, strategy in meshes:
+        text = ",".join(f"{k}={v}" for k, v in mesh)
+        for name, _ in mesh:
+            if name not in MESH_AXES:
+                raise UsageError(f"--meshes {text!r}: {name!r} is not a mesh axis ({', '.join(MESH_AXES)})")
+        if strategy not in STRATEGIES:
+            raise UsageError(f"--meshes {text!r}: strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+
+    configs = {}
+    for name in presets:
+        try:
+            overrides = [o.removeprefix("model.") for o in args.overrides]
+            configs[name] = PRESETS[name].with_overrides(*UNROLLED, *overrides).validate()
+        except ConfigError as e:
+            raise UsageError(str(e) if str(e).startswith("--set") else f"--set: {e}") from None
+        if args.seq_len > configs[name].max_position_embeddings:
+            raise UsageError(f"--seq-len={args.seq_len} exceeds {name}'s max_position_embeddings="
+                             f"{configs[name].max_position_embeddings}")
+
+    points = []
+    for name in presets:
+        config = configs[name]
+        for mesh, strategy in meshes:
+            axes = dict(mesh)
+            text = ",".join(f"{k}={v}" for k, v in mesh)
+            expert, pp = axes.get("expert", 1), axes.get("pipeline", 1)
+            if config.n_routed_experts % expert:
+                raise UsageError(f"--meshes {text!r}: expert={expert} does not divide {name}'s "
+                                 f"n_routed_experts={config.n_routed_experts}")
+            replicas = axes.get("data", 1) * axes.get("fsdp", 1) * expert
+            if args.batch % replicas:
+                raise UsageError(f"--batch={args.batch}: not divisible by the {replicas} data-parallel ranks of "
+                                 f"mesh {text!r}")
+            micro = args.micro or (2 * pp if pp > 1 else 1)
+            if pp > 1:
+                try:
+                    layers_per_stage(config, pp)
+                except ValueError as e:
+                    raise UsageError(f"--meshes {text!r}: {e}") from None
+                for schedule in schedules:
+                    try:
+                        make_schedule(schedule, pp, micro)
+                    except ScheduleError as e:
+                        raise UsageError(f"--schedules / --micro: {e}") from None
+            for fp8 in FP8_CHOICES[args.fp8]:
+                for schedule in (schedules if pp > 1 else [None]):
+                    points.append(Point(name, mesh, strategy, fp8, schedule, micro))
+    return configs, points
+
+
+def bubbles_for(points) -> tuple[list[dict], str]:
+    """Simulated bubbles of every schedule at each pipeline point's (PP, M); with no pipeline point, at PP 4, 8, 16
+    and M = 2·PP (what a schedule cannot run is left out). Also the plot's title saying which."""
+    from experiments.cost_model import schedule_bubble
+    from sharding.pipeline_schedules import SCHEDULE_NAMES, ScheduleError
+
+    shapes = list(dict.fromkeys((p.axes["pipeline"], p.micro) for p in points if p.axes.get("pipeline", 1) > 1))
+    title = "the study's pipeline meshes"
+    if not shapes:
+        shapes, title = [(pp, 2 * pp) for pp in (4, 8, 16)], "no pipeline mesh in this study: PP 4, 8, 16, M = 2·PP"
+    out = []
+    for pp, micro in shapes:
+        for name in SCHEDULE_NAMES:
+            try:
+                out.append(schedule_bubble(name, pp, micro))
+            except ScheduleError:
+                continue
+    return out, title
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+
+
+MIB = 2.0 ** 20
+COLUMNS = [("preset", "preset", "s"), ("mesh", "mesh", "s"), ("strategy", "strategy", "s"),
+           ("schedule", lambda r: r["schedule"] or None, "s"), ("fp8", lambda r: "on" if r["fp8"] else "off", "s"),
+           ("state MiB", lambda r: r["state_bytes"] / MIB, ".2f"),
+           ("temp MiB", lambda r: r.get("temp_size_in_bytes", 0) / MIB, ".2f"),
+           ("total MiB", lambda r: r.get("total_bytes", 0) / MIB, ".2f"),
+           ("XLA GFLOP/dev", lambda r: r["xla_flops_per_device"] and r["xla_flops_per_device"] / 1e9, ".3f"),
+           ("XLA/model", "xla_vs_cost_model", ".3f"), ("bubble", "bubble_fraction", ".3f"),
+           ("compile s", "compile_s", ".1f"), ("step ms", lambda r: r.get("step_s") and 1e3 * r["step_s"], ".2f"),
+           ("tokens/s", "tokens_per_s", ",.0f"), ("MFU", "mfu", ".1%")]
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        meshes = parse_meshes(args.meshes)
+        largest = max(math.prod(size for _, size in mesh) for mesh, _ in meshes)
+        if args.simulate_devices is None or args.simulate_devices > 0:   # before JAX is imported
+            simulate_devices(largest if args.simulate_devices is None else args.simulate_devices)
+        configs, points = resolve(args, meshes)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    import jax
+    from tqdm import tqdm
+
+    from experiments.cost_model import schedule_bubble
+    from experiments.scaling_plots import plot_bubbles, plot_memory, plot_mfu
+    from experiments.scaling_point import measure
+
+    devices = jax.devices()
+    if len(devices) < largest:
+        print(f"error: --meshes: the largest mesh needs {largest} devices but JAX has {len(devices)} "
+              f"({devices[0].platform}); on a CPU host pass --simulate-devices {largest}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    timed = args.timed_steps if args.timed_steps is not None else (0 if devices[0].platform == "cpu" else 5)
+    os.makedirs(args.out, exist_ok=True)
+
+    rows = []
+    for point in tqdm(points, desc="scaling", unit="point", dynamic_ncols=True):
+        config = configs[point.preset].replace(fp8=point.fp8)
+        row = measure(point, config, devices, args.batch, args.seq_len, timed)
+        if point.schedule:
+            row["bubble_fraction"] = schedule_bubble(point.schedule, point.axes["pipeline"], point.micro)["fraction"]
+        rows.append(row)
+    csv_path = os.path.join(args.out, "scaling.csv")
+    write_csv(rows, csv_path)
+    bubbles, bubble_title = bubbles_for(points)
+    plots = [plot_memory(rows, args.out), plot_mfu(rows, args.out), plot_bubbles(bubbles, args.out, bubble_title)]
+    print(f"scaling: {device_info()['description']}; batch {args.batch}×{args.seq_len} tokens per micro-batch; "
+          f"XLA/model = XLA's FLOPs over experiments.cost_model's executed FLOPs")
+    print(format_table(rows, COLUMNS))
+    print("wrote " + ", ".join([csv_path] + plots))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The scaling study's figures, from its rows: memory per device by mesh, MFU (and FLOPs per token) by model size,
+and pipeline bubble by schedule. Each function writes one PNG and returns its path."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+MIB = 2.0 ** 20
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _label(row: dict) -> str:
+    label = f"{row['mesh']}/{row['strategy']}"
+    if row.get("schedule"):
+        label += f"/{row['schedule']}"
+    return label + ("/fp8" if row.get("fp8") else "")
+
+
+def plot_memory(rows: list[dict], out_dir: str) -> str:
+    """Per preset, stacked bars per mesh: device 0's parameters and optimizer state (exact), and XLA's temp."""
+    plt = _pyplot()
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    fig, axes = plt.subplots(1, len(presets), figsize=(max(6, 4 + 1.2 * len(rows)), 4.5), squeeze=False)
+    for ax, preset in zip(axes[0], presets):
+        mine = [r for r in rows if r["preset"] == preset]
+        x = np.arange(len(mine))
+        bottom = np.zeros(len(mine))
+        for key, name in (("params_bytes", "parameters"), ("opt_state_bytes", "optimizer state"),
+                          ("temp_size_in_bytes", "XLA temp")):
+            values = np.array([r.get(key) or 0 for r in mine], float) / MIB
+            ax.bar(x, values, bottom=bottom, label=name)
+            bottom += values
+        ax.set_xticks(x, [_label(r) for r in mine], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("MiB per device"), ax.set_title(preset), ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "memory_by_mesh.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_mfu(rows: list[dict], out_dir: str) -> str:
+    """Left: measured MFU against activated parameters, one line per mesh (only where the step was timed on an
+    accelerator). Right: FLOPs per token against activated parameters: XLA's count (per device × devices / tokens)
+    beside the cost model's executed and model (MFU) FLOPs."""
+    plt = _pyplot()
+    fig, (ax_mfu, ax_flops) = plt.subplots(1, 2, figsize=(11, 4.5))
+    timed = [r for r in rows if r.get("mfu") is not None]
+    for label in dict.fromkeys(_label(r) for r in timed):
+        mine = sorted((r for r in timed if _label(r) == label), key=lambda r: r["params_activated"])
+        ax_mfu.plot([r["params_activated"] for r in mine], [100 * r["mfu"] for r in mine], "o-", label=label)
+    if timed:
+        ax_mfu.set_xscale("log"), ax_mfu.legend(fontsize=8)
+    else:
+        ax_mfu.text(0.5, 0.5, "MFU not measured\n(no accelerator, or --timed-steps 0)", ha="center", va="center",
+                    transform=ax_mfu.transAxes)
+    ax_mfu.set_xlabel("activated parameters"), ax_mfu.set_ylabel("MFU %"), ax_mfu.grid(alpha=0.3)
+
+    for label in dict.fromkeys(_label(r) for r in rows):
+        mine = sorted((r for r in rows if _label(r) == label and r.get("xla_flops_per_device")),
+                      key=lambda r: r["params_activated"])
+        ax_flops.plot([r["params_activated"] for r in mine],
+                      [r["xla_flops_per_device"] * r["devices"] / r["tokens_per_step"] for r in mine], "o-",
+                      label=f"XLA {label}")
+    by_size = sorted({r["params_activated"]: r for r in rows}.values(), key=lambda r: r["params_activated"])
+    sizes = [r["params_activated"] for r in by_size]
+    ax_flops.plot(sizes, [r["cost_model_flops_per_device"] * r["devices"] / r["tokens_per_step"] for r in by_size],
+                  "kx--", label="cost model, executed")
+    ax_flops.plot(sizes, [r["model_flops_per_token"] for r in by_size], "k+:", label="cost model, model FLOPs")
+    ax_flops.set_xscale("log"), ax_flops.set_yscale("log")
+    ax_flops.set_xlabel("activated parameters"), ax_flops.set_ylabel("train FLOPs per token")
+    ax_flops.legend(fontsize=7), ax_flops.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "mfu_by_model_size.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_bubbles(bubbles: list[dict], out_dir: str, title: str = "") -> str:
+    """Bubble fraction (simulated, F = 1, B = 2) by schedule for each (PP, M) in `bubbles`."""
+    plt = _pyplot()
+    groups = list(dict.fromkeys((b["pp"], b["micro"]) for b in bubbles))
+    schedules = list(dict.fromkeys(b["schedule"] for b in bubbles))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(groups) + 2), 4))
+    width = 0.8 / max(len(schedules), 1)
+    for i, name in enumerate(schedules):
+        values = [next((b["fraction"] for b in bubbles if (b["pp"], b["micro"]) == g and b["schedule"] == name),
+                       np.nan) for g in groups]
+        ax.bar(np.arange(len(groups)) + i * width, [100 * v for v in values], width, label=name)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(schedules) - 1) / 2,
+                  [f"PP={pp}, M={m}" for pp, m in groups])
+    ax.set_ylabel("bubble % of step (simulated, F=1, B=2)"), ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0)), ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "bubble_by_schedule.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
