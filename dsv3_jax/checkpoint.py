@@ -15,8 +15,10 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from dsv3_jax import fp8_weights
+
 # ModelConfig fields that only choose an implementation; a checkpoint restores across them.
-_FREE_FIELDS = {"scan_layers", "remat_policy", "dtype", "fp8", "fp8_power_of_two_scales"}
+_FREE_FIELDS = {"scan_layers", "remat_policy", "attention_impl", "dtype", "fp8", "fp8_power_of_two_scales"}
 
 
 FRESH_DATA_KEY = "fresh"   # a data item {"fresh": true} (a converted checkpoint): start the data stream afresh
@@ -64,11 +66,17 @@ class Checkpointer:
         return meta
 
     def restore(self, step: int, abstract_state):
-        """(state, data_state, meta) of `step`; arrays placed like `abstract_state`'s shardings."""
+        """(state, data_state, meta) of `step`; arrays placed like `abstract_state`'s shardings. Weights that an
+        FP8 conversion kept as float8 (dsv3_jax.fp8_weights) come back dequantised into the master dtype."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
-        return restored["state"], restored["data"], restored["meta"]
+        state, meta = restored["state"], restored["meta"]
+        if meta.get(fp8_weights.SCALES_ITEM):
+            item = fp8_weights.SCALES_ITEM
+            scales = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))[item]
+            state = state.replace(params=fp8_weights.dequantize_params(state.params, scales))
+        return state, restored["data"], meta
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

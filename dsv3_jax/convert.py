@@ -2,6 +2,7 @@
 
     import_hf(hf_dir, workdir)     # HF safetensors (BF16, or FP8 + weight_scale_inv; MTP included)
                                    #   -> workdir/checkpoints/0/{state,data,meta}, what experiments.pretrain resumes
+    import_hf(hf_dir, workdir, keep_fp8=True)   # FP8 weights stay FP8, their block scales in item fp8_scales
     export_hf(ckpt, out_hf)        # a pre-training checkpoint's params + moe_bias -> HF layout (save_pretrained)
 
 Import
@@ -20,6 +21,16 @@ with hf.py's one-line `CheckpointError` and leaves no output. The output is an o
   tokenizer and fingerprint; pre-training starts its data stream afresh when it sees it
   (`dsv3_jax.checkpoint.FRESH_DATA_KEY`).
 
+FP8 kept (`keep_fp8`, `experiments.convert --fp8`): the projections (every Linear kernel but the router's) and
+routed experts that the HF checkpoint stores as float8_e4m3fn with 128x128 `weight_scale_inv` blocks are written
+as float8_e4m3fn (transposed, exactly) into `state`, and their scales (transposed) into a fourth item,
+`fp8_scales`, a tree shaped like the part of `params` they scale; `meta["fp8_scales"]` is true. That halves those
+weights' bytes against BF16 (a quarter of float32). The AdamW moments stay in the master dtype. Weights stored
+in any other way (BF16, E5M2, other block sizes are refused) are dequantised as without the flag. Readers:
+`experiments.generate --ckpt` runs the kept kernels as FP8 matmuls with their scales (dsv3_jax.fp8_weights);
+pre-training (`Checkpointer.restore`) and `export_hf` dequantise them into master weights, the same values as an
+import without the flag.
+
 Memory: every leaf of `state` is a `_Lazy` placeholder (shape, dtype, produce()). A type handler registered
 for it (a NumpyHandler) produces and writes the leaves strictly one after another, awaiting each write before
 building the next, so the host holds one of our leaves (plus the HF tensor being copied into it) at a time
@@ -30,9 +41,10 @@ listed as a step; a failed one removes what it created.
 
 Export
 ------
-Reads the step's `meta` for the model config, opens each params/moe_bias array of the `state` item as a lazy
-tensorstore view and hands those to `hf.save_pretrained`, which slices (one layer / expert at a time),
-transposes and writes one HF tensor at a time. Opt state is not read.
+`open_checkpoint` reads the step's `meta` for the model config and opens each params/moe_bias array of the
+`state` item (and the scales of kept FP8 weights) as a lazy tensorstore view; `export_hf` hands those to
+`hf.save_pretrained`, which slices (one layer / expert at a time), transposes and writes one HF tensor at a time,
+FP8 weights dequantised slice by slice. Opt state is not read (`experiments.generate --ckpt` reads the same way).
 """
 
 from __future__ import annotations
@@ -49,9 +61,10 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint._src.futures import future as ocp_future
 
-from dsv3_jax import hf
+from dsv3_jax import fp8_weights, hf
 from dsv3_jax.checkpoint import FRESH_DATA_KEY, model_signature
 from dsv3_jax.config import ModelConfig, YarnConfig
+from dsv3_jax.moe.layer import EXPERT_WEIGHTS
 from dsv3_jax.moe.router import BIAS_COLLECTION
 from dsv3_jax.train.optimizer import OptimizerConfig, make_optimizer
 from dsv3_jax.train.step import TrainState
@@ -124,6 +137,8 @@ class ImportReport:
     n_leaves: int
     largest_leaf_bytes: int
     state_bytes: int
+    fp8_leaves: int = 0      # weights kept as FP8 (each with a scales leaf)
+    params_bytes: int = 0    # the params as written (FP8 weights at one byte each)
 
 
 def _read_hf(hf_dir: str, param_dtype: str):
@@ -149,15 +164,47 @@ def _build_leaf(slots, checkpoint, spec, block) -> np.ndarray:
     return array
 
 
-def lazy_variables(hf_dir: str, param_dtype: str = "float32"):
-    """(config, {'params', 'moe_bias'} of `_Lazy` leaves) of an HF checkpoint directory, fully checked."""
+def _keeps_fp8(leaf: tuple[str, ...], slots, checkpoint) -> bool:
+    """A projection kernel or routed-expert weight whose every HF tensor is a 2-D E4M3 weight with block scales."""
+    weight = leaf[-1] == "kernel" and "router" not in leaf or leaf[-1] in EXPERT_WEIGHTS
+    return weight and leaf[0] == "params" and all(
+        s.kind == "t" and s.hf_name in checkpoint.entries and checkpoint.entries[s.hf_name].dtype == "F8_E4M3"
+        for s in slots)
+
+
+def _build_fp8_leaf(slots, checkpoint, shape, scales: bool) -> np.ndarray:
+    """A kept FP8 weight (scales=False) or its block scales (True), transposed from HF's (out, in) layout."""
+    dtype = np.float32 if scales else hf._ST_DTYPES["F8_E4M3"]
+    array = np.zeros(shape, dtype)
+    for s in slots:
+        array[s.index] = checkpoint.read(s.hf_name + hf.SCALE_SUFFIX if scales else s.hf_name).T
+    return array
+
+
+def lazy_variables(hf_dir: str, param_dtype: str = "float32", keep_fp8: bool = False):
+    """(config, {'params', 'moe_bias'}, FP8 scales) of `_Lazy` leaves for an HF checkpoint directory, fully
+    checked; with `keep_fp8`, FP8 weights stay FP8 and the scales tree (shaped like part of params) holds their
+    scales, else it is empty."""
     config, plan, specs, checkpoint, block = _read_hf(hf_dir, param_dtype)
+    if keep_fp8 and block != (fp8_weights.BLOCK, fp8_weights.BLOCK):
+        raise ConvertError(f"--fp8 keeps 128x128-block FP8 weights; config.json's quantization_config."
+                           f"weight_block_size is {list(block)} (convert without --fp8 to dequantise)")
     variables: dict = {"params": {}, BIAS_COLLECTION: {}}
+    scales: dict = {}
     for leaf, slots in hf._group_by_leaf(plan, specs).items():
         spec = specs[leaf]
+        shape = tuple(spec.shape)
+        if keep_fp8 and _keeps_fp8(leaf, slots, checkpoint):
+            fp8 = hf._ST_DTYPES["F8_E4M3"]
+            hf._set_leaf(variables, leaf, _Lazy(shape, fp8, functools.partial(
+                _build_fp8_leaf, slots, checkpoint, shape, False)))
+            scale_shape = fp8_weights.scale_shape(shape)
+            hf._set_leaf(scales, leaf[1:], _Lazy(scale_shape, np.dtype(np.float32), functools.partial(
+                _build_fp8_leaf, slots, checkpoint, scale_shape, True)))
+            continue
         produce = functools.partial(_build_leaf, slots, checkpoint, spec, block)
-        hf._set_leaf(variables, leaf, _Lazy(tuple(spec.shape), np.dtype(spec.dtype), produce))
-    return config, variables
+        hf._set_leaf(variables, leaf, _Lazy(shape, np.dtype(spec.dtype), produce))
+    return config, variables, scales
 
 
 def _abstract(tree):
@@ -166,10 +213,14 @@ def _abstract(tree):
 
 
 def lazy_train_state(config: ModelConfig, variables: dict, seed: int = 0) -> TrainState:
-    """TrainState of `_Lazy` leaves: the converted variables and a fresh (all-zero) AdamW state."""
+    """TrainState of `_Lazy` leaves: the converted variables and a fresh (all-zero) AdamW state, whose moments
+    have the master dtype also for weights kept as FP8."""
     tx = make_optimizer(OptimizerConfig())
     params = variables["params"]
-    opt_abstract = jax.eval_shape(tx.init, _abstract(params))
+    fp8 = np.dtype(hf._ST_DTYPES["F8_E4M3"])
+    master_dtype = lambda x: config.jnp_param_dtype if x.dtype == fp8 else x.dtype
+    master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, master_dtype(x)), _abstract(params))
+    opt_abstract = jax.eval_shape(tx.init, master)
     opt_state = jax.tree.map(lambda s: _zeros(s.shape, s.dtype), opt_abstract)
     _, state_rng = jax.random.split(jax.random.PRNGKey(seed))
     rng = np.asarray(jax.random.key_data(state_rng))
@@ -183,11 +234,12 @@ def _manager(directory: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=options)
 
 
-def import_hf(hf_dir: str, workdir: str, param_dtype: str = "float32", seed: int = 0) -> ImportReport:
+def import_hf(hf_dir: str, workdir: str, param_dtype: str = "float32", seed: int = 0,
+              keep_fp8: bool = False) -> ImportReport:
     """Write `workdir/checkpoints/0` from the HF checkpoint in `hf_dir` (see the module docstring)."""
     hf_dir, workdir = os.path.abspath(hf_dir), os.path.abspath(workdir)
     _register_lazy_handler()
-    config, variables = lazy_variables(hf_dir, param_dtype)
+    config, variables, scales = lazy_variables(hf_dir, param_dtype, keep_fp8)
     state = lazy_train_state(config, variables, seed)
     ckpt_dir = os.path.join(workdir, CHECKPOINTS)
     if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
@@ -195,12 +247,15 @@ def import_hf(hf_dir: str, workdir: str, param_dtype: str = "float32", seed: int
     created = [p for p in (workdir, ckpt_dir) if not os.path.exists(p)]
     meta = {"model": model_signature(config), "tokens_seen": 0, "loss_ema": None, "converted_from": hf_dir}
     data = {FRESH_DATA_KEY: True, "converted_from": hf_dir}
-    leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, _Lazy))
+    items = dict(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data))
+    if scales:
+        meta[fp8_weights.SCALES_ITEM] = True
+        items[fp8_weights.SCALES_ITEM] = ocp.args.PyTreeSave(scales)
+    leaves = jax.tree.leaves((state, scales), is_leaf=lambda x: isinstance(x, _Lazy))
     try:
         manager = _manager(ckpt_dir)
         try:
-            manager.save(0, force=True, args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta)))
+            manager.save(0, force=True, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
             manager.wait_until_finished()
         finally:
             manager.close()
@@ -212,8 +267,10 @@ def import_hf(hf_dir: str, workdir: str, param_dtype: str = "float32", seed: int
                 if "tmp" in name:
                     shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
         raise
+    fp8_leaves = jax.tree.leaves(scales, is_leaf=lambda x: isinstance(x, _Lazy))
     return ImportReport(config, os.path.join(ckpt_dir, "0"), len(leaves), max(x.nbytes for x in leaves),
-                        sum(x.nbytes for x in leaves))
+                        sum(x.nbytes for x in leaves), len(fp8_leaves),
+                        sum(x.nbytes for x in jax.tree.leaves(state.params, is_leaf=lambda x: isinstance(x, _Lazy))))
 
 
 # ==== orbax -> HF =====================================================================================
@@ -247,9 +304,19 @@ def _open_array(item_dir: str, name: str, context: ts.Context):
     raise ConvertError(f"{item_dir}: cannot open array {name} ({last})")
 
 
-def export_hf(ckpt: str, out_hf: str, step: int | None = None,
-              max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES) -> ModelConfig:
-    """Write the params and routing biases of a pre-training checkpoint as an HF checkpoint directory."""
+@dataclasses.dataclass(frozen=True)
+class OpenedCheckpoint:
+    """One step of a pre-training checkpoint, its arrays as lazy views (np.asarray reads one)."""
+
+    config: ModelConfig
+    step: int
+    variables: dict   # {'params', 'moe_bias'}; weights kept as FP8 (an --fp8 import) are float8_e4m3fn
+    scales: dict      # their block scales, a tree shaped like the part of params they scale ({} if none)
+
+
+def open_checkpoint(ckpt: str, step: int | None = None) -> OpenedCheckpoint:
+    """The params and routing biases of step `step` (default: the latest) of a pre-training checkpoint (a
+    --workdir or its checkpoints/ folder), opened lazily: the optimizer state is never read."""
     directory = checkpoints_dir(os.path.abspath(ckpt))
     if not os.path.isdir(directory):
         raise ConvertError(f"{ckpt}: no such checkpoint directory")
@@ -263,10 +330,43 @@ def export_hf(ckpt: str, out_hf: str, step: int | None = None,
         manager.close()
     config = config_from_signature(meta["model"])
     item_dir = os.path.join(directory, str(step), "state")
+    scales_dir = os.path.join(directory, str(step), fp8_weights.SCALES_ITEM)
     variables: dict = {}
+    scales: dict = {}
     context = ts.Context()
     for leaf in hf._leaf_specs(config):
         field = "params" if leaf[0] == "params" else "moe_bias"
-        hf._set_leaf(variables, leaf, _open_array(item_dir, ".".join((field,) + leaf[1:]), context))
-    hf.save_pretrained(config, variables, out_hf, max_shard_bytes=max_shard_bytes)
-    return config
+        array = _open_array(item_dir, ".".join((field,) + leaf[1:]), context)
+        hf._set_leaf(variables, leaf, array)
+        if meta.get(fp8_weights.SCALES_ITEM) and array.dtype.numpy_dtype == hf._ST_DTYPES["F8_E4M3"]:
+            hf._set_leaf(scales, leaf[1:], _open_array(scales_dir, ".".join(leaf[1:]), context))
+    return OpenedCheckpoint(config, step, variables, scales)
+
+
+def export_hf(ckpt: str, out_hf: str, step: int | None = None,
+              max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES) -> ModelConfig:
+    """Write the params and routing biases of a pre-training checkpoint as an HF checkpoint directory (weights
+    kept as FP8 are dequantised into the parameter dtype)."""
+    opened = open_checkpoint(ckpt, step)
+    variables = opened.variables
+    specs = hf._leaf_specs(opened.config)
+    for path, scale in hf._flatten(opened.scales):
+        leaf = ("params",) + path
+        hf._set_leaf(variables, leaf, _Dequantized(hf._get_leaf(variables, leaf), scale, np.dtype(specs[leaf].dtype)))
+    hf.save_pretrained(opened.config, variables, out_hf, max_shard_bytes=max_shard_bytes)
+    return opened.config
+
+
+class _Dequantized:
+    """A kept FP8 weight and its block scales (lazy views), read as master-dtype values one slice at a time."""
+
+    def __init__(self, weight, scale, dtype: np.dtype):
+        self.weight, self.scale, self.dtype = weight, scale, dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    def __getitem__(self, index) -> np.ndarray:
+        w, s = np.asarray(self.weight[index]), np.asarray(self.scale[index])
+        return np.asarray(fp8_weights.dequantize(w, s, self.dtype))

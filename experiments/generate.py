@@ -1,22 +1,25 @@
 """Generate text from a trained model: `python -m experiments.generate (--ckpt WORKDIR | --hf-dir DIR)
 (--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N [--temperature T --top-p P --seed S]
-[--speculative mtp] [--tokenizer tokenizer.json]`.
+[--speculative mtp [--draft-tokens N]] [--tokenizer tokenizer.json]`.
 
 Tokens are printed as they are chosen; tokens/s is reported at the end. Decoding uses the absorbed-MLA
-latent cache (dsv3_jax.infer); `--speculative mtp` drafts with the MTP module (greedy only).
+latent cache (dsv3_jax.infer). `--speculative mtp` drafts N tokens per step with the MTP module, chained over
+its own hidden states, and the main model verifies them in one step: greedy's tokens at temperature 0, the
+same distribution as plain sampling otherwise; the acceptance rate is reported. A checkpoint converted with
+`experiments.convert --fp8` runs its FP8 weights as FP8 matmuls with their stored block scales.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
 
 import jax
 
-from dsv3_jax.config import ConfigError, ModelConfig, YarnConfig
+from dsv3_jax import fp8_weights
+from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.data import DataConfig, DataError, Tokenizer
 from dsv3_jax.data import load_tokenizer as load_data_tokenizer
 from dsv3_jax.infer import generate, generate_speculative
@@ -44,37 +47,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--speculative", choices=["mtp"], default=None, help="MTP drafts, main model verifies (greedy)")
+    p.add_argument("--speculative", choices=["mtp"], default=None, help="MTP drafts, the main model verifies")
+    p.add_argument("--draft-tokens", type=int, default=1, metavar="N", help="MTP drafts per step with "
+                   "--speculative mtp (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="an HF tokenizer.json")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     return p
 
 
-def _checkpoint_dir(path: str) -> str:
-    nested = os.path.join(path, "checkpoints")
-    return nested if os.path.isdir(nested) else path
-
-
 def load_train_checkpoint(path: str, dtype: str) -> tuple[ModelConfig, dict]:
-    """(ModelConfig from the checkpoint's metadata, {'params', 'moe_bias'}) of the newest step under `path`."""
-    import orbax.checkpoint as ocp
+    """(ModelConfig from the checkpoint's metadata, {'params', 'moe_bias'}) of the newest step under `path`;
+    the optimizer state is not read. FP8 weights kept by `experiments.convert --fp8` come with their scales."""
+    import numpy as np
 
-    directory = os.path.abspath(_checkpoint_dir(path))
-    if not os.path.isdir(directory):
-        raise UsageError(f"--ckpt: no such directory {path!r}")
-    with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise UsageError(f"--ckpt: no checkpoint in {directory}")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                                 meta=ocp.args.JsonRestore()))
-    fields = dict(restored["meta"]["model"])
-    if fields.get("rope_scaling") is not None:
-        fields["rope_scaling"] = YarnConfig(**fields["rope_scaling"])
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    config = ModelConfig(**{k: v for k, v in fields.items() if k in known}).replace(dtype=dtype).validate()
-    state = restored["state"]
-    return config, {"params": state["params"], "moe_bias": state.get("moe_bias") or {}}
+    from dsv3_jax import convert
+
+    try:
+        opened = convert.open_checkpoint(path)
+    except convert.ConvertError as e:
+        raise UsageError(f"--ckpt: {e}") from None
+    read = lambda tree: jax.tree.map(np.asarray, tree)
+    variables = read(opened.variables)
+    params = fp8_weights.with_scales(variables["params"], read(opened.scales))
+    return opened.config.replace(dtype=dtype).validate(), {"params": params, "moe_bias": variables.get("moe_bias", {})}
 
 
 def load_model(args) -> tuple[ModelConfig, dict]:
@@ -121,8 +116,10 @@ class Streamer:
 def run(args) -> int:
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
-    if args.speculative and args.temperature != 0.0:
-        raise UsageError("--speculative mtp is greedy only: leave --temperature at 0")
+    if args.draft_tokens < 1:
+        raise UsageError(f"--draft-tokens must be at least 1, got {args.draft_tokens}")
+    if args.temperature < 0 or not 0.0 < args.top_p <= 1.0:
+        raise UsageError(f"need --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature} and {args.top_p}")
     tokenizer = load_tokenizer(args)
     if args.prompt is not None:
         prompt = tokenizer.encode(args.prompt).tolist()
@@ -142,8 +139,9 @@ def run(args) -> int:
     streamer = Streamer(tokenizer)
     start = time.perf_counter()
     if args.speculative == "mtp":
-        result = generate_speculative(config, variables, [prompt], args.max_new_tokens, stop_tokens=stop,
-                                      on_token=streamer)
+        result = generate_speculative(config, variables, [prompt], args.max_new_tokens, n_draft=args.draft_tokens,
+                                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                      stop_tokens=stop, on_token=streamer)
     else:
         result = generate(config, variables, [prompt], args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, seed=args.seed, stop_tokens=stop, on_token=streamer)
@@ -154,7 +152,9 @@ def run(args) -> int:
     if len(times) > 2 and times[-1] > times[1]:   # from the second token on: the decode step is compiled
         line += f"; decode {(len(times) - 2) / (times[-1] - times[1]):.1f} tokens/s"
     if args.speculative == "mtp":
-        line += f"; MTP acceptance {result.acceptance_rate:.1%} ({result.accepted}/{result.drafted})"
+        line += (f"; MTP acceptance {result.acceptance_rate:.1%} ({result.accepted}/{result.drafted} drafts, "
+                 f"{args.draft_tokens} per step), {(n - 1) / max(result.decode_steps, 1):.2f} tokens per "
+                 f"main-model step")
     print(line + "]", flush=True)
     return 0
 

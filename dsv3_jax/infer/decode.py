@@ -1,8 +1,9 @@
 """Inference forward passes over a latent cache: prefill (training-form attention) and absorbed-MLA decode.
 
 The model's parameters are read straight from its variables tree ({'params', 'moe_bias'}, layers stacked
-on a leading axis). Projections are plain matmuls in `config.dtype` (an FP8-trained model is served from
-its high-precision master weights); the MLP and MoE run the model's own modules on the new tokens.
+on a leading axis) and run through the model's own modules: MLA's projections (`layers.mla.project_params`),
+Linear, RMSNorm, MLP and MoE, in `config.dtype` (an FP8-trained model is served from its master weights;
+FP8 weights kept by an FP8 import run as FP8 matmuls with their stored scales, see dsv3_jax.fp8_weights).
 
     forward_with_cache(config, variables, tokens_BT, positions_BT, cache, absorbed)
         1. embed the new tokens; per layer (a lax.scan over each stacked stack):
@@ -21,47 +22,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax import fp8_weights
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer.cache import DecodeCache, LatentCache, init_cache, visible_slots, write_slots
 from dsv3_jax.infer.sampling import sample_tokens
 from dsv3_jax.layers.attention import softmax_attention
+from dsv3_jax.layers.linear import make_linear
+from dsv3_jax.layers.mla import project_params
 from dsv3_jax.layers.mlp import MLP
-from dsv3_jax.layers.norm import rms_normalize
-from dsv3_jax.layers.rope import apply_rope, rope_tables
+from dsv3_jax.layers.norm import RMSNorm
+from dsv3_jax.layers.rope import rope_tables
 from dsv3_jax.moe.layer import MoE
 from dsv3_jax.moe.router import BIAS_COLLECTION
 
 
-def _matmul(x, kernel, dtype, out_dtype=None):
-    return jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=out_dtype)
+def _linear(c: ModelConfig, p: dict, x, out_dtype=None):
+    """The model's Linear over the parameters `p` (an FP8 kernel kept with its scales runs as an FP8 matmul)."""
+    return make_linear(c, p["kernel"].shape[-1], ("embed", "embed"), "linear", out_dtype).apply({"params": p}, x)
 
 
-def _norm(x, params, eps):
-    return params["scale"].astype(x.dtype) * rms_normalize(x, eps)
+def _norm(c: ModelConfig, p: dict, x):
+    return RMSNorm(c.rms_norm_eps, c.jnp_param_dtype).apply({"params": p}, x)
+
+
+def serving_config(config: ModelConfig) -> ModelConfig:
+    """Decoding computes in `dtype` from the stored weights: an FP8-trained model (model.fp8) is served from its
+    master weights, an FP8-imported one through its FP8 kernels and scales (dsv3_jax.fp8_weights)."""
+    return config.replace(fp8=False) if config.fp8 else config
 
 
 # ---- MLA ------------------------------------------------------------------------------------------------
 
-def mla_project(c: ModelConfig, p: dict, x_BTD, cos_sin):
-    """(q_nope_BTHN, q_rope_BTHR after RoPE, latent_BTC after kv_norm, k_rope_BTR after RoPE)."""
-    B, T, _ = x_BTD.shape
-    H, Dn, Dr, dt = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.jnp_dtype
-    if c.q_lora_rank is None:
-        q = _matmul(x_BTD, p["wq"]["kernel"], dt)
-    else:
-        q_lat = _norm(_matmul(x_BTD, p["wq_a"]["kernel"], dt), p["q_norm"], c.rms_norm_eps)
-        q = _matmul(q_lat, p["wq_b"]["kernel"], dt)
-    q_BTHK = q.reshape(B, T, H, Dn + Dr)
-    cos, sin = cos_sin
-    kv_a = _matmul(x_BTD, p["wkv_a"]["kernel"], dt)
-    latent_BTC = _norm(kv_a[..., : c.kv_lora_rank], p["kv_norm"], c.rms_norm_eps)
-    k_rope_BTR = apply_rope(kv_a[..., None, c.kv_lora_rank:], cos, sin)[:, :, 0]
-    return q_BTHK[..., :Dn], apply_rope(q_BTHK[..., Dn:], cos, sin), latent_BTC, k_rope_BTR
-
-
 def _split_wkv_b(c: ModelConfig, p: dict):
-    """W_kvb (C, H·(Dn+Dv)) as W_UK (C, H, Dn) and W_UV (C, H, Dv)."""
-    w_CHK = p["wkv_b"]["kernel"].astype(c.jnp_dtype).reshape(c.kv_lora_rank, c.n_heads, -1)
+    """W_kvb (C, H·(Dn+Dv)) as W_UK (C, H, Dn) and W_UV (C, H, Dv) (dequantised when kept as FP8)."""
+    w_CF = fp8_weights.dequantize_siblings(p["wkv_b"], c.jnp_dtype)["kernel"].astype(c.jnp_dtype)
+    w_CHK = w_CF.reshape(c.kv_lora_rank, c.n_heads, -1)
     return w_CHK[..., : c.qk_nope_head_dim], w_CHK[..., c.qk_nope_head_dim:]
 
 
@@ -93,14 +88,14 @@ def attend_absorbed(c: ModelConfig, p: dict, q_nope_BTHN, q_rope_BTHR, latent_BS
 def mla_with_cache(c: ModelConfig, p: dict, x_BTD, positions_BT, cos_sin, layer_cache, absorbed: bool):
     """MLA of the new tokens against the cache, after writing their latents into it; (out_BTD, layer_cache)."""
     latent_BSC, rope_BSR = layer_cache
-    q_nope, q_rope, latent_BTC, k_rope_BTR = mla_project(c, p, x_BTD, cos_sin)
+    q_nope, q_rope, latent_BTC, k_rope_BTR = project_params(c, p, x_BTD, cos_sin)
     latent_BSC = write_slots(latent_BSC, latent_BTC, positions_BT)
     rope_BSR = write_slots(rope_BSR, k_rope_BTR, positions_BT)
     visible_BTS = visible_slots(positions_BT, latent_BSC.shape[1])
     attend = attend_absorbed if absorbed else attend_naive
     out_BTHV = attend(c, p, q_nope, q_rope, latent_BSC, rope_BSR, visible_BTS)
     B, T = positions_BT.shape
-    out_BTD = _matmul(out_BTHV.reshape(B, T, -1), p["wo"]["kernel"], c.jnp_dtype)
+    out_BTD = _linear(c, p["wo"], out_BTHV.reshape(B, T, -1))
     return out_BTD, (latent_BSC, rope_BSR)
 
 
@@ -109,12 +104,13 @@ def mla_with_cache(c: ModelConfig, p: dict, x_BTD, positions_BT, cos_sin, layer_
 def block_with_cache(c: ModelConfig, use_moe: bool, p: dict, bias, x_BTD, positions_BT, cos_sin, layer_cache,
                      absorbed: bool):
     """DecoderBlock on the new tokens: (x_BTD, layer_cache). `bias` is the block's moe_bias subtree."""
-    attn_in = _norm(x_BTD, p["attn_norm"], c.rms_norm_eps)
+    attn_in = _norm(c, p["attn_norm"], x_BTD)
     attn_out, layer_cache = mla_with_cache(c, p["attn"], attn_in, positions_BT, cos_sin, layer_cache, absorbed)
     h_BTD = x_BTD + attn_out
-    mlp_in = _norm(h_BTD, p["mlp_norm"], c.rms_norm_eps)
-    if use_moe:
-        y_BTD, _ = MoE(c).apply({"params": p["moe"], BIAS_COLLECTION: bias["moe"]}, mlp_in)
+    mlp_in = _norm(c, p["mlp_norm"], h_BTD)
+    if use_moe:   # routed experts kept as FP8 are dequantised here, one layer at a time
+        moe_params = fp8_weights.dequantize_siblings(p["moe"], c.jnp_dtype)
+        y_BTD, _ = MoE(c).apply({"params": moe_params, BIAS_COLLECTION: bias["moe"]}, mlp_in)
     else:
         y_BTD = MLP(c, c.intermediate_size).apply({"params": p["mlp"]}, mlp_in)
     return h_BTD + y_BTD, layer_cache
@@ -136,15 +132,16 @@ def embed_tokens(c: ModelConfig, params: dict, tokens_BT):
 
 def output_logits(c: ModelConfig, params: dict, normed_BTD):
     if c.tie_word_embeddings:
-        return _matmul(normed_BTD, params["embed"]["embedding"].T, c.jnp_dtype).astype(jnp.float32)
-    return _matmul(normed_BTD, params["lm_head"]["kernel"], c.jnp_dtype, jnp.float32)
+        embedding_VD = params["embed"]["embedding"].astype(c.jnp_dtype)
+        return jnp.dot(normed_BTD.astype(c.jnp_dtype), embedding_VD.T).astype(jnp.float32)
+    return _linear(c, params["lm_head"], normed_BTD, jnp.float32)
 
 
 def forward_with_cache(config: ModelConfig, variables: dict, tokens_BT, positions_BT, cache: DecodeCache,
                        absorbed: bool = True):
     """Main model on the new tokens at `positions_BT`: (logits_BTV float32, hidden_BTD before the final norm,
     cache with their latents written). absorbed=False is the training-form attention (used for prefill)."""
-    c, params = config, variables["params"]
+    c, params = serving_config(config), variables["params"]
     bias = variables.get(BIAS_COLLECTION, {})
     cos_sin = rope_tables(positions_BT, c)
     x_BTD = embed_tokens(c, params, tokens_BT)
@@ -156,25 +153,26 @@ def forward_with_cache(config: ModelConfig, variables: dict, tokens_BT, position
     if c.n_moe_layers > 0:
         x_BTD, moe = _stack_with_cache(c, True, params["moe_layers"], bias["moe_layers"], x_BTD, positions_BT,
                                        cos_sin, moe, absorbed)
-    logits_BTV = output_logits(c, params, _norm(x_BTD, params["final_norm"], c.rms_norm_eps))
+    logits_BTV = output_logits(c, params, _norm(c, params["final_norm"], x_BTD))
     return logits_BTV, x_BTD, cache._replace(dense=dense, moe=moe)
 
 
 def mtp_with_cache(config: ModelConfig, variables: dict, hidden_BTD, next_tokens_BT, positions_BT,
                    cache: DecodeCache, absorbed: bool = True):
-    """MTP module 0 at `positions_BT`: from the main model's hidden state at position i and the token at i+1,
-    the logits for the token at i+2; (logits_BTV, cache with the module's latents written)."""
-    c, params = config, variables["params"]
+    """MTP module 0 at `positions_BT`: from a hidden state at position i (the main model's, or the module's own
+    when drafting further ahead) and the token at i+1, the logits for the token at i+2; (logits_BTV, the module's
+    hidden output_BTD before its head norm, cache with the module's latents written)."""
+    c, params = serving_config(config), variables["params"]
     p, bias = params["mtp_0"], variables.get(BIAS_COLLECTION, {}).get("mtp_0", {})
     emb_BTD = embed_tokens(c, params, next_tokens_BT)
-    joined = jnp.concatenate([_norm(emb_BTD, p["enorm"], c.rms_norm_eps),
-                              _norm(hidden_BTD.astype(c.jnp_dtype), p["hnorm"], c.rms_norm_eps)], axis=-1)
-    x_BTD = _matmul(joined, p["eh_proj"]["kernel"], c.jnp_dtype)
+    joined = jnp.concatenate([_norm(c, p["enorm"], emb_BTD), _norm(c, p["hnorm"], hidden_BTD.astype(c.jnp_dtype))],
+                             axis=-1)
+    x_BTD = _linear(c, p["eh_proj"], joined)
     layer_cache = (cache.mtp.latent_LBSC[0], cache.mtp.rope_LBSR[0])
     h_BTD, (latent, rope) = block_with_cache(c, True, p["block"], bias.get("block"), x_BTD, positions_BT,
                                              rope_tables(positions_BT, c), layer_cache, absorbed)
-    logits_BTV = output_logits(c, params, _norm(h_BTD, p["head_norm"], c.rms_norm_eps))
-    return logits_BTV, cache._replace(mtp=LatentCache(latent[None], rope[None]))
+    logits_BTV = output_logits(c, params, _norm(c, p["head_norm"], h_BTD))
+    return logits_BTV, h_BTD, cache._replace(mtp=LatentCache(latent[None], rope[None]))
 
 
 # ---- generation -----------------------------------------------------------------------------------------

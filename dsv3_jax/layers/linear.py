@@ -1,10 +1,14 @@
-"""A bias-free linear layer whose kernel carries logical axis names for sharding; optionally an FP8 matmul."""
+"""A bias-free linear layer whose kernel carries logical axis names for sharding; optionally an FP8 matmul.
+
+A kernel imported as FP8 (float8_e4m3fn beside a `kernel_scale`, see dsv3_jax.fp8_weights) runs as an FP8
+matmul with its stored block scales."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dsv3_jax import fp8_weights
 from dsv3_jax.layers.fp8_linear import fp8_linear
 
 
@@ -22,6 +26,9 @@ class Linear(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes),
                             (x.shape[-1], self.features), self.param_dtype)
+        if self.has_variable("params", "kernel" + fp8_weights.SCALE_SUFFIX):   # kept FP8 (inference)
+            scale = self.get_variable("params", "kernel" + fp8_weights.SCALE_SUFFIX)
+            return fp8_weights.matmul(x.astype(self.dtype), kernel, scale, self.out_dtype or self.dtype)
         if self.fp8:   # quantized straight from the master weights; the weight gradient comes back in their dtype
             return fp8_linear(x.astype(self.dtype), kernel, out_dtype=self.out_dtype or self.dtype,
                               power_of_two=self.fp8_power_of_two_scales)

@@ -38,7 +38,7 @@ def test_hf_dir_greedy_and_speculative(tmp_path, variables, expected, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert printed_ids(out) == expected and "tokens/s" in out
-    assert main(args + ["--speculative", "mtp"]) == 0
+    assert main(args + ["--speculative", "mtp", "--draft-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert printed_ids(out) == expected and "MTP acceptance" in out
 

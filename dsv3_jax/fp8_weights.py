@@ -1,0 +1,89 @@
+"""FP8 weights kept as DeepSeek's FP8 checkpoints store them: float8_e4m3fn with one float32 scale per 128×128 block.
+
+`experiments.convert --fp8` keeps them so (1 byte a weight instead of 2 or 4) instead of dequantising.
+In a params tree a kept weight `w` (..., K, N) has a sibling `w_scale` (..., ceil(K/128), ceil(N/128)):
+
+* a `Linear` whose params hold `kernel_scale` multiplies with `pallas_kernels.fp8.fp8_matmul` and the stored
+  scales, the activations quantised per 1×128 tile as DeepSeek's inference does (`matmul`);
+* the routed experts, whose grouped matmul has no FP8 path, are dequantised to the compute dtype one layer at a
+  time inside the decoder's layer scan (`dequantize_siblings`), so only one layer's worth exists unpacked.
+
+On disk (orbax) the scales are their own item, `fp8_scales`, shaped like the part of `params` they scale, so the
+`state` item keeps the layout pre-training restores; restoring for training multiplies the scales back into the
+master weights (`dequantize_params`), which gives the same values as importing without `--fp8`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.fp8 import FP8_DTYPE, default_impl, fp8_matmul, quantize_1x128
+
+BLOCK = 128
+SCALE_SUFFIX = "_scale"
+SCALES_ITEM = "fp8_scales"   # the orbax item holding the scales of a checkpoint's FP8 params
+
+
+def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The block scales' shape for a weight of `shape` (its last two axes are blocked)."""
+    *lead, K, N = shape
+    return (*lead, -(-K // BLOCK), -(-N // BLOCK))
+
+
+def dequantize(w_q, scale, dtype=jnp.float32):
+    """w_q · scale in float32 (each scale covering a 128×128 block of the last two axes, edge blocks cropped),
+    returned in `dtype`."""
+    K, N = w_q.shape[-2:]
+    if scale.shape != scale_shape(w_q.shape):
+        raise ValueError(f"FP8 scale has shape {scale.shape}; a weight of shape {w_q.shape} needs "
+                         f"{scale_shape(w_q.shape)} (128x128 blocks)")
+    full = jnp.repeat(jnp.repeat(scale.astype(jnp.float32), BLOCK, axis=-2), BLOCK, axis=-1)[..., :K, :N]
+    return (w_q.astype(jnp.float32) * full).astype(dtype)
+
+
+def matmul(x_BK, w_q_KN, scale_KbNb, out_dtype):
+    """x · (w_q · scale): x quantised per 1×128 tile, then the block-scaled FP8 matmul (float32 accumulation)."""
+    if w_q_KN.dtype != FP8_DTYPE:
+        raise ValueError(f"an FP8 kernel (one with a kernel_scale) must be {FP8_DTYPE.__name__}, got {w_q_KN.dtype}")
+    lead, K = x_BK.shape[:-1], x_BK.shape[-1]
+    x_q, x_scale = quantize_1x128(x_BK.reshape(-1, K))
+    y_MN = fp8_matmul(x_q, x_scale, w_q_KN, scale_KbNb, impl=default_impl(), out_dtype=out_dtype)
+    return y_MN.reshape(*lead, w_q_KN.shape[1])
+
+
+def dequantize_siblings(tree: dict, dtype) -> dict:
+    """A params dict (one level) with each `w` that has a `w_scale` sibling dequantised to `dtype`, scales dropped."""
+    out = {k: v for k, v in tree.items() if not (k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in tree)}
+    for name in out:
+        if name + SCALE_SUFFIX in tree:
+            out[name] = dequantize(tree[name], tree[name + SCALE_SUFFIX], dtype)
+    return out
+
+
+def with_scales(params: dict, scales: dict) -> dict:
+    """`params` with each scale of `scales` (a tree shaped like part of params) added beside its weight."""
+    out = dict(params)
+    for key, value in scales.items():
+        if key not in params:
+            raise ValueError(f"fp8 scales for {key!r}, which the params do not have")
+        if isinstance(value, dict):
+            out[key] = with_scales(params[key], value)
+        else:
+            out[key + SCALE_SUFFIX] = value
+    return out
+
+
+def dequantize_params(params: dict, scales: dict) -> dict:
+    """`params` with each weight that `scales` covers replaced by weight · scale, in the weight's dtype and
+    placement (the FP8 values arrive cast exactly into the master dtype by orbax)."""
+    out = dict(params)
+    for key, value in scales.items():
+        if isinstance(value, dict):
+            out[key] = dequantize_params(params[key], value)
+            continue
+        w = params[key]
+        fn = lambda w_, s_: dequantize(w_, s_, w_.dtype)
+        sharding = getattr(w, "sharding", None)
+        out[key] = jax.jit(fn, out_shardings=sharding)(w, value) if sharding is not None else fn(w, value)
+    return out
