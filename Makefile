@@ -22,7 +22,7 @@ pretrain: $(VENV)/.installed
 	$(PY) -m experiments.pretrain --config tiny $(ARGS)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests   # two workers: the CI machine has 2 cores
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

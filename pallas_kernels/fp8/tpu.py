@@ -2,7 +2,10 @@
 
 Each step loads a (bm, 128) tile of a and a (128, bn) tile of b, upcasts them to bf16 (exact for E4M3; chips
 without an FP8 MXU need it), multiplies on the MXU into float32, scales by the (bm, 1) and (1, bn) scale vectors
-of that K block and adds into a float32 VMEM accumulator, written out after the last K block. Operands are
+of that K block and adds into a float32 VMEM accumulator, written out after the last K block. The scales stay
+lane-dense in memory: a_scale as [M, Kb] read in (bm, 128) blocks (one block serves 128 K steps) and b_scale as
+[Kb, N] in (8, bn) blocks; each step picks its column / row in-register (pallas_kernels.tpu_lanes), because
+(n, 1)-shaped scale arrays would be padded 128-fold in TPU memory. Operands are
 zero-padded to whole tiles and the result sliced back, so any M, N, K work. Same math as `reference.fp8_matmul`.
 """
 
@@ -17,9 +20,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.fp8.quantize import TILE, _cdiv
 from pallas_kernels.fp8.reference import check_operands, column_scales
-
-_SQUEEZED = pl.Squeezed() if hasattr(pl, "Squeezed") else None
-
+from pallas_kernels.tpu_lanes import div_nonneg, pick_column, pick_row, rem_nonneg
 
 def _kernel(a_ref, b_ref, sa_ref, sb_ref, out_ref, acc_ref):
     k = pl.program_id(2)
@@ -30,7 +31,9 @@ def _kernel(a_ref, b_ref, sa_ref, sb_ref, out_ref, acc_ref):
 
     partial = jnp.dot(a_ref[...].astype(jnp.bfloat16), b_ref[...].astype(jnp.bfloat16),
                       preferred_element_type=jnp.float32)
-    acc_ref[...] += partial * sa_ref[...] * sb_ref[...]
+    sa_M1 = pick_column(sa_ref[...], rem_nonneg(k, TILE))
+    sb_1N = pick_row(sb_ref[...], rem_nonneg(k, 8))
+    acc_ref[...] += partial * sa_M1 * sb_1N
 
     @pl.when(k == pl.num_programs(2) - 1)
     def _store():
@@ -53,9 +56,9 @@ def fp8_matmul(a_q_MK, a_scale_MKb, b_q_KN, b_scale, out_dtype=jnp.bfloat16, blo
     bm, bn = _block(Mp, block_m), _block(Np, block_n)
     a = jnp.pad(a_q_MK, ((0, Mp - M), (0, Kp - K)))
     b = jnp.pad(b_q_KN, ((0, Kp - K), (0, Np - N)))
-    # Scales as [Kb, M, 1] and [Kb, 1, N]: blocks whose last two dims are (bm, 1) / (1, bn) column / row vectors.
-    sa_KbM1 = jnp.pad(a_scale_MKb.astype(jnp.float32), ((0, Mp - M), (0, 0))).T[:, :, None]
-    sb_Kb1N = jnp.pad(column_scales(b_scale, N), ((0, 0), (0, Np - N)))[:, None, :]
+    # Scales lane-dense: a's as [Mp, Kb rounded up to 128], b's as [Kb rounded up to 8, Np].
+    sa_MKb = jnp.pad(a_scale_MKb.astype(jnp.float32), ((0, Mp - M), (0, _cdiv(Kb, TILE) * TILE - Kb)))
+    sb_KbN = jnp.pad(column_scales(b_scale, N), ((0, _cdiv(Kb, 8) * 8 - Kb), (0, Np - N)))
 
     return pl.pallas_call(
         _kernel,
@@ -63,12 +66,12 @@ def fp8_matmul(a_q_MK, a_scale_MKb, b_q_KN, b_scale, out_dtype=jnp.bfloat16, blo
         in_specs=[
             pl.BlockSpec((bm, TILE), lambda i, j, k: (i, k)),
             pl.BlockSpec((TILE, bn), lambda i, j, k: (k, j)),
-            pl.BlockSpec((_SQUEEZED, bm, 1), lambda i, j, k: (k, i, 0)),
-            pl.BlockSpec((_SQUEEZED, 1, bn), lambda i, j, k: (k, 0, j)),
+            pl.BlockSpec((bm, TILE), lambda i, j, k: (i, div_nonneg(k, TILE))),
+            pl.BlockSpec((8, bn), lambda i, j, k: (div_nonneg(k, 8), j)),
         ],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
         out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(a, b, sa_KbM1, sb_Kb1N)[:M, :N]
+    )(a, b, sa_MKb, sb_KbN)[:M, :N]

@@ -29,6 +29,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.fp8.quantize import TILE, _cdiv
 from pallas_kernels.grouped_matmul import reference
 from pallas_kernels.grouped_matmul.layout import group_bounds
+from pallas_kernels.tpu_lanes import div_nonneg, pick_column, pick_row, rem_nonneg
 
 _SQUEEZED = pl.Squeezed() if hasattr(pl, "Squeezed") else None
 _POW2_TILES = (128, 256, 512, 1024)
@@ -108,29 +109,6 @@ def _visits(group_sizes_G, M: int, bm: int, T: int, *, tail_tiles: bool, empty_g
     return tuple(a.astype(jnp.int32) for a in (g_V, tile_V, lo_V, hi_V))
 
 
-def _div(a, b: int):
-    """a // b for a >= 0. lax's truncating ops: jnp's flooring // and % add a `sign`, whose Mosaic lowering asks
-    for the TPU generation (so lowering on a CPU host would fail)."""
-    return jax.lax.div(a, jnp.int32(b))
-
-
-def _rem(a, b: int):
-    """a % b for a >= 0."""
-    return jax.lax.rem(a, jnp.int32(b))
-
-
-def _pick_column(block, idx):
-    """(r, 128) -> (r, 1): column `idx` (traced), by a one-hot lane sum (exact; no dynamic lane slicing)."""
-    lanes = jax.lax.broadcasted_iota(jnp.int32, block.shape, 1)
-    return jnp.sum(jnp.where(lanes == idx, block, 0.0), axis=1, keepdims=True)
-
-
-def _pick_row(block, idx):
-    """(8, c) -> (1, c): row `idx` (traced), by a one-hot sublane sum."""
-    rows = jax.lax.broadcasted_iota(jnp.int32, block.shape, 0)
-    return jnp.sum(jnp.where(rows == idx, block, 0.0), axis=0, keepdims=True)
-
-
 def _row_mask(tile, lo, hi, shape, bm: int):
     rows = tile * bm + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
     return (rows >= lo) & (rows < hi)
@@ -162,7 +140,7 @@ def _row_kernel(group_ref, tile_ref, lo_ref, hi_ref, *refs, bm: int, dims, scale
             partial = jax.lax.dot_general(lhs_ref[:, cols].astype(jnp.bfloat16),
                                           rhs_ref[:, cols].astype(jnp.bfloat16), _NT,
                                           preferred_element_type=jnp.float32)
-            acc = acc + partial * _pick_column(sa, _rem(kb, TILE)) * _pick_row(sb, _rem(kb, 8))
+            acc = acc + partial * pick_column(sa, rem_nonneg(kb, TILE)) * pick_row(sb, rem_nonneg(kb, 8))
         acc_ref[...] = acc
 
     @pl.when(k == pl.num_programs(2) - 1)
@@ -212,8 +190,8 @@ def _row_call(lhs_MC, rhs, group_sizes_G, scales, *, rhs_nc: bool, O: int, out_d
         sb = jnp.repeat(jnp.swapaxes(b_scale_GObCb.astype(jnp.float32), 1, 2), TILE, axis=2)
         sb = jnp.pad(sb, ((0, 0), (0, _round_up(Cb, 8) - Cb), (0, 0)))
         in_specs += [
-            pl.BlockSpec((bm, TILE), lambda j, v, k, g, t, lo, hi: (t[v], _div(kk(v, k, lo, hi) * bcb, TILE))),
-            pl.BlockSpec((_SQUEEZED, 8, bo), lambda j, v, k, g, t, lo, hi: (g[v], _div(kk(v, k, lo, hi) * bcb, 8), j)),
+            pl.BlockSpec((bm, TILE), lambda j, v, k, g, t, lo, hi: (t[v], div_nonneg(kk(v, k, lo, hi) * bcb, TILE))),
+            pl.BlockSpec((_SQUEEZED, 8, bo), lambda j, v, k, g, t, lo, hi: (g[v], div_nonneg(kk(v, k, lo, hi) * bcb, 8), j)),
         ]
         operands += [sa, sb]
     kernel = functools.partial(_row_kernel, bm=bm, dims=_NT if rhs_nc else _NN, scaled=scales is not None,
@@ -265,7 +243,7 @@ def _weight_kernel(group_ref, tile_ref, lo_ref, hi_ref, *refs, bm: int, scaled: 
                 cols = slice(s * TILE, (s + 1) * TILE)
                 partial = jax.lax.dot_general(a_ref[:, cols].astype(jnp.bfloat16), b_ref[:, cols].astype(jnp.bfloat16),
                                               _NT, preferred_element_type=jnp.float32)
-                acc_ref[...] += partial * _pick_column(sa, _rem(mb, TILE)) * _pick_row(sb, _rem(mb, 8))
+                acc_ref[...] += partial * pick_column(sa, rem_nonneg(mb, TILE)) * pick_row(sb, rem_nonneg(mb, 8))
 
     @pl.when((v == last_v) | (group_ref[jnp.minimum(v + 1, last_v)] != group))
     def _store():
@@ -300,8 +278,8 @@ def _weight_call(a, b, group_sizes_G, scales, *, transposed: bool, out_dtype, in
         # transposed, [Mb → 8k, Np]: an (8, bn) block holds the (1, bn) rows of 8 row blocks.
         operands += [_pad2(a_scale_KMb.astype(jnp.float32), Kp, _round_up(Mb, TILE)),
                      _pad2(b_scale_NMb.astype(jnp.float32).T, _round_up(Mb, 8), Np)]
-        in_specs += [pl.BlockSpec((bk, TILE), lambda i, j, v, g, t, lo, hi: (i, _div(t[v] * bmb, TILE))),
-                     pl.BlockSpec((8, bn), lambda i, j, v, g, t, lo, hi: (_div(t[v] * bmb, 8), j))]
+        in_specs += [pl.BlockSpec((bk, TILE), lambda i, j, v, g, t, lo, hi: (i, div_nonneg(t[v] * bmb, TILE))),
+                     pl.BlockSpec((8, bn), lambda i, j, v, g, t, lo, hi: (div_nonneg(t[v] * bmb, 8), j))]
     kernel = functools.partial(_weight_kernel, bm=bm, scaled=scales is not None,
                                compute_dtype=jnp.promote_types(a.dtype, b.dtype))
     out = pl.pallas_call(

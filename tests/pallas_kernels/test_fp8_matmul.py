@@ -75,3 +75,16 @@ def test_impl_switch_and_shape_errors():
         fp8_matmul(a_q, a_s[:, :1], b_q, b_s)
     with pytest.raises(ValueError, match="b_scale"):
         fp8_matmul(a_q, a_s, b_q, jnp.ones((2, 2)))
+
+
+def test_tpu_kernel_lowers_for_tpu():
+    """Pallas -> Mosaic TPU lowering at a DeepSeek-V3 shape (no TPU needed; catches unsupported block shapes)."""
+    import jax
+
+    from pallas_kernels.fp8 import tpu
+
+    M, K, N = 512, 7168, 2112
+    args = (jax.ShapeDtypeStruct((M, K), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((M, K // 128), jnp.float32),
+            jax.ShapeDtypeStruct((K, N), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((K // 128, -(-N // 128)), jnp.float32))
+    lowered = jax.jit(tpu.fp8_matmul).trace(*args).lower(lowering_platforms=("tpu",))
+    assert "tpu_custom_call" in lowered.as_text()
