@@ -334,13 +334,54 @@ def open_checkpoint(ckpt: str, step: int | None = None) -> OpenedCheckpoint:
     variables: dict = {}
     scales: dict = {}
     context = ts.Context()
+    cache = _LeafCache()
     for leaf in hf._leaf_specs(config):
         field = "params" if leaf[0] == "params" else "moe_bias"
-        array = _open_array(item_dir, ".".join((field,) + leaf[1:]), context)
+        array = _CachedLeaf(_open_array(item_dir, ".".join((field,) + leaf[1:]), context), cache)
         hf._set_leaf(variables, leaf, array)
         if meta.get(fp8_weights.SCALES_ITEM) and array.dtype.numpy_dtype == hf._ST_DTYPES["F8_E4M3"]:
             hf._set_leaf(scales, leaf[1:], _open_array(scales_dir, ".".join(leaf[1:]), context))
     return OpenedCheckpoint(config, step, variables, scales)
+
+
+class _LeafCache:
+    """The last few whole arrays read, least recently used first out. orbax chunks a stacked leaf over all its
+    layers and experts (e.g. [3, 64, 1024, 1408] for a [3, 64, 2048, 1408] leaf), so reading one expert's slice
+    decompresses a whole chunk: HF export, which walks layer by layer and expert by expert through the gate, up
+    and down stacks in turn, reads each of those three leaves once and slices it in memory (peak: about three
+    of the largest leaves)."""
+
+    def __init__(self, size: int = 3):
+        self.size, self.arrays = size, {}
+
+    def get(self, key, read):
+        if key not in self.arrays:
+            if len(self.arrays) >= self.size:
+                self.arrays.pop(next(iter(self.arrays)))
+            self.arrays[key] = read()
+        self.arrays[key] = self.arrays.pop(key)   # most recently used last
+        return self.arrays[key]
+
+
+class _CachedLeaf:
+    """A lazy tensorstore array whose slices come from one whole read, kept in a shared `_LeafCache`."""
+
+    def __init__(self, array, cache: _LeafCache):
+        self.array, self.cache = array, cache
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.cache.get(id(self), lambda: self.array.read().result())[index]
+
+    def __array__(self, dtype=None, copy=None):   # the whole array, read once (generation loads every leaf)
+        return np.asarray(self.array.read().result(), dtype=dtype)
 
 
 def export_hf(ckpt: str, out_hf: str, step: int | None = None,
