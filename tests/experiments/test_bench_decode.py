@@ -4,20 +4,12 @@ the same weights give the same greedy tokens; cache sizes are the caches' own; M
 import json
 import math
 
-import jax
 import pytest
 
 from experiments.bench import main
+from tests.fast_compile import cheap_compiles  # noqa: F401  (an autouse fixture: XLA's cheapest compiles)
 
 NEW = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _cheap_compiles():
-    previous = jax.config.values.get("jax_disable_most_optimizations", False)
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def test_decode_benchmark(tmp_path):

@@ -1,12 +1,3 @@
 """The inference tests compare results, never time them: compile with XLA's cheapest settings."""
 
-import jax
-import pytest
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _cheap_compiles():
-    previous = jax.config.values.get("jax_disable_most_optimizations", False)
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+from tests.fast_compile import cheap_compiles  # noqa: F401  (an autouse fixture)

@@ -22,6 +22,7 @@ from dsv3_jax.infer import (accept_drafts, attend_absorbed, attend_naive, decode
 from dsv3_jax.infer.cache import visible_slots
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.presets import PRESETS
+from experiments.bench.decode import all_accepting
 
 CONFIG = PRESETS["tiny"].replace(vocab_size=512, rope_scaling=YarnConfig(
     factor=4.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=1.0))
@@ -46,25 +47,6 @@ def random_variables(config, seed=0, std=0.05):
         return jnp.asarray(value, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def agreeing_variables(variables):
-    """Every block an identity (zero output projections) and MTP's projection keeping only the embedding, all
-    norm scales 1: the next token is a function of the current one, and MTP computes the same function one
-    step ahead, so every draft should be accepted."""
-    D = CONFIG.dim
-
-    def edit(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if any(k in name for k in ("['wo']", "['down']", "['experts_down']")):
-            return jnp.zeros_like(leaf)
-        if "['scale']" in name:
-            return jnp.ones_like(leaf)
-        if "['eh_proj']" in name:
-            return jnp.concatenate([jnp.eye(D, dtype=leaf.dtype), jnp.zeros((D, D), leaf.dtype)])
-        return leaf
-
-    return jax.tree_util.tree_map_with_path(edit, variables)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +118,7 @@ def test_stop_tokens_end_rows(variables, greedy):
 
 @pytest.fixture(scope="module")
 def agreeing(variables):
-    return agreeing_variables(variables)
+    return all_accepting(CONFIG, variables)   # every MTP draft right
 
 
 @pytest.fixture(scope="module")
