@@ -259,11 +259,7 @@ def _row_kernel(a_MK, b_GXY, group_sizes_G, scales, *, b_layout: str, t: GpuTili
                     plgpu.wgmma_wait(0)
                     return acc_ref
 
-                def bf16_context(run):
-                    def acc_scope(acc_ref):
-                        run(acc_ref)
-                        return acc_ref[...]
-                    epilogue(pl.run_scoped(acc_scope, plgpu.ACC((wm, wn), jnp.float32)))
+                bf16_context = mg.accumulator_context((wm, wn), epilogue)
 
                 def fp8_step(idx, a_s, b_s, sa_s, acc_MN):
                     (k,) = idx
@@ -384,11 +380,7 @@ def _wgrad_kernel(a, b, group_sizes_G, scales, *, num_rows: int, t: GpuTiling, o
                     plgpu.wgmma_wait(0)   # see the row kernel
                     return acc_ref
 
-                def bf16_context(run):
-                    def acc_scope(acc_ref):
-                        run(acc_ref)
-                        return acc_ref[...]
-                    epilogue(pl.run_scoped(acc_scope, plgpu.ACC((wm, wn), jnp.float32)))
+                bf16_context = mg.accumulator_context((wm, wn), epilogue)
 
                 def fp8_step(_, a_s, b_s, sa_s, sb_s, acc_MN):
                     def partial_scope(p_ref):

@@ -38,6 +38,17 @@ def wgmma(acc_ref, a_ref, b_ref, *, a_transposed: bool, b_transposed: bool):
     plgpu.wgmma(acc_ref, a, b)
 
 
+def accumulator_context(shape, epilogue):
+    """A warp-specialized pipeline's compute_context for a plain BF16 WGMMA loop: the pipeline runs over a fresh
+    float32 WGMMA accumulator of `shape`, then `epilogue` gets its value."""
+    def context(run):
+        def acc_scope(acc_ref):
+            run(acc_ref)
+            return acc_ref[...]
+        epilogue(pl.run_scoped(acc_scope, plgpu.ACC(shape, jnp.float32)))
+    return context
+
+
 def wgmma_layout(x, interpret: bool):
     """x cast to the WGMMA register layout (JAX 0.10's interpreter has no layouts, nor a layout_cast rule)."""
     return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
