@@ -53,7 +53,7 @@ import dataclasses
 import functools
 import os
 import shutil
-from typing import Callable
+from typing import Callable, Iterable
 
 import jax
 import numpy as np
@@ -78,6 +78,9 @@ class ConvertError(ValueError):
 
 # ==== lazy leaves, written one at a time ==============================================================
 
+SLICED_WRITE_BYTES = 256 << 20   # leaves above this (and made of HF tensors) are written tensor by tensor
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Lazy:
     """A leaf that exists only as its shape and dtype until `produce()` builds it."""
@@ -85,6 +88,11 @@ class _Lazy:
     shape: tuple[int, ...]
     dtype: np.dtype
     produce: Callable[[], np.ndarray]
+    # Optionally the same values as (index, block) pieces (an HF tensor, or a slab of zeros): a leaf larger than
+    # SLICED_WRITE_BYTES is then written piece by piece into chunks of about one piece, never built whole.
+    parts: Callable[[], Iterable[tuple[tuple, np.ndarray]]] | None = None
+    piece_bytes: int = 0   # bytes of one piece: the chunk size asked of orbax
+    piece_axes: int = 0    # leading axes the pieces split (orbax splits them first when choosing chunks)
 
     @property
     def size(self) -> int:
@@ -108,12 +116,27 @@ class _LazyHandler(ocp.type_handlers.NumpyHandler):
 
     async def _one_by_one(self, values, infos, args):
         for value, info, arg in zip(values, infos, args):
+            if value.parts is not None and value.nbytes > SLICED_WRITE_BYTES:
+                # One chunk per piece (chunk_byte_size = a piece, split along the pieces' axes first), so each
+                # piece is an independent write and readers can fetch one expert without decompressing others.
+                arg = dataclasses.replace(arg, chunk_byte_size=value.piece_bytes,
+                                          shard_axes=tuple(range(value.piece_axes)))
+                await self._background_serialize([value], [info], [arg])
+                continue
             array = np.asarray(value.produce(), dtype=value.dtype)
             array = array if array.flags.c_contiguous else array.copy()
             if array.shape != tuple(value.shape):
                 raise RuntimeError(f"internal: {info.name} came out {array.shape}, expected {value.shape}")
             await self._background_serialize([array], [info], [arg])
             del array
+
+
+    async def _open_and_write(self, value, tspec, ts_context):
+        if not isinstance(value, _Lazy):
+            return await super()._open_and_write(value, tspec, ts_context)
+        store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+        for index, block in value.parts():   # unwritten chunks read as the fill value, 0
+            await store[index].write(np.ascontiguousarray(block, dtype=value.dtype))
 
 
 def _register_lazy_handler() -> None:
@@ -123,9 +146,28 @@ def _register_lazy_handler() -> None:
         ocp.type_handlers.register_type_handler(_Lazy, _LazyHandler(), override=True)
 
 
+ZERO_PIECE_BYTES = 64 << 20   # a large all-zero leaf is written in slabs of about this
+
+
 def _zeros(shape, dtype) -> _Lazy:
+    """An all-zero leaf. A large one is written in slabs of R rows along axis k, the first axis whose rows
+    (shape[k+1:]) fit in ZERO_PIECE_BYTES, for every index of the axes before k; one zero slab is reused."""
     shape, dtype = tuple(shape), np.dtype(dtype)
-    return _Lazy(shape, dtype, lambda: np.zeros(shape, dtype))
+    row_bytes = lambda k: int(np.prod(shape[k + 1:], dtype=np.int64)) * dtype.itemsize
+    k = 0
+    while k < len(shape) - 1 and row_bytes(k) > ZERO_PIECE_BYTES:
+        k += 1
+    rows = max(1, min(shape[k], ZERO_PIECE_BYTES // row_bytes(k))) if shape else 1
+
+    def parts():
+        slab = np.zeros((rows,) + shape[k + 1:], dtype)
+        for index in np.ndindex(*shape[:k]):
+            for start in range(0, shape[k], rows):
+                stop = min(start + rows, shape[k])
+                yield index + (slice(start, stop),), slab[:stop - start]
+
+    return _Lazy(shape, dtype, lambda: np.zeros(shape, dtype), parts=parts if shape else None,
+                 piece_bytes=rows * row_bytes(k) if shape else 0, piece_axes=k + 1)
 
 
 # ==== HF -> orbax =====================================================================================
@@ -155,13 +197,26 @@ def _read_hf(hf_dir: str, param_dtype: str):
     return config, plan, specs, checkpoint, block
 
 
-def _build_leaf(slots, checkpoint, spec, block) -> np.ndarray:
-    """One of our variables, as hf._build_variables fills it (each HF tensor read as it is copied in)."""
-    array = np.zeros(spec.shape, dtype=np.dtype(spec.dtype))
+def _leaf_parts(slots, checkpoint, block):
+    """(index, block) for each HF tensor of a leaf, as hf._build_variables copies it in (absent ones stay 0)."""
     for s in slots:
         if s.hf_name in checkpoint.entries:
-            array[s.index] = hf._to_ours(s.kind, hf._read_real(checkpoint, s.hf_name, block))
+            yield s.index, hf._to_ours(s.kind, hf._read_real(checkpoint, s.hf_name, block))
+
+
+def _build_leaf(slots, checkpoint, spec, block) -> np.ndarray:
+    """One of our variables, whole (each HF tensor read as it is copied in)."""
+    array = np.zeros(spec.shape, dtype=np.dtype(spec.dtype))
+    for index, value in _leaf_parts(slots, checkpoint, block):
+        array[index] = value
     return array
+
+
+def _part_ndim(slots) -> int:
+    """How many leading axes the slots' indices select (1: a layer stack, 2: layer and expert), or 0 when they
+    differ or select nothing: such a leaf is written whole."""
+    lengths = {len(s.index) if all(isinstance(i, int) for i in s.index) else 0 for s in slots}
+    return lengths.pop() if len(lengths) == 1 else 0
 
 
 def _keeps_fp8(leaf: tuple[str, ...], slots, checkpoint) -> bool:
@@ -203,7 +258,10 @@ def lazy_variables(hf_dir: str, param_dtype: str = "float32", keep_fp8: bool = F
                 _build_fp8_leaf, slots, checkpoint, scale_shape, True)))
             continue
         produce = functools.partial(_build_leaf, slots, checkpoint, spec, block)
-        hf._set_leaf(variables, leaf, _Lazy(shape, np.dtype(spec.dtype), produce))
+        part_ndim = _part_ndim(slots)
+        parts = functools.partial(_leaf_parts, slots, checkpoint, block) if part_ndim else None
+        piece_bytes = int(np.prod(shape[part_ndim:], dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+        hf._set_leaf(variables, leaf, _Lazy(shape, np.dtype(spec.dtype), produce, parts, piece_bytes, part_ndim))
     return config, variables, scales
 
 
@@ -345,8 +403,9 @@ def open_checkpoint(ckpt: str, step: int | None = None) -> OpenedCheckpoint:
 
 
 class _LeafCache:
-    """The last few whole arrays read, least recently used first out. orbax chunks a stacked leaf over all its
-    layers and experts (e.g. [3, 64, 1024, 1408] for a [3, 64, 2048, 1408] leaf), so reading one expert's slice
+    """The last few whole arrays read, least recently used first out. Unless the import wrote a leaf piece by
+    piece (one chunk per HF tensor), orbax chunks a stacked leaf over all its layers and experts
+    (e.g. [3, 64, 1024, 1408] for a [3, 64, 2048, 1408] leaf), so reading one expert's slice
     decompresses a whole chunk: HF export, which walks layer by layer and expert by expert through the gate, up
     and down stacks in turn, reads each of those three leaves once and slices it in memory (peak: about three
     of the largest leaves)."""
@@ -378,6 +437,9 @@ class _CachedLeaf:
         return self.array.dtype
 
     def __getitem__(self, index) -> np.ndarray:
+        chunk = self.array.chunk_layout.read_chunk.shape
+        if chunk and chunk[0] == 1 and self.array.shape[0] > 1:   # written piece by piece: read just the piece
+            return self.array[index].read().result()
         return self.cache.get(id(self), lambda: self.array.read().result())[index]
 
     def __array__(self, dtype=None, copy=None):   # the whole array, read once (generation loads every leaf)
