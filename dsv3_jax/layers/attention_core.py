@@ -70,8 +70,8 @@ def cudnn_mla_attention(q_BTHK, k_BSHK, v_BSHV, scale: float, mask_B1TS):
         from jax._src.cudnn.fused_attention_stablehlo import MaskType
         from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
     except ImportError as e:
-        raise NotImplementedError(f"model.attention_impl='cudnn_mla' needs JAX's private cuDNN attention "
-                                  f"(jax._src.cudnn.fused_attention_stablehlo), unavailable in JAX "
-                                  f"{jax.__version__}: {e}; use 'cudnn'") from None
+        raise ImportError(f"model.attention_impl='cudnn_mla' needs JAX's private cuDNN attention "
+                          f"(jax._src.cudnn.fused_attention_stablehlo), unavailable in JAX "
+                          f"{jax.__version__}: {e}; use 'cudnn'") from None
     return cudnn_attention(q_BTHK, k_BSHK, v_BSHV, mask=mask_B1TS, scale=scale, mask_type=MaskType.CAUSAL,
                            qkv_layout="BTNH")

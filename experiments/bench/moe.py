@@ -211,9 +211,11 @@ def dispatch_rows(args, T, D, K, E) -> list[dict]:
                                             interpret=args.interpret),
                     (ref.x_ND, weights_TK), N * row_bytes + T * row_bytes),
     }
-    copy = jax.jit(lambda a: a * 2)   # one read and one write of the operand: the bandwidth ceiling
-    big = jnp.ones((N, D), jnp.bfloat16)
-    copy_gbs = None if args.interpret else 2 * N * row_bytes / median_seconds(copy, big, iters=args.iters)["median"] / 1e9
+    copy_gbs = None
+    if not args.interpret:   # one read and one write of an (N, D) operand: the bandwidth ceiling
+        copy = jax.jit(lambda a: a * 2)
+        big = jnp.ones((N, D), jnp.bfloat16)
+        copy_gbs = 2 * N * row_bytes / median_seconds(copy, big, iters=args.iters)["median"] / 1e9
     for name, (fn, operands, nbytes) in cases.items():
         fn = jax.jit(fn)
         row = {"section": "dispatch", "shape": f"T{T} D{D} top{K} E{E}", "op": name, "impl": impl,
