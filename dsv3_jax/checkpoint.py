@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from dsv3_jax import fp8_weights
 
 # ModelConfig fields that only choose an implementation; a checkpoint restores across them.
-_FREE_FIELDS = {"scan_layers", "remat_policy", "attention_impl", "dtype", "fp8", "fp8_power_of_two_scales"}
+_FREE_FIELDS = {"scan_layers", "remat_policy", "attention_impl", "kernels", "kernel_target", "dtype", "fp8", "fp8_power_of_two_scales"}
 
 
 FRESH_DATA_KEY = "fresh"   # a data item {"fresh": true} (a converted checkpoint): start the data stream afresh

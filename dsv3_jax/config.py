@@ -34,10 +34,13 @@ TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 #                  when `none` does not fit
 #   save_attn_out  only the attention core's output (named "attn_out"); every projection is recomputed
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
-# MLA's training attention core (dsv3_jax.layers.attention_core): xla = einsums + float32 softmax on any backend;
-# cudnn = jax.nn.dot_product_attention's cuDNN flash attention, v padded to the q/k head dim; cudnn_mla = JAX's
-# cuDNN attention with unequal head dims (cuDNN >= 9.10, Hopper). Both cuDNN cores need a GPU and bf16/fp16.
-ATTENTION_IMPLS = ("xla", "cudnn", "cudnn_mla")
+# MLA's training attention core (dsv3_jax.layers.attention_core): auto = what the kernel target's chips run
+# (attention_core.auto_impl: xla on CPUs, splash on TPUs, blockwise or cudnn on GPUs); xla = einsums + float32
+# softmax on any backend; blockwise = the same in query/key blocks with an online softmax (no (B, H, T, S) scores, any
+# backend); splash = JAX's Pallas TPU splash attention; cudnn = jax.nn.dot_product_attention's cuDNN flash attention,
+# v padded to the q/k head dim; cudnn_mla = JAX's cuDNN attention with unequal head dims (cuDNN >= 9.10, Hopper).
+# Both cuDNN cores need a GPU and bf16/fp16.
+ATTENTION_IMPLS = ("auto", "xla", "blockwise", "splash", "cudnn", "cudnn_mla")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -90,7 +93,11 @@ class ModelConfig:
     # Implementation switches (no effect on the function computed).
     scan_layers: bool = True
     remat_policy: str = "none"         # see REMAT_POLICIES
-    attention_impl: str = "xla"        # see ATTENTION_IMPLS
+    attention_impl: str = "auto"       # see ATTENTION_IMPLS
+    # Which kernels run (dsv3_jax.kernels): auto | reference | pallas, for kernel_target "" (the default device),
+    # cpu | gpu | hopper | tpu, optionally ":interpret"; kernels.for_devices fills the target from a mesh's devices.
+    kernels: str = "auto"
+    kernel_target: str = ""
 
     # FP8 training (DeepSeek-V3 recipe): block-scaled E4M3 matmuls, forward and both gradients, in every
     # `make_linear` projection (MLA, dense and shared-expert MLPs, MTP eh_proj) and in the routed experts' grouped
@@ -150,6 +157,11 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             _check(getattr(self, name) in DTYPES, name, f"must be one of {DTYPES}, got {getattr(self, name)!r}")
         self._validate_attention_impl()
+        try:
+            from dsv3_jax import kernels
+            kernels.check(self.kernels, self.kernel_target)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.n_moe_layers > 0 or self.num_mtp_modules > 0:
             self._validate_moe()
         y = self.rope_scaling
@@ -164,7 +176,7 @@ class ModelConfig:
     def _validate_attention_impl(self) -> None:
         impl = self.attention_impl
         _check(impl in ATTENTION_IMPLS, "attention_impl", f"must be one of {ATTENTION_IMPLS}, got {impl!r}")
-        if impl == "xla":
+        if impl in ("auto", "xla", "blockwise", "splash"):   # auto picks only a core the shapes and dtype allow
             return
         _check(self.dtype in ("bfloat16", "float16"), "attention_impl",
                f"is {impl!r} (cuDNN flash attention), which needs model.dtype bfloat16 or float16, got {self.dtype!r}")

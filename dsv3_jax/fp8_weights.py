@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.fp8 import FP8_DTYPE, default_impl, fp8_matmul, quantize_1x128
+from pallas_kernels.fp8 import FP8_DTYPE, fp8_matmul, quantize_1x128
 
 BLOCK = 128
 SCALE_SUFFIX = "_scale"
@@ -42,13 +42,15 @@ def dequantize(w_q, scale, dtype=jnp.float32):
     return (w_q.astype(jnp.float32) * full).astype(dtype)
 
 
-def matmul(x_BK, w_q_KN, scale_KbNb, out_dtype):
-    """x · (w_q · scale): x quantised per 1×128 tile, then the block-scaled FP8 matmul (float32 accumulation)."""
+def matmul(x_BK, w_q_KN, scale_KbNb, out_dtype, impl: str = "reference", interpret: bool = False):
+    """x · (w_q · scale): x quantised per 1×128 tile, then the block-scaled FP8 matmul (float32 accumulation) by the
+    `pallas_kernels.fp8` kernel `impl`."""
     if w_q_KN.dtype != FP8_DTYPE:
         raise ValueError(f"an FP8 kernel (one with a kernel_scale) must be {FP8_DTYPE.__name__}, got {w_q_KN.dtype}")
     lead, K = x_BK.shape[:-1], x_BK.shape[-1]
     x_q, x_scale = quantize_1x128(x_BK.reshape(-1, K))
-    y_MN = fp8_matmul(x_q, x_scale, w_q_KN, scale_KbNb, impl=default_impl(), out_dtype=out_dtype)
+    y_MN = fp8_matmul(x_q, x_scale, w_q_KN, scale_KbNb, impl=impl, out_dtype=out_dtype,
+                       interpret=interpret)
     return y_MN.reshape(*lead, w_q_KN.shape[1])
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.checkpoint import FRESH_DATA_KEY, Checkpointer, CheckpointMismatch, model_signature
+from dsv3_jax import kernels
 from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.counting import count_params, train_flops_per_token
 import dsv3_jax.data
@@ -170,8 +171,8 @@ def prepare(args):
 
 
 def train(cfg: RunConfig, workdir: str, data_iter, ckpt: Checkpointer, latest, meta) -> int:
-    model = cfg.model
     mesh = build_mesh(mesh_axes(cfg))
+    model = kernels.for_devices(cfg.model, mesh)   # model.kernels=auto picks the mesh's chips' kernels
     if cfg.mesh.pipeline > 1:
         tx, step_fn = make_pipelined_train_step(model, cfg.loss, cfg.schedule, cfg.optimizer, cfg.balance, mesh,
                                                 cfg.train.pipeline_schedule, cfg.train.grad_accum)

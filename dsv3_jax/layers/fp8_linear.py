@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.fp8 import default_impl, fp8_matmul, quantize_1x128, quantize_128x1, quantize_128x128
+from pallas_kernels.fp8 import fp8_matmul, quantize_1x128, quantize_128x1, quantize_128x128
 
 
 class _Options(NamedTuple):   # static (hashable) settings of one call
@@ -53,12 +53,12 @@ def _backward(o: _Options, residuals, dy_MN):
 _fp8_matmul_2d.defvjp(_forward, _backward)
 
 
-def fp8_linear(x_BK, w_KN, *, out_dtype=None, power_of_two: bool = False, impl: str | None = None,
+def fp8_linear(x_BK, w_KN, *, out_dtype=None, power_of_two: bool = False, impl: str = "reference",
                interpret: bool = False):
     """x [..., K] · w [K, N] -> [..., N] in out_dtype (default x.dtype); gradients in x's and w's dtypes.
 
-    `impl` names the `pallas_kernels.fp8` kernel (default: the one for this platform)."""
-    o = _Options(impl or default_impl(), bool(power_of_two), bool(interpret), jnp.dtype(out_dtype or x_BK.dtype),
+    `impl` names the `pallas_kernels.fp8` kernel (dsv3_jax.kernels chooses it for the model's layers)."""
+    o = _Options(impl, bool(power_of_two), bool(interpret), jnp.dtype(out_dtype or x_BK.dtype),
                  jnp.dtype(x_BK.dtype), jnp.dtype(w_KN.dtype))
     lead, K = x_BK.shape[:-1], x_BK.shape[-1]
     y_MN = _fp8_matmul_2d(x_BK.reshape(-1, K), w_KN, o)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dsv3_jax import fp8_weights
+from dsv3_jax import fp8_weights, kernels
 from dsv3_jax.layers.fp8_linear import fp8_linear
 
 
@@ -21,6 +21,8 @@ class Linear(nn.Module):
     out_dtype: jnp.dtype | None = None   # accumulate into this dtype (e.g. float32 logits from bf16 inputs)
     fp8: bool = False                    # block-scaled E4M3 operands in the forward and both gradients
     fp8_power_of_two_scales: bool = False
+    fp8_impl: str = "reference"          # the pallas_kernels.fp8 kernel (dsv3_jax.kernels picks it)
+    interpret: bool = False              # run that kernel in its CPU interpreter
 
     @nn.compact
     def __call__(self, x):
@@ -28,10 +30,12 @@ class Linear(nn.Module):
                             (x.shape[-1], self.features), self.param_dtype)
         if self.has_variable("params", "kernel" + fp8_weights.SCALE_SUFFIX):   # kept FP8 (inference)
             scale = self.get_variable("params", "kernel" + fp8_weights.SCALE_SUFFIX)
-            return fp8_weights.matmul(x.astype(self.dtype), kernel, scale, self.out_dtype or self.dtype)
+            return fp8_weights.matmul(x.astype(self.dtype), kernel, scale, self.out_dtype or self.dtype, self.fp8_impl,
+                                      self.interpret)
         if self.fp8:   # quantized straight from the master weights; the weight gradient comes back in their dtype
             return fp8_linear(x.astype(self.dtype), kernel, out_dtype=self.out_dtype or self.dtype,
-                              power_of_two=self.fp8_power_of_two_scales)
+                              power_of_two=self.fp8_power_of_two_scales, impl=self.fp8_impl,
+                              interpret=self.interpret)
         return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
 
 
@@ -39,5 +43,7 @@ def make_linear(config, features: int, axes: tuple[str, str], name: str, out_dty
                 allow_fp8: bool = True) -> Linear:
     """A projection of `config`'s dtypes; FP8 when `config.fp8`, unless `allow_fp8=False` (the output head,
     which DeepSeek-V3 keeps in high precision)."""
+    chosen = kernels.select(config)
     return Linear(features, axes, config.initializer_range, config.jnp_dtype, config.jnp_param_dtype, out_dtype,
-                  config.fp8 and allow_fp8, config.fp8_power_of_two_scales, name=name)
+                  config.fp8 and allow_fp8, config.fp8_power_of_two_scales, chosen.fp8_matmul, chosen.interpret,
+                  name=name)

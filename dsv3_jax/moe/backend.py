@@ -1,4 +1,4 @@
-"""Which dispatch / grouped-matmul / combine implementation the MoE layer uses on this platform, and how (if at
+"""The MoE layer's routed-expert ops as one bundle (chosen by dsv3_jax.kernels from the config), and how (if at
 all) the routed experts are split over an `expert` axis while a step is traced: over a mesh (the layer opens its
 own shard_map), or over a manual axis of a shard_map the layer already runs inside (it holds local experts)."""
 
@@ -15,7 +15,6 @@ import jax.numpy as jnp
 
 from pallas_kernels import dispatch as dispatch_kernels
 from pallas_kernels import grouped_matmul as gmm_kernels
-from pallas_kernels.fp8.api import is_hopper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,38 +42,6 @@ class MoEKernels:
     def combine(self, y_ND, weights_TK, sent, out_dtype):
         return dispatch_kernels.combine(y_ND, weights_TK, sent.order_N, out_dtype, row_TK=sent.row_TK,
                                         impl=self.dispatch_impl, interpret=self.interpret)
-
-
-def platform_kernels(compute_dtype) -> MoEKernels:
-    """The kernels for this platform: Pallas TPU kernels and the Pallas all-to-all on TPU; the Mosaic GPU grouped
-    matmul and Pallas GPU dispatch on Hopper GPUs when computing in bf16/fp16 (the kernels' operand types); the
-    jnp / ragged_dot reference elsewhere (CPU, other GPUs, float32 compute)."""
-    backend = jax.default_backend()
-    if backend == "tpu":
-        from pallas_kernels.all_to_all import all_to_all
-        return MoEKernels("tpu", "tpu", exchange=all_to_all)
-    if is_hopper() and jnp.dtype(compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return MoEKernels("gpu", "gpu")
-    return MoEKernels()
-
-
-_KERNELS: contextvars.ContextVar = contextvars.ContextVar("moe_kernels", default=None)
-
-
-@contextlib.contextmanager
-def use_kernels(kernels: MoEKernels):
-    """While active, MoE layers traced here use `kernels` instead of the platform's (tests run the Pallas kernels
-    in interpret mode this way; benchmarks compare against the reference)."""
-    token = _KERNELS.set(kernels)
-    try:
-        yield
-    finally:
-        _KERNELS.reset(token)
-
-
-def default_kernels(compute_dtype=jnp.bfloat16) -> MoEKernels:
-    """The kernels set by `use_kernels`, else the platform's."""
-    return _KERNELS.get() or platform_kernels(compute_dtype)
 
 
 _EXPERT_MESH: contextvars.ContextVar = contextvars.ContextVar("expert_parallel_mesh", default=None)

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.mlp import MLP
-from dsv3_jax.moe.backend import default_kernels, expert_parallel_local_axis, expert_parallel_mesh
+from dsv3_jax import kernels as kernel_registry
+from dsv3_jax.moe.backend import expert_parallel_local_axis, expert_parallel_mesh
 from dsv3_jax.moe.router import Router, RouterStats, router_stats
 from sharding.ep_buffers import capacity_per_peer
 from sharding.ep_layout import check_expert_parallel
@@ -30,7 +31,7 @@ class MoE(nn.Module):
         E, F = c.n_routed_experts, c.moe_intermediate_size
         x_TD = x_BTD.reshape(B * T, D)
         routing = Router(c, name="router")(x_TD)
-        kernels, mesh, local = default_kernels(c.jnp_dtype), expert_parallel_mesh(), expert_parallel_local_axis()
+        kernels, mesh, local = kernel_registry.select(c).moe(), expert_parallel_mesh(), expert_parallel_local_axis()
         grouped_matmul = kernels.grouped_matmul_fn(c.fp8, c.fp8_power_of_two_scales)
         # Inside a manual shard_map over `local.axis_name`, this rank holds E/EP contiguous experts.
         ep = jax.lax.axis_size(local.axis_name) if local is not None else 1

@@ -240,7 +240,7 @@ def layer_rows(args) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from dsv3_jax.moe.backend import MoEKernels, platform_kernels, use_kernels
+    from dsv3_jax import kernels as kernel_registry
     from dsv3_jax.moe.layer import MoE
     from dsv3_jax.presets import PRESETS
     from experiments.bench.timing import median_seconds
@@ -254,13 +254,13 @@ def layer_rows(args) -> list[dict]:
         x = jax.random.normal(jax.random.key(0), (1, args.layer_tokens, config.dim), jnp.float32)
         x = x.astype(config.jnp_dtype)
         variables = MoE(config).init(jax.random.key(1), x)
-        kernels = (MoEKernels("tpu", "tpu", interpret=True) if args.interpret
-                   else platform_kernels(config.jnp_dtype))
+        on_kernels = (config.replace(kernels="pallas", kernel_target="tpu:interpret") if args.interpret
+                      else kernel_registry.for_devices(config, jax.devices()))
+        kernels = kernel_registry.select(on_kernels)
         results = {}
-        for label, k in (("kernels", kernels), ("reference", MoEKernels())):
-            def loss(params, x_BTD, k=k):
-                with use_kernels(k):
-                    out, _ = MoE(config).apply({**variables, "params": params}, x_BTD)
+        for label, c in (("kernels", on_kernels), ("reference", config.replace(kernels="reference"))):
+            def loss(params, x_BTD, c=c):
+                out, _ = MoE(c).apply({**variables, "params": params}, x_BTD)
                 return jnp.mean(out.astype(jnp.float32) ** 2)
 
             step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -272,7 +272,7 @@ def layer_rows(args) -> list[dict]:
                         jnp.maximum(jnp.max(jnp.abs(b.astype(jnp.float32))), 1e-30))
                   for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_r)))
         rows.append({"section": "layer", "shape": f"{args.layer_config} T{args.layer_tokens}", "fp8": fp8,
-                     "kernels": f"{kernels.dispatch_impl}/{kernels.grouped_matmul_impl}",
+                     "kernels": f"{kernels.dispatch}/{kernels.grouped_matmul}",
                      "ms_kernels": t_k and t_k * 1e3, "ms_reference": t_r and t_r * 1e3,
                      "speedup": (t_r / t_k) if t_k else None, "grad_rel_err": rel,
                      "loss_rel_err": float(abs(v_k - v_r) / abs(v_r))})

@@ -308,7 +308,9 @@ def _train_torch(cfg, batch_np: dict, experts: str, args, row: dict) -> None:
 # ---- the benchmark -------------------------------------------------------------------------------------
 def run(args) -> dict:
     from dsv3_jax.counting import count_params
-    from dsv3_jax.moe.backend import default_kernels
+    import jax
+
+    from dsv3_jax import kernels as kernel_registry
 
     # JAX would otherwise take 75% of the GPU when it first starts (resolve() asks it for its devices).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -325,12 +327,12 @@ def run(args) -> dict:
     for row in rows:
         row["vs_baseline"] = row["tokens_per_s"] / base["tokens_per_s"] if base and "tokens_per_s" in row else None
     counts = count_params(cfg.model)
-    kernels = default_kernels(cfg.model.jnp_dtype)
+    kernels = kernel_registry.select(kernel_registry.for_devices(cfg.model, jax.devices()))
     config = dict(preset=args.config, overrides=list(args.overrides), batch=cfg.data.batch_size,
                   seq_len=cfg.data.seq_len, micro_batches=cfg.train.grad_accum, steps=args.steps, warmup=args.warmup,
                   docs_per_row=args.docs_per_row, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                  params=counts.total, activated_params=counts.activated, moe_dispatch=kernels.dispatch_impl,
-                  moe_grouped_matmul=kernels.grouped_matmul_impl)
+                  params=counts.total, activated_params=counts.activated, moe_dispatch=kernels.dispatch,
+                  moe_grouped_matmul=kernels.grouped_matmul, attention=kernels.attention)
     return {"config": config, "baseline": BASELINE, "rows": rows}
 
 
