@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: pretrain test clean
+.PHONY: pretrain test aot clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ pretrain: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 tests   # two workers: the CI machine has 2 cores
+
+# The whole deviceless compile matrix (tests/aot, marker aot_full): every train-step point for 8 H100s and 4-chip TPU
+# v5p / v6e slices; `make test` runs a representative subset of it.
+aot: $(VENV)/.installed-test
+	$(PY) -m pytest -q -n 2 -m aot_full tests/aot
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
