@@ -29,5 +29,12 @@ test: $(VENV)/.installed-test
 aot: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 -m aot_full tests/aot
 
+# Every GPU number still owed (experiments/gpu_check.py): under 10 minutes on one H100/H200, JSON and logs into $(OUT).
+# No install step (a GPU machine may have no network): `make gpu-check PY=python3` runs an image's own interpreter.
+OUT ?= bench_results
+.PHONY: gpu-check
+gpu-check:
+	$(PY) -m experiments.gpu_check --out $(OUT) $(ARGS)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,16 +1,26 @@
-"""Scaling study: the sharded train step AOT-compiled per (preset, mesh, FP8, pipeline schedule), with XLA's per-device
-memory and FLOPs, and on accelerators the measured step time, tokens/s and MFU.
+"""Scaling study: the sharded train step AOT-compiled per (preset, mesh, FP8, pipeline schedule) for this machine's
+devices or for a cluster it does not have (--target), with XLA's per-device memory, FLOPs, collectives and custom
+calls, on TPU targets XLA's cost-model step time and MFU, and on real accelerators the measured step time,
+tokens/s and MFU.
 
     python -m experiments.scaling --presets tiny,small --meshes data=8 fsdp=8 data=2,expert=4 \\
-        [--fp8 off|on|both] [--schedules gpipe,1f1b,dualpipe] [--simulate-devices N] [--out DIR]
+        [--target cpu|h100xN|v5p:8x8x8|...] [--fp8 off|on|both] [--schedules gpipe,1f1b,dualpipe] \\
+        [--simulate-devices N] [--out DIR]
+
+--target: omitted, the devices JAX has (simulated CPU devices on a CPU host, as many as the largest mesh); `cpu`,
+this host's CPU devices; any other sharding.targets name (h100, h100xN, v5e:2x2, v5p:2x2x1, v6e:2x4, ...) compiles
+for compile-only devices of that chip, every mesh using all of them, and never runs a step. The model's kernels are
+what the target's chips would run (dsv3_jax.kernels.for_devices).
 
 A mesh is `axis=size[,axis=size...][/strategy]` over the axes data, fsdp, expert, pipeline, tensor; the strategy
 (replicated | zero1 | fsdp) defaults to fsdp when the mesh has an fsdp axis, else zero1. Schedules apply to meshes
 with pipeline > 1 (one point per schedule, over --micro micro-batches, default 2 × PP). Layers are compiled
 unrolled (`scan_layers=false`, overridable with --set) so that XLA's cost analysis, which counts a loop body once,
-sees every layer; a pipelined step scans over its schedule's ticks, so there XLA counts one tick. The XLA/model
-column divides XLA's FLOPs by experiments.cost_model's executed FLOPs per device. Writes DIR/scaling.csv and three
-plots: memory_by_mesh.png, mfu_by_model_size.png, bubble_by_schedule.png (simulated bubble fraction, F = 1, B = 2).
+sees every layer; a pipelined step scans over its schedule's ticks, so there XLA counts one tick (and no cost-model
+MFU is given). The XLA/model column divides XLA's FLOPs by experiments.cost_model's executed FLOPs per device.
+Writes DIR/scaling.csv and three plots: memory_by_mesh.png, mfu_by_model_size.png, bubble_by_schedule.png
+(simulated bubble fraction, F = 1, B = 2). A point that fails (e.g. does not fit the chip's memory) is a row with
+its error; the others go on, and the exit code is then 1.
 Bad arguments: one line naming the argument, exit code 2, before anything compiles.
 """
 
@@ -23,19 +33,24 @@ import math
 import os
 import sys
 
-from experiments.bench import device_info, format_table, simulate_devices
+from experiments.bench import format_table, simulate_devices
 from experiments.bench.sharding_memory import parse_mesh
 
+EXIT_POINT_FAILED = 1
 EXIT_BAD_INPUT = 2
 DEFAULT_MESHES = ("data=8", "fsdp=8", "data=2,expert=4")
 FP8_CHOICES = {"off": (False,), "on": (True,), "both": (False, True)}
 UNROLLED = ("scan_layers=false",)
-CSV_COLUMNS = ("preset", "mesh", "strategy", "schedule", "fp8", "devices", "micro", "batch", "seq_len",
-               "tokens_per_step", "params_total", "params_activated", "params_bytes", "opt_state_bytes",
+CSV_COLUMNS = ("target", "device_kind", "preset", "mesh", "strategy", "schedule", "fp8", "devices", "micro", "batch",
+               "seq_len", "tokens_per_step", "params_total", "params_activated", "params_bytes", "opt_state_bytes",
                "moe_bias_bytes", "state_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-               "alias_size_in_bytes", "temp_size_in_bytes", "total_bytes", "xla_flops_per_device",
-               "cost_model_flops_per_device", "xla_vs_cost_model", "model_flops_per_token", "bubble_fraction",
-               "compile_s", "step_s", "tokens_per_s", "mfu")
+               "alias_size_in_bytes", "temp_size_in_bytes", "peak_bytes_per_device", "device_memory_bytes", "fits",
+               "xla_flops_per_device", "cost_model_flops_per_device", "xla_vs_cost_model", "model_flops_per_token",
+               "xla_bytes_accessed_per_device", "xla_cost_model_raw_s", "xla_cost_model_unpriced",
+               "xla_cost_model_step_s", "xla_cost_model_mfu",
+               "n_all_reduce", "n_all_gather", "n_reduce_scatter", "n_all_to_all", "n_collective_permute",
+               "n_ragged_all_to_all", "collectives", "custom_calls", "bubble_fraction", "compile_s", "step_s",
+               "tokens_per_s", "mfu", "error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +88,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m experiments.scaling", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default=None, help="compile for these devices instead of the ones JAX has: cpu, "
+                   "h100, h100xN, or a TPU topology such as v5e:2x2, v5p:2x2x1, v6e:2x4, v5p:8x8x8 (compile only; "
+                   "every mesh must use all of its devices)")
     p.add_argument("--presets", default="tiny,small", help="comma-separated model presets (default: %(default)s)")
     p.add_argument("--meshes", nargs="+", default=list(DEFAULT_MESHES), metavar="AXES[/STRATEGY]",
                    help="meshes (default: %(default)s)")
@@ -86,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="model override for every preset (model.FIELD=VALUE or FIELD=VALUE), after scan_layers=false")
     p.add_argument("--timed-steps", type=int, default=None, help="real steps to time per point (default: 5 on an "
-                   "accelerator, 0 on CPU)")
+                   "accelerator, 0 on CPU and compile-only targets, where only 0 is allowed)")
     p.add_argument("--simulate-devices", type=int, default=None, metavar="N", help="XLA:CPU host devices to ask "
                    "for before JAX is imported (default: the largest mesh; 0 leaves XLA_FLAGS alone)")
     p.add_argument("--out", default=os.path.join("bench_results", "scaling"), help="output directory "
@@ -221,15 +239,88 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 
 MIB = 2.0 ** 20
+_SHORT = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to-all": "A2A",
+          "collective-permute": "CP", "ragged-all-to-all": "RA2A"}
+
+
+def _short_collectives(row: dict) -> str | None:
+    """'all-gather:39 all-reduce:10' -> 'AG39 AR10' for the table."""
+    if row.get("error"):
+        return None
+    text = row.get("collectives") or ""
+    return " ".join(f"{_SHORT[k]}{n}" for k, n in (item.split(":") for item in text.split())) or "none"
+
+
+def _mib(key):
+    return lambda r: None if r.get(key) is None else r[key] / MIB
+
+
 COLUMNS = [("preset", "preset", "s"), ("mesh", "mesh", "s"), ("strategy", "strategy", "s"),
            ("schedule", lambda r: r["schedule"] or None, "s"), ("fp8", lambda r: "on" if r["fp8"] else "off", "s"),
-           ("state MiB", lambda r: r["state_bytes"] / MIB, ".2f"),
-           ("temp MiB", lambda r: r.get("temp_size_in_bytes", 0) / MIB, ".2f"),
-           ("total MiB", lambda r: r.get("total_bytes", 0) / MIB, ".2f"),
-           ("XLA GFLOP/dev", lambda r: r["xla_flops_per_device"] and r["xla_flops_per_device"] / 1e9, ".3f"),
-           ("XLA/model", "xla_vs_cost_model", ".3f"), ("bubble", "bubble_fraction", ".3f"),
-           ("compile s", "compile_s", ".1f"), ("step ms", lambda r: r.get("step_s") and 1e3 * r["step_s"], ".2f"),
+           ("state MiB", _mib("state_bytes"), ".2f"), ("temp MiB", _mib("temp_size_in_bytes"), ".2f"),
+           ("peak MiB", _mib("peak_bytes_per_device"), ".2f"),
+           ("XLA GFLOP/dev", lambda r: r.get("xla_flops_per_device") and r["xla_flops_per_device"] / 1e9, ".3f"),
+           ("XLA/model", "xla_vs_cost_model", ".3f"), ("collectives", _short_collectives, "s"),
+           ("bubble", "bubble_fraction", ".3f"), ("compile s", "compile_s", ".1f"),
+           ("XLA est. ms", lambda r: r.get("xla_cost_model_step_s") and 1e3 * r["xla_cost_model_step_s"], ".4g"),
+           ("est. MFU", "xla_cost_model_mfu", ".1%"),
+           ("step ms", lambda r: r.get("step_s") and 1e3 * r["step_s"], ".2f"),
            ("tokens/s", "tokens_per_s", ",.0f"), ("MFU", "mfu", ".1%")]
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its type name and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0].strip()}" if lines else type(error).__name__
+
+
+def check_target(args, meshes) -> str | None:
+    """args.target checked (syntax, and every mesh using all of a compile-only target's devices); None: the devices
+    JAX has. Imports sharding.targets, hence JAX: call it after any --simulate-devices has taken effect."""
+    if args.target is None:
+        return None
+    from sharding import targets
+
+    try:
+        name = targets.check_name(args.target)
+    except targets.TargetError:
+        raise UsageError(f"--target {args.target!r}: not a target; accepted: {targets.TARGET_HELP}") from None
+    count = targets.device_count(name)
+    if count is not None:
+        for mesh, _ in meshes:
+            size = math.prod(n for _, n in mesh)
+            if size != count:
+                text = ",".join(f"{k}={v}" for k, v in mesh)
+                raise UsageError(f"--meshes {text!r} uses {size} devices but --target {name} has {count}; a "
+                                 f"compile-only target's meshes must use all of its devices")
+        if args.timed_steps:
+            raise UsageError(f"--timed-steps={args.timed_steps}: --target {name} is compile-only; nothing runs there")
+    return name
+
+
+def target_devices(target: str | None) -> list:
+    """The devices points compile for; UsageError naming --target when they cannot be described here."""
+    import jax
+
+    if target is None:
+        return jax.devices()
+    from sharding import targets
+
+    try:
+        devices = targets.devices(target)
+    except targets.TargetError as e:
+        raise UsageError(f"--target: {e}") from None
+    expected = targets.device_count(target)
+    if expected is not None and len(devices) != expected:
+        raise UsageError(f"--target {target}: the topology describes {len(devices)} devices, not {expected}")
+    return devices
+
+
+def _describe_target(target: str | None, devices: list) -> str:
+    if target is None or target == "cpu":
+        from experiments.bench import device_info
+        return device_info()["description"] if target is None else f"{len(devices)} host CPU devices"
+    return f"compile only for {target}: {len(devices)} × {devices[0].device_kind}"
 
 
 def main(argv=None) -> int:
@@ -237,44 +328,57 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         meshes = parse_meshes(args.meshes)
         largest = max(math.prod(size for _, size in mesh) for mesh, _ in meshes)
-        if args.simulate_devices is None or args.simulate_devices > 0:   # before JAX is imported
+        local = args.target in (None, "cpu")
+        if local and (args.simulate_devices is None or args.simulate_devices > 0):   # before JAX is imported
             simulate_devices(largest if args.simulate_devices is None else args.simulate_devices)
+        target = check_target(args, meshes)
         configs, points = resolve(args, meshes)
+        devices = target_devices(target)
+        if len(devices) < largest:
+            raise UsageError(f"--meshes: the largest mesh needs {largest} devices but JAX has {len(devices)} "
+                             f"({devices[0].platform}); on a CPU host pass --simulate-devices {largest}")
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    import jax
     from tqdm import tqdm
 
     from experiments.cost_model import schedule_bubble
     from experiments.scaling_plots import plot_bubbles, plot_memory, plot_mfu
-    from experiments.scaling_point import measure
+    from experiments.scaling_point import describe, measure
 
-    devices = jax.devices()
-    if len(devices) < largest:
-        print(f"error: --meshes: the largest mesh needs {largest} devices but JAX has {len(devices)} "
-              f"({devices[0].platform}); on a CPU host pass --simulate-devices {largest}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    timed = args.timed_steps if args.timed_steps is not None else (0 if devices[0].platform == "cpu" else 5)
+    compile_only = target not in (None, "cpu")
+    timed = 0 if compile_only else (args.timed_steps if args.timed_steps is not None
+                                    else (0 if devices[0].platform == "cpu" else 5))
+    target_name = target or devices[0].platform
     os.makedirs(args.out, exist_ok=True)
 
     rows = []
     for point in tqdm(points, desc="scaling", unit="point", dynamic_ncols=True):
         config = configs[point.preset].replace(fp8=point.fp8)
-        row = measure(point, config, devices, args.batch, args.seq_len, timed)
+        try:
+            row = measure(point, config, devices, args.batch, args.seq_len, timed, target_name)
+        except Exception as e:  # noqa: BLE001 - a point that does not compile is a result; the study goes on
+            row = dict(describe(point, config, args.batch, args.seq_len, target_name), error=one_line(e))
         if point.schedule:
             row["bubble_fraction"] = schedule_bubble(point.schedule, point.axes["pipeline"], point.micro)["fraction"]
         rows.append(row)
     csv_path = os.path.join(args.out, "scaling.csv")
     write_csv(rows, csv_path)
+    compiled = [r for r in rows if not r.get("error")]
     bubbles, bubble_title = bubbles_for(points)
-    plots = [plot_memory(rows, args.out), plot_mfu(rows, args.out), plot_bubbles(bubbles, args.out, bubble_title)]
-    print(f"scaling: {device_info()['description']}; batch {args.batch}×{args.seq_len} tokens per micro-batch; "
-          f"XLA/model = XLA's FLOPs over experiments.cost_model's executed FLOPs")
+    plots = [plot_memory(compiled, args.out), plot_mfu(compiled, args.out),
+             plot_bubbles(bubbles, args.out, bubble_title)]
+    print(f"scaling: {_describe_target(target, devices)}; batch {args.batch}×{args.seq_len} tokens per micro-batch; "
+          f"XLA/model = XLA's FLOPs over experiments.cost_model's executed FLOPs; collectives: static counts in the "
+          f"compiled HLO (AR all-reduce, AG all-gather, RS reduce-scatter, A2A all-to-all, CP collective-permute)")
     print(format_table(rows, COLUMNS))
+    failed = [r for r in rows if r.get("error")]
+    for r in failed:
+        print(f"failed: {r['preset']} {r['mesh']}/{r['strategy']}{'/' + r['schedule'] if r['schedule'] else ''}"
+              f"{'/fp8' if r['fp8'] else ''}: {r['error']}")
     print("wrote " + ", ".join([csv_path] + plots))
-    return 0
+    return EXIT_POINT_FAILED if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The scaling study's figures, from its rows: memory per device by mesh, MFU (and FLOPs per token) by model size,
-and pipeline bubble by schedule. Each function writes one PNG and returns its path."""
+"""The scaling study's figures, from its rows (the points that compiled): memory per device by mesh, MFU (and FLOPs
+per token) by model size, and pipeline bubble by schedule. Each function writes one PNG and returns its path."""
 
 from __future__ import annotations
 
@@ -24,8 +24,27 @@ def _label(row: dict) -> str:
     return label + ("/fp8" if row.get("fp8") else "")
 
 
+def _save(fig, out_dir: str, name: str) -> str:
+    plt = _pyplot()
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _nothing_compiled(out_dir: str, name: str) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.text(0.5, 0.5, "no point compiled (see the error column of scaling.csv)", ha="center", va="center")
+    ax.set_axis_off()
+    return _save(fig, out_dir, name)
+
+
 def plot_memory(rows: list[dict], out_dir: str) -> str:
     """Per preset, stacked bars per mesh: device 0's parameters and optimizer state (exact), and XLA's temp."""
+    if not rows:
+        return _nothing_compiled(out_dir, "memory_by_mesh.png")
     plt = _pyplot()
     presets = list(dict.fromkeys(r["preset"] for r in rows))
     fig, axes = plt.subplots(1, len(presets), figsize=(max(6, 4 + 1.2 * len(rows)), 4.5), squeeze=False)
@@ -41,28 +60,30 @@ def plot_memory(rows: list[dict], out_dir: str) -> str:
         ax.set_xticks(x, [_label(r) for r in mine], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("MiB per device"), ax.set_title(preset), ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "memory_by_mesh.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, "memory_by_mesh.png")
 
 
 def plot_mfu(rows: list[dict], out_dir: str) -> str:
-    """Left: measured MFU against activated parameters, one line per mesh (only where the step was timed on an
-    accelerator). Right: FLOPs per token against activated parameters: XLA's count (per device × devices / tokens)
-    beside the cost model's executed and model (MFU) FLOPs."""
+    """Left: MFU against activated parameters, one line per mesh: measured (solid, where the step was timed on an
+    accelerator) and XLA's TPU cost model's (dashed, TPU targets). Right: FLOPs per token against activated
+    parameters: XLA's count (per device × devices / tokens) beside the cost model's executed and model (MFU) FLOPs."""
+    if not rows:
+        return _nothing_compiled(out_dir, "mfu_by_model_size.png")
     plt = _pyplot()
     fig, (ax_mfu, ax_flops) = plt.subplots(1, 2, figsize=(11, 4.5))
-    timed = [r for r in rows if r.get("mfu") is not None]
-    for label in dict.fromkeys(_label(r) for r in timed):
-        mine = sorted((r for r in timed if _label(r) == label), key=lambda r: r["params_activated"])
-        ax_mfu.plot([r["params_activated"] for r in mine], [100 * r["mfu"] for r in mine], "o-", label=label)
-    if timed:
+    shown = False
+    for key, style, kind in (("mfu", "o-", "measured"), ("xla_cost_model_mfu", "s--", "XLA TPU cost model")):
+        have = [r for r in rows if r.get(key) is not None]
+        for label in dict.fromkeys(_label(r) for r in have):
+            mine = sorted((r for r in have if _label(r) == label), key=lambda r: r["params_activated"])
+            ax_mfu.plot([r["params_activated"] for r in mine], [100 * r[key] for r in mine], style,
+                        label=f"{label} ({kind})")
+            shown = True
+    if shown:
         ax_mfu.set_xscale("log"), ax_mfu.legend(fontsize=8)
     else:
-        ax_mfu.text(0.5, 0.5, "MFU not measured\n(no accelerator, or --timed-steps 0)", ha="center", va="center",
-                    transform=ax_mfu.transAxes)
+        ax_mfu.text(0.5, 0.5, "MFU not measured\n(no accelerator, or --timed-steps 0;\nno TPU cost model)",
+                    ha="center", va="center", transform=ax_mfu.transAxes)
     ax_mfu.set_xlabel("activated parameters"), ax_mfu.set_ylabel("MFU %"), ax_mfu.grid(alpha=0.3)
 
     for label in dict.fromkeys(_label(r) for r in rows):
@@ -79,11 +100,7 @@ def plot_mfu(rows: list[dict], out_dir: str) -> str:
     ax_flops.set_xscale("log"), ax_flops.set_yscale("log")
     ax_flops.set_xlabel("activated parameters"), ax_flops.set_ylabel("train FLOPs per token")
     ax_flops.legend(fontsize=7), ax_flops.grid(alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "mfu_by_model_size.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, "mfu_by_model_size.png")
 
 
 def plot_bubbles(bubbles: list[dict], out_dir: str, title: str = "") -> str:
@@ -101,8 +118,4 @@ def plot_bubbles(bubbles: list[dict], out_dir: str, title: str = "") -> str:
                   [f"PP={pp}, M={m}" for pp, m in groups])
     ax.set_ylabel("bubble % of step (simulated, F=1, B=2)"), ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0)), ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "bubble_by_schedule.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, "bubble_by_schedule.png")

@@ -1,20 +1,27 @@
-"""One point of the scaling study: the sharded train step AOT-compiled for a mesh (jit(...).lower(...).compile()),
-its per-device memory and FLOPs from XLA, and, when asked, a few real steps timed (tokens/s and MFU).
+"""One point of the scaling study: the sharded train step AOT-compiled for a mesh (jit(...).lower(...).compile()) on
+abstract arguments, never on arrays, so that it works for compile-only devices (sharding.targets) as well as real
+ones; XLA's per-device memory and FLOPs, the compiled program's collectives and custom calls, on TPU the cost
+model's step time, and, when asked (real accelerators only), a few real steps timed (tokens/s and MFU).
 
 Per-device numbers come from the compiled SPMD program: `memory_analysis` (argument, output, alias, temp) and
-`cost_analysis` FLOPs; the exact state bytes of device 0 come from the shardings (experiments.bench.sharding_memory).
+`cost_analysis` (FLOPs; on TPU also `optimal_seconds`); the exact state bytes of device 0 come from the shardings
+(experiments.bench.sharding_memory).
 """
 
 from __future__ import annotations
 
+import collections
+import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.counting import count_params
+from dsv3_jax.kernels import for_devices
 from dsv3_jax.train.loss import LossConfig
 from dsv3_jax.train.mfu import mfu, peak_flops_per_device
 from dsv3_jax.train.optimizer import OptimizerConfig
@@ -24,20 +31,78 @@ from dsv3_jax.train.sharded import jit_sharded_step, state_shardings
 from dsv3_jax.train.step import BalanceConfig, create_train_state, make_train_step
 from experiments.bench.sharding_memory import memory, state_bytes
 from experiments.cost_model import executed_flops_per_token, model_flops_per_token
-from sharding import build_mesh, put_batch
+from sharding import batch_sharding, build_mesh, put_batch, targets
+
+# HLO collective opcodes; an asynchronous one appears as `<kind>-start` (counted as its kind) and `<kind>-done`.
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "ragged-all-to-all")
+_COLLECTIVE_OP = re.compile(r"(?<![\w%.\-])(" + "|".join(sorted(COLLECTIVES, key=len, reverse=True)) + r")(-start)?\(")
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 
 
-def _flops(compiled) -> float | None:
+def collective_counts(hlo_text: str) -> dict[str, int]:
+    """Collective instructions per kind in HLO text, `-start` forms included; a loop body's are counted once."""
+    counts = collections.Counter(m.group(1) for m in _COLLECTIVE_OP.finditer(hlo_text))
+    return {kind: counts.get(kind, 0) for kind in COLLECTIVES}
+
+
+def custom_call_counts(hlo_text: str) -> dict[str, int]:
+    """Custom calls per target name in HLO text, most frequent first."""
+    return dict(collections.Counter(_CUSTOM_CALL.findall(hlo_text)).most_common())
+
+
+def summary(counts: dict[str, int]) -> str:
+    """{'all-gather': 3, 'all-reduce': 0} -> 'all-gather:3' (zeros left out)."""
+    return " ".join(f"{name}:{n}" for name, n in counts.items() if n)
+
+
+def _cost(compiled) -> dict:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):   # older JAX: one dict per program
         cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
+    return cost or {}
 
 
-def measure(point, config: ModelConfig, devices: list, batch: int, seq_len: int, timed_steps: int) -> dict:
-    """Compile the step for `point` (an experiments.scaling.Point; on `devices[:point.n_devices]`) and measure it;
-    `timed_steps` > 0 also runs it."""
+def device_memory_bytes(device) -> int | None:
+    """The device's memory: what a real device's allocator reports, or the H100 target description's for a
+    compile-only H100 (XLA:GPU compiles a program larger than that with a warning only). None where unknown (a
+    compile-only TPU: there XLA fails the compile instead, naming the HBM it has)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - compile-only devices and CPUs have no allocator to ask
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform in ("gpu", "cuda") and device.device_kind == targets.H100_SXM["description"]:
+        return targets.H100_SXM["memory_bytes"]
+    return None
+
+
+def describe(point, config: ModelConfig, batch: int, seq_len: int, target: str) -> dict:
+    """The columns a point has before anything compiles (what an error row carries too)."""
+    counts = count_params(config)
+    return dict(target=target, preset=point.preset, mesh=point.mesh_name, strategy=point.strategy, fp8=point.fp8,
+                schedule=point.schedule or "", devices=point.n_devices, micro=point.micro, batch=batch,
+                seq_len=seq_len, tokens_per_step=point.micro * batch * seq_len,
+                params_total=counts.total + counts.mtp_unique, params_activated=counts.activated,
+                model_flops_per_token=model_flops_per_token(config, seq_len))
+
+
+def abstract_arguments(abstract_state, shardings, mesh, micro: int, batch: int, seq_len: int) -> tuple:
+    """ShapeDtypeStructs carrying their shardings for every argument of the step: state, batches, two scalars."""
+    state = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                         abstract_state, shardings)
+    tokens = jax.ShapeDtypeStruct((micro, batch, seq_len), jnp.int32, sharding=batch_sharding(mesh, 1, 3))
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+    return state, {"tokens": tokens}, scalar, scalar
+
+
+def measure(point, config: ModelConfig, devices: list, batch: int, seq_len: int, timed_steps: int,
+            target: str) -> dict:
+    """Compile the step for `point` (an experiments.scaling.Point) on `devices[:point.n_devices]` and measure it;
+    `timed_steps` > 0 also runs it (the devices must be real). Exceptions propagate: the caller records them."""
     mesh = build_mesh(point.axes, devices[:point.n_devices])
+    config = for_devices(config, mesh)   # the kernels the target's chips would run
+    row = describe(point, config, batch, seq_len, target)
     parts = (config, LossConfig(), ScheduleConfig(), OptimizerConfig(), BalanceConfig())
     pipelined = point.axes.get("pipeline", 1) > 1
     if pipelined:
@@ -48,29 +113,66 @@ def measure(point, config: ModelConfig, devices: list, batch: int, seq_len: int,
     abstract = jax.eval_shape(init)
     shardings = state_shardings(config, tx, abstract, mesh, point.strategy)
     step = jit_sharded_step(step_fn, shardings, mesh, manual=pipelined)
-    tokens = np.zeros((point.micro, batch, seq_len), np.int32)
-    batches = put_batch(mesh, {"tokens": tokens}, batch_dim=1)
-    scalars = (jnp.float32(0), jnp.float32(np.inf))
 
     start = time.perf_counter()
-    compiled = step.lower(abstract, batches, *scalars).compile()
-    compile_s = time.perf_counter() - start
-    step_tokens = point.micro * batch * seq_len
-    xla_flops = _flops(compiled)
-    executed = executed_flops_per_token(config, seq_len) * step_tokens / point.n_devices
-    counts = count_params(config)
-    row = dict(preset=point.preset, mesh=point.mesh_name, strategy=point.strategy, fp8=point.fp8,
-               schedule=point.schedule or "", devices=point.n_devices, micro=point.micro, batch=batch,
-               seq_len=seq_len, tokens_per_step=step_tokens, params_total=counts.total + counts.mtp_unique,
-               params_activated=counts.activated, compile_s=compile_s,
-               **state_bytes(abstract, shardings, mesh.devices.flat[0]), **memory(compiled),
-               xla_flops_per_device=xla_flops, cost_model_flops_per_device=executed,
+    compiled = step.lower(*abstract_arguments(abstract, shardings, mesh, point.micro, batch, seq_len)).compile()
+    row["compile_s"] = time.perf_counter() - start
+
+    device = mesh.devices.flat[0]
+    row["device_kind"] = device.device_kind
+    row.update(state_bytes(abstract, shardings, device))
+    row.update(memory(compiled))
+    row["peak_bytes_per_device"] = row.pop("total_bytes", None)
+    row["device_memory_bytes"] = device_memory_bytes(device)
+    if row["device_memory_bytes"] and row["peak_bytes_per_device"] is not None:
+        row["fits"] = row["peak_bytes_per_device"] <= row["device_memory_bytes"]
+    hlo = compiled.as_text()
+    collectives = collective_counts(hlo)
+    row.update({f"n_{kind.replace('-', '_')}": n for kind, n in collectives.items()})
+    row["collectives"] = summary(collectives)
+    custom_calls = custom_call_counts(hlo)
+    row["custom_calls"] = summary(custom_calls)
+
+    cost = _cost(compiled)
+    xla_flops = float(cost["flops"]) if "flops" in cost else None
+    executed = executed_flops_per_token(config, seq_len) * row["tokens_per_step"] / point.n_devices
+    row.update(xla_flops_per_device=xla_flops, cost_model_flops_per_device=executed,
                xla_vs_cost_model=None if xla_flops is None else xla_flops / executed,
-               model_flops_per_token=model_flops_per_token(config, seq_len))
+               xla_bytes_accessed_per_device=cost.get("bytes accessed"))
+    row.update(tpu_cost_model(cost, custom_calls, row, pipelined, device))
     if timed_steps > 0:
+        batches = put_batch(mesh, {"tokens": np.zeros((point.micro, batch, seq_len), np.int32)}, batch_dim=1)
+        everywhere = NamedSharding(mesh, PartitionSpec())
+        scalars = tuple(jax.device_put(jnp.float32(x), everywhere) for x in (0, np.inf))
         row.update(time_steps(compiled, jax.jit(init, out_shardings=shardings), batches, scalars, timed_steps,
-                              step_tokens, row["model_flops_per_token"], point.n_devices, mesh.devices.flat[0]))
+                              row["tokens_per_step"], row["model_flops_per_token"], point.n_devices, device))
     return row
+
+
+# Custom calls XLA's TPU cost model prices at -1 s each (seen in every compile here: the asynchronous calls around
+# the gathers and scatters it offloads), so that `optimal_seconds` goes negative; their cost is added back out.
+UNPRICED_CALLS = ("PrepareAsyncCallStart", "PrepareAsyncCallDone")
+
+
+def tpu_cost_model(cost: dict, custom_calls: dict, row: dict, pipelined: bool, device) -> dict:
+    """On TPU, XLA's cost-model step time and the MFU it implies: model FLOPs per step / devices / step seconds /
+    the chip's peak (dsv3_jax.train.mfu). The step time is `optimal_seconds` with the UNPRICED_CALLS' -1 s each taken
+    out (the raw value is kept too), so it leaves out whatever those calls do. No MFU for a pipelined step (the cost
+    model sees one tick of its schedule's loop) nor where the time is still not positive. None on other platforms."""
+    out = dict(xla_cost_model_raw_s=None, xla_cost_model_unpriced=None, xla_cost_model_step_s=None,
+               xla_cost_model_mfu=None)
+    raw = cost.get("optimal_seconds") if device.platform == "tpu" else None
+    if raw is None:
+        return out
+    unpriced = sum(custom_calls.get(name, 0) for name in UNPRICED_CALLS)
+    seconds = float(raw) + unpriced
+    out.update(xla_cost_model_raw_s=float(raw), xla_cost_model_unpriced=unpriced,
+               xla_cost_model_step_s=seconds if seconds > 0 else None)
+    peak = peak_flops_per_device(device)
+    if seconds > 0 and not pipelined and peak:
+        out["xla_cost_model_mfu"] = (row["model_flops_per_token"] * row["tokens_per_step"]
+                                     / (row["devices"] * seconds * peak))
+    return out
 
 
 def time_steps(compiled, init, batches, scalars, n_steps: int, step_tokens: int, flops_per_token: float,

@@ -70,7 +70,7 @@ def gpu_target_config(spec: dict = H100_SXM) -> str:
 
 
 _H100 = re.compile(r"^h100(?:x(\d+))?$")
-_TPU = re.compile(r"^(v4|v5e|v5p|v6e|v5litepod|v6litepod):(\d+(?:x\d+){1,2})$")
+_TPU = re.compile(r"^(v5e|v5p|v6e|v5litepod|v6litepod):(\d+(?:x\d+){1,2})$")   # one device a chip
 TARGET_HELP = "cpu, h100, h100xN, or a TPU topology such as v5e:2x2, v5p:2x2x1, v6e:2x4, v5p:8x8x8"
 
 

@@ -1,6 +1,12 @@
-"""python -m experiments.scaling: bad arguments stop it with one line and exit code 2 before anything compiles; a
-small study of `tiny` (two layers, no MTP) on 8 simulated CPU devices (a subprocess, compile only) writes the CSV and
-the three plots, with exact per-device state and XLA's memory and FLOPs; the step timer times a stand-in step."""
+"""python -m experiments.scaling: bad arguments (a bad --target included) stop it with one line and exit code 2
+before anything compiles; a small study of `tiny` (two layers, no MTP) on 8 simulated CPU devices (a subprocess,
+compile only) writes the CSV and the three plots, with exact per-device state and XLA's memory and FLOPs; compiled
+for compile-only TPU v5p and H100 targets, it reports per-device memory, collectives and (TPU) the cost model's step
+time and MFU, and a point that does not fit the chip's memory is an error row and exit code 1; the step timer times
+a stand-in step.
+
+The compile-only points use one dense layer (the cheapest model that exercises the whole step) and the `xla`
+attention core: the target-specific kernels have their own ahead-of-time tests."""
 
 import csv
 import subprocess
@@ -30,6 +36,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
     (["--timed-steps", "-1"], "--timed-steps"),
     (["--meshes", "data=64", "--batch", "64"], "--meshes"),   # more devices than JAX has
     (["--frobnicate"], "--frobnicate"),
+    (["--target", "v7x:2x2"], "--target"),
+    (["--target", "h100x0"], "--target"),
+    (["--target", "v5p:2x2x1", "--meshes", "data=2"], "--target"),     # a compile-only mesh uses every device
+    (["--target", "v5p:2x2x1", "--meshes", "data=4", "--timed-steps", "2"], "--timed-steps"),   # nothing runs
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, named, capsys, tmp_path):
     out = tmp_path / "out"
@@ -73,6 +83,10 @@ def test_study_rows_hold_compiled_memory_and_flops(study):
     # the expert axis splits the routed experts: fewer parameter bytes per device than pure data parallelism
     assert int(ep["params_bytes"]) < int(dp["params_bytes"])
     assert int(dp["tokens_per_step"]) == 8 * 64
+    for row in (dp, ep):
+        assert row["target"] == "cpu" and row["error"] == "" and row["xla_cost_model_step_s"] == ""
+        assert int(row["peak_bytes_per_device"]) == _peak(row)
+    assert int(ep["n_all_to_all"]) > int(dp["n_all_to_all"])    # expert parallelism exchanges tokens
 
 
 def test_step_timer_times_the_steps_after_a_warm_up():
@@ -93,3 +107,93 @@ def test_step_timer_times_the_steps_after_a_warm_up():
     assert len(calls) == 4      # one warm-up, three timed
     assert result["step_s"] > 0 and result["tokens_per_s"] == pytest.approx(8 / result["step_s"])
     assert result["mfu"] is None    # no peak FLOP/s known for a CPU
+
+
+def _peak(row) -> int:
+    return sum(sign * int(row[f"{name}_size_in_bytes"]) for sign, name in
+               ((1, "argument"), (1, "output"), (-1, "alias"), (1, "temp")))
+
+
+ONE_DENSE_LAYER = ("--set", "n_layers=1", "--set", "first_k_dense_replace=1", "--set", "num_mtp_modules=0",
+                   "--set", "attention_impl=xla")
+
+
+def _scaling(out, *argv):
+    proc = subprocess.run([sys.executable, "-m", "experiments.scaling", *ONE_DENSE_LAYER, "--out", str(out), *argv],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    rows = []
+    if (out / "scaling.csv").exists():
+        with open(out / "scaling.csv") as f:
+            rows = list(csv.DictReader(f))
+    return proc, rows
+
+
+@pytest.fixture(scope="module")
+def tpu_study(tmp_path_factory):
+    proc, rows = _scaling(tmp_path_factory.mktemp("tpu"), "--target", "v5p:2x2x1", "--presets", "tiny",
+                          "--meshes", "data=4", "fsdp=4", "--batch", "8", "--seq-len", "64")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, {row["mesh"]: row for row in rows}
+
+
+def test_tpu_target_rows_hold_memory_collectives_and_cost_model_mfu(tpu_study):
+    proc, rows = tpu_study
+    assert set(rows) == {"data=4", "fsdp=4"} and "compile only for v5p:2x2x1: 4 × TPU v5" in proc.stdout
+    for row in rows.values():
+        assert row["target"] == "v5p:2x2x1" and row["device_kind"] == "TPU v5" and row["error"] == ""
+        assert int(row["peak_bytes_per_device"]) == _peak(row) > int(row["state_bytes"])
+        assert int(row["alias_size_in_bytes"]) >= int(row["state_bytes"])   # donated (TPU layouts pad small leaves)
+        step_s = float(row["xla_cost_model_step_s"])
+        model_flops = float(row["model_flops_per_token"]) * int(row["tokens_per_step"])
+        assert float(row["xla_cost_model_raw_s"]) + int(row["xla_cost_model_unpriced"]) == pytest.approx(step_s)
+        assert step_s > 0 and float(row["xla_cost_model_mfu"]) == pytest.approx(model_flops / (4 * step_s * 459e12))
+        assert row["step_s"] == row["mfu"] == ""     # compile-only: nothing timed
+        assert row["collectives"] and all(f"{kind}:" in row["collectives"] for kind, column in
+                                          (("all-gather", "n_all_gather"), ("all-reduce", "n_all_reduce"))
+                                          if int(row[column]))
+    # data parallelism all-reduces the gradients; FSDP gathers the parameters and keeps about a quarter of them
+    assert int(rows["data=4"]["n_all_reduce"]) > 0 and int(rows["fsdp=4"]["n_all_gather"]) > 0
+    assert int(rows["fsdp=4"]["params_bytes"]) < int(rows["data=4"]["params_bytes"]) / 3   # norms stay whole
+    assert "est. MFU" in proc.stdout
+
+
+def test_a_point_that_does_not_fit_is_an_error_row_and_exit_1(tmp_path):
+    # An 8M-token vocabulary: `small`'s embedding and head (dim 1024) with gradients and ZeRO-1 moments need more
+    # than a v5p's HBM, `tiny`'s (dim 64) fit; the failing point comes first and the study goes on.
+    proc, rows = _scaling(tmp_path, "--target", "v5p:2x2x1", "--presets", "small,tiny", "--set",
+                          "vocab_size=8000000", "--meshes", "data=4", "--batch", "4", "--seq-len", "8")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    small, tiny = rows
+    assert small["preset"] == "small" and "RESOURCE_EXHAUSTED" in small["error"] and "\n" not in small["error"]
+    assert small["error"].split(":")[0].endswith("Error") and small["peak_bytes_per_device"] == ""
+    assert tiny["error"] == "" and int(tiny["peak_bytes_per_device"]) == _peak(tiny)
+    assert f"failed: small data=4/zero1: {small['error']}" in proc.stdout
+
+
+def test_h100_target_point_compiles(tmp_path):
+    proc, rows = _scaling(tmp_path, "--target", "h100x4", "--presets", "tiny", "--meshes", "data=4", "--batch", "8",
+                          "--seq-len", "64")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = rows
+    assert row["device_kind"] == "NVIDIA H100 80GB HBM3" and row["error"] == "" and int(row["devices"]) == 4
+    assert int(row["peak_bytes_per_device"]) == _peak(row) > 0
+    assert int(row["device_memory_bytes"]) == 80 * 2**30 and row["fits"] == "True"
+    assert int(row["n_all_reduce"]) + int(row["n_reduce_scatter"]) > 0       # the gradients are reduced
+    assert row["xla_cost_model_step_s"] == ""        # XLA's cost model is TPU-only
+
+
+def test_tpu_cost_model_takes_out_the_calls_it_prices_at_minus_one_second():
+    import types
+
+    from experiments.scaling_point import tpu_cost_model
+
+    tpu, gpu = (types.SimpleNamespace(platform=p, device_kind=k) for p, k in (("tpu", "TPU v5"), ("gpu", "H100")))
+    row = dict(model_flops_per_token=6e6, tokens_per_step=1024, devices=4)
+    calls = {"PrepareAsyncCallStart": 8, "PrepareAsyncCallDone": 8, "tpu_custom_call": 39}
+    out = tpu_cost_model({"optimal_seconds": -15.999}, calls, row, False, tpu)
+    assert out["xla_cost_model_raw_s"] == -15.999 and out["xla_cost_model_unpriced"] == 16
+    assert out["xla_cost_model_step_s"] == pytest.approx(0.001)
+    assert out["xla_cost_model_mfu"] == pytest.approx(6e6 * 1024 / (4 * 0.001 * 459e12))
+    assert tpu_cost_model({"optimal_seconds": 0.001}, calls, row, True, tpu)["xla_cost_model_mfu"] is None   # one tick
+    assert tpu_cost_model({"optimal_seconds": -3.0}, {}, row, False, tpu)["xla_cost_model_step_s"] is None
+    assert set(tpu_cost_model({"optimal_seconds": 0.001}, {}, row, False, gpu).values()) == {None}
