@@ -4,6 +4,8 @@ Forward  y  = x · W      x in 1×128 tiles, W in 128×128 blocks
 Data     dx = dy · Wᵀ    dy in 1×128 tiles, Wᵀ reuses the forward's blocks (transposed)
 Weight   dW = xᵀ · dy    x and dy in 128×1 tiles (128 tokens per scale), x saved as FP8 by the forward
 Every product accumulates in float32 with promotion every 128 of the contraction (`pallas_kernels.fp8`).
+The Pallas kernels are custom calls XLA cannot partition: on a sharded mesh they run once per batch shard
+(sharding.per_shard), the weight whole on every device.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fp8 import fp8_matmul, quantize_1x128, quantize_128x1, quantize_128x128
+from sharding.per_shard import on_batch_shards
 
 
 class _Options(NamedTuple):   # static (hashable) settings of one call
@@ -61,5 +64,8 @@ def fp8_linear(x_BK, w_KN, *, out_dtype=None, power_of_two: bool = False, impl: 
     o = _Options(impl, bool(power_of_two), bool(interpret), jnp.dtype(out_dtype or x_BK.dtype),
                  jnp.dtype(x_BK.dtype), jnp.dtype(w_KN.dtype))
     lead, K = x_BK.shape[:-1], x_BK.shape[-1]
-    y_MN = _fp8_matmul_2d(x_BK.reshape(-1, K), w_KN, o)
+    matmul = lambda x_MK, w_KN: _fp8_matmul_2d(x_MK, w_KN, o)
+    if impl != "reference":
+        matmul = on_batch_shards(matmul, n_split=1)
+    y_MN = matmul(x_BK.reshape(-1, K), w_KN)
     return y_MN.reshape(*lead, w_KN.shape[1])

@@ -43,6 +43,12 @@ class MoEKernels:
         return dispatch_kernels.combine(y_ND, weights_TK, sent.order_N, out_dtype, row_TK=sent.row_TK,
                                         impl=self.dispatch_impl, interpret=self.interpret)
 
+    @property
+    def partitionable(self) -> bool:
+        """Whether XLA can partition these ops over a sharded mesh itself: the references can; Pallas TPU and Mosaic
+        GPU kernels are custom calls that must run per shard, inside a shard_map."""
+        return self.dispatch_impl == "reference" and self.grouped_matmul_impl == "reference"
+
 
 _EXPERT_MESH: contextvars.ContextVar = contextvars.ContextVar("expert_parallel_mesh", default=None)
 _EXPERT_LOCAL: contextvars.ContextVar = contextvars.ContextVar("expert_parallel_local", default=None)

@@ -1,6 +1,8 @@
 """The DeepSeekMoE layer: route, dispatch, grouped SwiGLU experts, weighted combine, plus shared experts.
 
-Dropless: every (token, choice) pair is computed; the grouped matmul takes ragged groups.
+Dropless: every (token, choice) pair is computed; the grouped matmul takes ragged groups. On a sharded mesh the
+routed experts run expert-parallel (an `expert` axis), or, when their kernels are custom calls XLA cannot
+partition, once per batch shard with every expert whole (sharding.per_shard).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import jax.numpy as jnp
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.mlp import MLP
 from dsv3_jax import kernels as kernel_registry
-from dsv3_jax.moe.backend import expert_parallel_local_axis, expert_parallel_mesh
+from dsv3_jax.moe.backend import MoEKernels, expert_parallel_local_axis, expert_parallel_mesh
 from dsv3_jax.moe.router import Router, RouterStats, router_stats
 from sharding.ep_buffers import capacity_per_peer
 from sharding.ep_layout import check_expert_parallel
 from sharding.expert_parallel import expert_parallel_ffn, expert_parallel_ffn_local
+from sharding.per_shard import on_batch_shards
 
 EXPERT_WEIGHTS = ("experts_gate", "experts_up", "experts_down")   # routed-expert parameters, expert axis first
 
@@ -53,11 +56,12 @@ class MoE(nn.Module):
                 expert_axis=local.axis_name, capacity=capacity_per_peer(B * T * K, ep, local.capacity_factor),
                 grouped_matmul=grouped_matmul, out_dtype=c.jnp_dtype, all_to_all=kernels.exchange)
         elif mesh is None:
-            sent = kernels.dispatch(x_TD.astype(c.jnp_dtype), routing.experts_TK, E)
-            gate_NF = grouped_matmul(sent.x_ND, w_gate_EDF, sent.group_sizes_E)
-            up_NF = grouped_matmul(sent.x_ND, w_up_EDF, sent.group_sizes_E)
-            y_ND = grouped_matmul(jax.nn.silu(gate_NF) * up_NF, w_down_EFD, sent.group_sizes_E)
-            routed_TD = kernels.combine(y_ND, routing.weights_TK, sent, c.jnp_dtype)
+            def routed(x_TD, experts_TK, weights_TK, *w):
+                return routed_experts(kernels, grouped_matmul, x_TD, experts_TK, weights_TK, *w, c.jnp_dtype)
+            if not kernels.partitionable:   # custom calls: per batch shard on a mesh XLA would partition
+                routed = on_batch_shards(routed, n_split=3)
+            routed_TD = routed(x_TD.astype(c.jnp_dtype), routing.experts_TK, routing.weights_TK, w_gate_EDF,
+                               w_up_EDF, w_down_EFD)
         else:   # experts split over the mesh's `expert` axis: tokens travel to them and back (dropless)
             routed_TD, _ = expert_parallel_ffn(x_TD.astype(c.jnp_dtype), routing.experts_TK, routing.weights_TK,
                                                w_gate_EDF, w_up_EDF, w_down_EFD, mesh=mesh,
@@ -68,3 +72,13 @@ class MoE(nn.Module):
         if c.n_shared_experts > 0:
             out_BTD = out_BTD + MLP(c, c.n_shared_experts * F, name="shared")(x_BTD)
         return out_BTD, router_stats(routing, B, E)
+
+
+def routed_experts(kernels: MoEKernels, grouped_matmul, x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF,
+                   w_down_EFD, out_dtype):
+    """Σ_k weights_TK · SwiGLU_{experts_TK}(x_TD) with every expert local: dispatch → grouped matmuls → combine."""
+    sent = kernels.dispatch(x_TD, experts_TK, w_gate_EDF.shape[0])
+    gate_NF = grouped_matmul(sent.x_ND, w_gate_EDF, sent.group_sizes_E)
+    up_NF = grouped_matmul(sent.x_ND, w_up_EDF, sent.group_sizes_E)
+    y_ND = grouped_matmul(jax.nn.silu(gate_NF) * up_NF, w_down_EFD, sent.group_sizes_E)
+    return kernels.combine(y_ND, weights_TK, sent, out_dtype)

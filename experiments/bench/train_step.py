@@ -129,10 +129,12 @@ def run_ours(cfg, batch_np: dict, args) -> dict:
     from experiments.pretrain import mesh_axes
     from sharding.mesh import build_mesh, put_batch
 
-    model = cfg.model
-    row = {"impl": "ours (jax)", "attention_impl": model.attention_impl, "remat_policy": model.remat_policy,
-           "fp8": model.fp8, "packed_docs": args.docs_per_row}
+    from dsv3_jax import kernels
+
     mesh = build_mesh(mesh_axes(cfg))
+    model = kernels.for_devices(cfg.model, mesh)
+    row = {"impl": "ours (jax)", "attention_impl": kernels.select(model).attention, "remat_policy": model.remat_policy,
+           "fp8": model.fp8, "packed_docs": args.docs_per_row}
     tx, step_fn = make_train_step(model, cfg.loss, cfg.schedule, cfg.optimizer, cfg.balance)
     init = lambda: create_train_state(model, tx, jax.random.PRNGKey(cfg.train.seed))
     shardings = state_shardings(model, tx, jax.eval_shape(init), mesh, cfg.mesh.strategy)
