@@ -13,6 +13,7 @@ import functools
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from dsv3_jax import kernels
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.attention_core import attention_core
 from dsv3_jax.layers.linear import make_linear
@@ -62,8 +63,9 @@ class MLA(nn.Module):
         kv_BTHK = make_linear(c, H * (Dn + Dv), ("kv_lora", "heads"), "wkv_b")(latent_BTC).reshape(B, T, H, Dn + Dv)
         k_nope_BSHN, v_BSHV = kv_BTHK[..., :Dn], kv_BTHK[..., Dn:]
 
-        out_BTHV = attention_core(c.attention_impl, q_nope_BTHN, q_rope_BTHR, k_nope_BSHN, k_rope_BTR, v_BSHV,
-                                  c.softmax_scale, segment_ids_BT, c.jnp_dtype)
+        chosen = kernels.select(c)   # resolves attention_impl=auto for the kernel target
+        out_BTHV = attention_core(chosen.attention, q_nope_BTHN, q_rope_BTHR, k_nope_BSHN, k_rope_BTR, v_BSHV,
+                                  c.softmax_scale, segment_ids_BT, c.jnp_dtype, chosen.interpret)
         out_BTHV = checkpoint_name(out_BTHV, "attn_out")
         out_BTF = out_BTHV.reshape(B, T, H * Dv)
         return make_linear(c, c.dim, ("heads", "embed"), "wo")(out_BTF)

@@ -2,12 +2,15 @@
 sequence-wise balance loss, and an optional z-loss.
 
 Segment id 0 marks padding; a target is valid only when it lies in the same segment as the input
-position it is predicted from.
+position it is predicted from. The cross-entropy takes the head's inputs, not logits: `head_cross_entropy` applies
+the head to `logits_chunk` positions of every row at a time and recomputes them in the backward pass, so training
+never holds [B, T, V] float32 logits (the train step and the pipeline's last stage both go through it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +27,7 @@ class LossConfig:
     mtp_switch_unit: str = "tokens"
     balance_alpha: float = 1e-4        # α
     z_loss: float = 0.0
+    logits_chunk: int = 256            # positions per row whose logits exist at once (0: the whole sequence)
 
 
 def shifted_targets(tokens_BT, segment_ids_BT, offset: int):
@@ -37,30 +41,58 @@ def shifted_targets(tokens_BT, segment_ids_BT, offset: int):
     return targets_BT, jnp.broadcast_to(valid_BT, (B, T))
 
 
-def cross_entropy(logits_BTV, targets_BT, valid_BT):
-    """(mean CE over valid positions, mean logsumexp² over valid positions, valid count)."""
-    logits = logits_BTV.astype(jnp.float32)
-    lse_BT = jax.nn.logsumexp(logits, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
-    w = valid_BT.astype(jnp.float32)
-    count = jnp.maximum(w.sum(), 1.0)
-    return ((lse_BT - target_logit_BT) * w).sum() / count, (lse_BT**2 * w).sum() / count, w.sum()
+def head_cross_entropy(logits_fn: Callable, w_DV, x_BTD, targets_BT, weights_BT, chunk: int):
+    """(Σ w·(logsumexp − target logit), Σ w·logsumexp²) over every position, float32, where the logits are
+    logits_fn(w_DV, x) for `chunk` positions of every row at a time (chunk <= 0: all T at once).
+
+    Each chunk's head matmul, log-sum-exp and target gather run under jax.checkpoint inside a scan: the backward
+    pass recomputes that chunk's [B, chunk, V] logits instead of keeping all of them."""
+    B, T, _ = x_BTD.shape
+    chunk = T if chunk <= 0 else min(chunk, T)
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    if pad:
+        pad_seq = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        x_BTD, targets_BT, weights_BT = pad_seq(x_BTD), pad_seq(targets_BT), pad_seq(weights_BT)   # weight 0
+
+    @jax.checkpoint
+    def sums(w_DV, x_BcD, targets_Bc, weights_Bc):
+        logits_BcV = logits_fn(w_DV, x_BcD).astype(jnp.float32)
+        lse_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
+        target_logit_Bc = jnp.take_along_axis(logits_BcV, targets_Bc[..., None], axis=-1)[..., 0]
+        w = weights_Bc.astype(jnp.float32)
+        return ((lse_Bc - target_logit_Bc) * w).sum(), (lse_Bc**2 * w).sum()
+
+    if n == 1:
+        return sums(w_DV, x_BTD, targets_BT, weights_BT)
+    chunks = lambda a: a.reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
+
+    def step(total, xs):
+        ce, z = sums(w_DV, *xs)
+        return (total[0] + ce, total[1] + z), None
+
+    zero = jnp.zeros((), jnp.float32)
+    total, _ = jax.lax.scan(step, (zero, zero), (chunks(x_BTD), chunks(targets_BT), chunks(weights_BT)))
+    return total
 
 
-def total_loss(outputs: ModelOutputs, tokens_BT, segment_ids_BT, mtp_weight, balance_alpha: float,
-               z_loss: float = 0.0):
-    """Scalar loss and a dict of its parts (all float32 scalars)."""
-    targets, valid = shifted_targets(tokens_BT, segment_ids_BT, 1)
-    ce, z, n_tokens = cross_entropy(outputs.logits_BTV, targets, valid)
+def total_loss(outputs: ModelOutputs, logits_fn: Callable, w_DV, tokens_BT, segment_ids_BT, mtp_weight,
+               balance_alpha: float, z_loss: float = 0.0, chunk: int = LossConfig.logits_chunk):
+    """Scalar loss and a dict of its parts (all float32 scalars). `outputs` carry the head's inputs (the model
+    applied with logits=False); logits_fn(w_DV, x) is the head (model.head_logits on model.head_weight)."""
+    def mean_ce(x_BTD, offset):
+        targets, valid = shifted_targets(tokens_BT, segment_ids_BT, offset)
+        w = valid.astype(jnp.float32)
+        count = jnp.maximum(w.sum(), 1.0)
+        ce_sum, z_sum = head_cross_entropy(logits_fn, w_DV, x_BTD, targets, w, chunk)
+        return ce_sum / count, z_sum / count, w.sum()
+
+    ce, z, n_tokens = mean_ce(outputs.head_in_BTD, 1)
     loss = ce + z_loss * z
     metrics = {"ce": ce, "tokens": n_tokens}
-    if outputs.mtp_logits_DBTV is not None:
-        depth = outputs.mtp_logits_DBTV.shape[0]
-        mtp_ce = []
-        for d in range(depth):
-            t, v = shifted_targets(tokens_BT, segment_ids_BT, d + 2)
-            mtp_ce.append(cross_entropy(outputs.mtp_logits_DBTV[d], t, v)[0])
-        mtp = jnp.mean(jnp.stack(mtp_ce))
+    if outputs.mtp_head_in_DBTD is not None:
+        depth = outputs.mtp_head_in_DBTD.shape[0]
+        mtp = jnp.mean(jnp.stack([mean_ce(outputs.mtp_head_in_DBTD[d], d + 2)[0] for d in range(depth)]))
         loss = loss + mtp_weight * mtp
         metrics["mtp_ce"] = mtp
     balance = 0.0

@@ -11,6 +11,7 @@ On a mesh with an `expert` axis the stages run expert-parallel: each rank holds 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import flax.linen as nn
 import jax
@@ -20,10 +21,10 @@ from jax.sharding import PartitionSpec as P
 from dsv3_jax.block import block_stack
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.rope import rope_tables
-from dsv3_jax.model import embedding, final_norm, mtp_outputs, output_head
+from dsv3_jax.model import embedding, final_norm, head_logits, head_weight, mtp_outputs
 from dsv3_jax.moe.backend import expert_parallel_local
 from dsv3_jax.moe.layer import EXPERT_WEIGHTS
-from dsv3_jax.train.loss import LossConfig, shifted_targets
+from dsv3_jax.train.loss import LossConfig, head_cross_entropy, shifted_targets
 
 FIRST_KEYS = ("embed", "dense_layers")   # top-level parameter groups of the first stage
 STAGE_KEY = "moe_layers"                 # the stacked group split into stage chunks; the rest is the last stage's
@@ -125,27 +126,25 @@ class FirstStage(nn.Module):
 
 
 class LastStage(nn.Module):
-    """The model's final norm, head and MTP modules (DeepSeekV3's own pieces): (logits_BTV, mtp_logits_DBTV | None,
-    mtp_stats | None)."""
+    """The model's final norm and MTP modules (DeepSeekV3's own pieces): the head's inputs (head_in_BTD,
+    mtp_head_in_DBTD | None) and mtp_stats | None; the loss applies the head (loss.head_cross_entropy)."""
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x_BTD, tokens_BT, rope_cos_sin, segment_ids_BT):
         c = self.config
         embed = embedding(c)
-        head = output_head(c, embed)
-        logits_BTV = head(final_norm(c)(x_BTD))
-        mtp_logits_DBTV, mtp_stats = mtp_outputs(c, embed, head, x_BTD, tokens_BT, rope_cos_sin, segment_ids_BT)
-        return logits_BTV, mtp_logits_DBTV, mtp_stats
+        mtp_head_in_DBTD, mtp_stats = mtp_outputs(c, embed, None, x_BTD, tokens_BT, rope_cos_sin, segment_ids_BT)
+        return final_norm(c)(x_BTD), mtp_head_in_DBTD, mtp_stats
 
 
-def weighted_cross_entropy(logits_BTV, targets_BT, weights_BT):
-    """(mean over rows of Σ_t w·CE, the same of w·logsumexp²): loss.cross_entropy with global normalisation."""
-    logits = logits_BTV.astype(jnp.float32)
-    lse_BT = jax.nn.logsumexp(logits, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
-    row_mean = lambda v_BT: jnp.mean(jnp.sum(v_BT * weights_BT, axis=-1))
-    return row_mean(lse_BT - target_logit_BT), row_mean(lse_BT**2)
+def weighted_cross_entropy(config: ModelConfig, params: dict, x_BTD, targets_BT, weights_BT, chunk: int):
+    """(mean over rows of Σ_t w·CE, the same of w·logsumexp²): the train step's head_cross_entropy with the pipeline's
+    global normalisation (weights valid · B / count)."""
+    ce_sum, z_sum = head_cross_entropy(functools.partial(head_logits, config), head_weight(config, params), x_BTD,
+                                       targets_BT, weights_BT, chunk)
+    rows = x_BTD.shape[0]
+    return ce_sum / rows, z_sum / rows
 
 
 class StageFns:
@@ -175,15 +174,17 @@ class StageFns:
         c, cfg = self.config, self.loss_config
         tokens_BT, weights_BOT = targets["tokens"], targets["weights"]
         variables = {"params": last_vars["params"], "moe_bias": last_vars["moe_bias"]}
-        logits_BTV, mtp_logits_DBTV, mtp_stats = LastStage(c).apply(
+        head_in_BTD, mtp_head_in_DBTD, mtp_stats = LastStage(c).apply(
             variables, x_BTD, tokens_BT, (side["cos"], side["sin"]), side.get("segment_ids"))
-        ce, z = weighted_cross_entropy(logits_BTV, shifted_targets(tokens_BT, None, 1)[0], weights_BOT[:, 0])
+        cross_entropy = lambda x, offset: weighted_cross_entropy(
+            c, last_vars["params"], x, shifted_targets(tokens_BT, None, offset)[0], weights_BOT[:, offset - 1],
+            cfg.logits_chunk)
+        ce, z = cross_entropy(head_in_BTD, 1)
         value = ce + cfg.z_loss * z
         metrics = {"ce": ce}
-        if mtp_logits_DBTV is not None:
-            mtp = jnp.mean(jnp.stack([
-                weighted_cross_entropy(mtp_logits_DBTV[d], shifted_targets(tokens_BT, None, d + 2)[0],
-                                       weights_BOT[:, d + 1])[0] for d in range(mtp_logits_DBTV.shape[0])]))
+        if mtp_head_in_DBTD is not None:
+            mtp = jnp.mean(jnp.stack([cross_entropy(mtp_head_in_DBTD[d], d + 2)[0]
+                                      for d in range(mtp_head_in_DBTD.shape[0])]))
             value = value + last_vars["mtp_weight"] * mtp
             balance = balance + mtp_stats.balance_loss.sum()
             metrics.update(mtp_ce=mtp, mtp_counts_DE=mtp_stats.expert_counts_E)

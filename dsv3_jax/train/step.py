@@ -8,6 +8,7 @@ The tokens-seen counter lives on the host (an exact Python int) and enters as a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import DeepSeekV3, ModelOutputs, init_variables
+from dsv3_jax.model import DeepSeekV3, ModelOutputs, head_logits, head_weight, init_variables
 from dsv3_jax.moe.router import RouterStats
 from dsv3_jax.train.balance import update_routing_bias
 from dsv3_jax.train.loss import LossConfig, total_loss
@@ -65,13 +66,16 @@ def make_train_step(model_config: ModelConfig, loss: LossConfig, schedule: Sched
     """
     model = DeepSeekV3(model_config)
     tx = make_optimizer(optimizer)
+    logits_fn = functools.partial(head_logits, model_config)
 
     def loss_fn(params, moe_bias, batch, mtp_weight):
+        # logits=False: the loss applies the head in chunks of positions (no [B, T, V] float32 logits)
         outputs = model.apply({"params": params, "moe_bias": moe_bias}, batch["tokens"], batch.get("positions"),
-                              batch.get("segment_ids"), return_aux=True)
-        value, metrics = total_loss(outputs, batch["tokens"], batch.get("segment_ids"), mtp_weight,
-                                    loss.balance_alpha, loss.z_loss)
-        return value, (metrics, outputs._replace(logits_BTV=None, mtp_logits_DBTV=None))
+                              batch.get("segment_ids"), return_aux=True, logits=False)
+        value, metrics = total_loss(outputs, logits_fn, head_weight(model_config, params), batch["tokens"],
+                                    batch.get("segment_ids"), mtp_weight, loss.balance_alpha, loss.z_loss,
+                                    loss.logits_chunk)
+        return value, (metrics, outputs._replace(head_in_BTD=None, mtp_head_in_DBTD=None))
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
