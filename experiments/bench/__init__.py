@@ -25,7 +25,7 @@ import sys
 from typing import Any, Callable, Iterable, Sequence
 
 BENCHMARKS = ("sharding_memory", "ep_buffers", "pipeline_bubbles", "fp8_training", "fp8_gemm", "moe", "train_step",
-              "decode")
+              "decode", "kernels_aot")
 DEFAULT_OUT_DIR = "bench_results"
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 

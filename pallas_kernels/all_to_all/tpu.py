@@ -20,6 +20,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.cost import cost_estimate, nbytes
+
 
 def _kernel(x_hbm, out_hbm, local_sem, send_sems, recv_sems, *, axis_name: str, n: int):
     me = lax.axis_index(axis_name)
@@ -73,16 +75,14 @@ def _varying(x, axis_name: str):
 
 def _exchange_blocks(x_NX, axis_name: str, interpret):
     """out[j] = block `me` of device j's x_NX ([n, ...] with n = the axis size)."""
-    if interpret:
-        # TPU interpret mode traces its device simulator (axis_index arithmetic of its own) under the enclosing
-        # shard_map's varying-axes checks, which it fails (JAX 0.10): run it in a shard_map over no new axes
-        # with the checks off. Compiled kernels need no such wrapper.
-        mesh = jax.sharding.get_abstract_mesh()
-        out = jax.shard_map(functools.partial(_exchange_kernel, axis_name=axis_name, interpret=interpret),
-                            mesh=mesh, in_specs=P(), out_specs=P(), axis_names=frozenset(),
-                            check_vma=False)(x_NX)
-        return _vary_over(out, (_varying_axes(x_NX) or frozenset()) | {axis_name})
-    return _exchange_kernel(x_NX, axis_name=axis_name, interpret=interpret)
+    # Under the enclosing shard_map's varying-axes checks, the kernel's own axis_index arithmetic (and TPU interpret
+    # mode's device simulator) would be traced with `pvary` casts, which Mosaic cannot lower (JAX 0.10): trace it in
+    # a shard_map over no new axes with the checks off, and type the result back.
+    mesh = jax.sharding.get_abstract_mesh()
+    out = jax.shard_map(functools.partial(_exchange_kernel, axis_name=axis_name, interpret=interpret),
+                        mesh=mesh, in_specs=P(), out_specs=P(), axis_names=frozenset(),
+                        check_vma=False)(x_NX)
+    return _vary_over(out, (_varying_axes(x_NX) or frozenset()) | {axis_name})
 
 
 def _exchange_kernel(x_NX, *, axis_name: str, interpret):
@@ -96,6 +96,9 @@ def _exchange_kernel(x_NX, *, axis_name: str, interpret):
         out_specs=pl.BlockSpec(memory_space=pl.ANY),
         scratch_shapes=[pltpu.SemaphoreType.DMA(()), sems, sems],
         compiler_params=pltpu.CompilerParams(collective_id=0, has_side_effects=True),
+        # Every block is read once and written once (HBM to HBM); n - 1 of the n blocks cross to a peer.
+        cost_estimate=cost_estimate(flops=0, bytes_accessed=2 * nbytes(x_NX),
+                                    remote_bytes_transferred=nbytes(x_NX) * (n - 1) // n),
         interpret=interpret,
     )(x_NX)
 

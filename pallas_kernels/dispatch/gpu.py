@@ -19,6 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.cost import cost_estimate, nbytes
 from pallas_kernels.fp8.quantize import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, TILE, _cdiv
 
 BLOCK_ROWS = 32      # rows per program (gather, combine backward)
@@ -96,6 +97,8 @@ def gather_rows(x_TD, src_N, *, quantize: bool = False, power_of_two: bool = Fal
         grid=(_cdiv(N, bm), Db),
         out_shape=out_shape,
         compiler_params=plt.CompilerParams(num_warps=NUM_WARPS),
+        cost_estimate=cost_estimate(flops=(6 if quantize else 0) * N * D,
+                                    bytes_accessed=nbytes(src_N, *out_shape) + N * D * x_TD.dtype.itemsize),
         interpret=interpret,
     )(src_N.astype(jnp.int32), x_TD)
     return (outs[0], outs[1], outs[2]) if quantize else (outs[0], None, None)
@@ -132,6 +135,8 @@ def combine_rows(y_ND, row_TK, weights_TK, out_dtype, *, interpret=False, block_
         grid=(_cdiv(T, bt), _cdiv(D, TILE)),
         out_shape=jax.ShapeDtypeStruct((T, D), out_dtype),
         compiler_params=plt.CompilerParams(num_warps=NUM_WARPS),
+        cost_estimate=cost_estimate(flops=(2 if weighted else 1) * T * K * D, bytes_accessed=nbytes(
+            args[0], *args[2:]) + T * K * D * y_ND.dtype.itemsize + T * D * jnp.dtype(out_dtype).itemsize),
         interpret=interpret,
     )(*args)
 
@@ -163,5 +168,8 @@ def combine_rows_grad(y_ND, dout_TD, src_N, w_N, *, interpret=False, block_rows:
         grid=(_cdiv(N, bm),),
         out_shape=[jax.ShapeDtypeStruct((N, D), y_ND.dtype), jax.ShapeDtypeStruct((N,), jnp.float32)],
         compiler_params=plt.CompilerParams(num_warps=NUM_WARPS),
+        # reads src, w, y and the gathered dout rows; writes dy (y's size) and dw (float32)
+        cost_estimate=cost_estimate(flops=3 * N * D, bytes_accessed=nbytes(src_N, w_N, y_ND, y_ND) + 4 * N
+                                    + N * D * dout_TD.dtype.itemsize),
         interpret=interpret,
     )(src_N.astype(jnp.int32), dout_TD, y_ND, w_N.astype(jnp.float32))

@@ -166,6 +166,7 @@ def fp8_matmul_nt(a_q_MK, a_scale_KbM, b_q_NK, b_scale_KbN, out_dtype=jnp.bfloat
     sa = _pad_to(a_scale_KbM.astype(jnp.float32), (Kb, Mp))
     sb = _pad_to(b_scale_KbN.astype(jnp.float32), (Kb, Np))
     m_tiles, n_tiles = Mp // cfg.block_m, Np // cfg.block_n
+    # No cost estimate: plgpu.kernel takes none and Mosaic GPU's lowering drops one (JAX 0.10).
     kernel = plgpu.kernel(
         functools.partial(_kernel, cfg=cfg, m_tiles=m_tiles, n_tiles=n_tiles, k_blocks=Kb),
         out_type=jax.ShapeDtypeStruct((Mp, Np), jnp.dtype(out_dtype)),

@@ -9,6 +9,7 @@ product is scaled by `a_scale[m, k] · b_scale[k, n]` and added to a float32 acc
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels.fp8.quantize import TILE, _cdiv
 
@@ -36,15 +37,19 @@ def check_operands(a_q_MK, a_scale_MKb, b_q_KN, b_scale):
 
 
 def fp8_matmul(a_q_MK, a_scale_MKb, b_q_KN, b_scale, out_dtype=jnp.bfloat16):
-    """Σ_k (a_q[:, k] · b_q[k, :]) · a_scale[:, k] · b_scale[k, :], accumulated in float32, cast to out_dtype."""
+    """Σ_k (a_q[:, k] · b_q[k, :]) · a_scale[:, k] · b_scale[k, :], accumulated in float32, cast to out_dtype.
+
+    One step of a scan per 128-wide K block (K = 18,432 is 144 blocks: a loop, not 144 dots in the program)."""
     M, K, N, Kb = check_operands(a_q_MK, a_scale_MKb, b_q_KN, b_scale)
-    a_MK = jnp.pad(a_q_MK, ((0, 0), (0, Kb * TILE - K))).astype(jnp.float32)
-    b_KN = jnp.pad(b_q_KN, ((0, Kb * TILE - K), (0, 0))).astype(jnp.float32)
-    sa_MKb, sb_KbN = a_scale_MKb.astype(jnp.float32), column_scales(b_scale, N)
-    acc_MN = jnp.zeros((M, N), jnp.float32)
-    for k in range(Kb):
-        block = slice(k * TILE, (k + 1) * TILE)
+    a_KbMC = jnp.pad(a_q_MK, ((0, 0), (0, Kb * TILE - K))).reshape(M, Kb, TILE).swapaxes(0, 1)   # upcast per step
+    b_KbCN = jnp.pad(b_q_KN, ((0, Kb * TILE - K), (0, 0))).reshape(Kb, TILE, N)
+    sa_KbM, sb_KbN = a_scale_MKb.astype(jnp.float32).T, column_scales(b_scale, N)
+
+    def add_block(acc_MN, block):
+        a_MC, b_CN, sa_M, sb_N = block
         # Products of two E4M3 values are exact in float32; only the 128-term sum rounds.
-        partial_MN = jnp.dot(a_MK[:, block], b_KN[block], preferred_element_type=jnp.float32)
-        acc_MN = acc_MN + partial_MN * sa_MKb[:, k, None] * sb_KbN[None, k, :]
+        partial_MN = jnp.dot(a_MC.astype(jnp.float32), b_CN.astype(jnp.float32), preferred_element_type=jnp.float32)
+        return acc_MN + partial_MN * sa_M[:, None] * sb_N[None, :], None
+
+    acc_MN, _ = lax.scan(add_block, jnp.zeros((M, N), jnp.float32), (a_KbMC, b_KbCN, sa_KbM, sb_KbN))
     return acc_MN.astype(out_dtype)

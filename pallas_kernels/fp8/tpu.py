@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.cost import cost_estimate, nbytes
 from pallas_kernels.fp8.quantize import TILE, _cdiv
 from pallas_kernels.fp8.reference import check_operands, column_scales
 from pallas_kernels.tpu_lanes import div_nonneg, pick_column, pick_row, rem_nonneg
@@ -73,5 +74,10 @@ def fp8_matmul(a_q_MK, a_scale_MKb, b_q_KN, b_scale, out_dtype=jnp.bfloat16, blo
         out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        # a is streamed once per column of tiles, b once per row of tiles; 3 flops per output and K block scale.
+        cost_estimate=cost_estimate(
+            flops=2 * Mp * Np * Kp + 3 * Mp * Np * Kb,
+            bytes_accessed=nbytes(a, sa_MKb) * (Np // bn) + nbytes(b, sb_KbN) * (Mp // bm)
+            + Mp * Np * jnp.dtype(out_dtype).itemsize),
         interpret=interpret,
     )(a, b, sa_MKb, sb_KbN)[:M, :N]

@@ -27,11 +27,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul import gpu_mosaic as mg
 from pallas_kernels.grouped_matmul.gpu_schedule import group_row_ranges, row_tile_items
+from pallas_kernels.vma import vary_like
 
 FP8_DTYPE = jnp.float8_e4m3fn
 SCALE_BLOCK = 128        # FP8 scales cover 128 elements of the contraction (and 128 weight rows)
 H100_SMS = 132
-_MEMORY_REGISTERS = 40   # registers per thread left to the producer warpgroup (setmaxnreg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,8 @@ class GpuTiling:
     epilogue_n: columns per epilogue TMA store (None: a warpgroup's whole tile); smaller saves SMEM.
     num_ctas: persistent CTAs looping over the output tiles (None: the GPU's SM count, 132 (H100 SXM) when
       lowering elsewhere, and 1 in interpret mode, whose cost grows with the CTA count).
+    memory_registers: registers per thread the producer warpgroup keeps (setmaxnreg; the consumers share the
+      rest). The producer runs the whole tile loop's bookkeeping too, so too few spill (ptxas -v shows it).
     """
     block_m: int
     block_n: int
@@ -55,6 +57,7 @@ class GpuTiling:
     wg_split: str = "n"
     epilogue_n: int | None = None
     num_ctas: int | None = None
+    memory_registers: int = 40
 
     @property
     def wg_tile(self) -> tuple[int, int]:
@@ -68,9 +71,11 @@ class GpuTiling:
 # H100 defaults for DeepSeek-V3's expert shapes (K 7168 -> N 2048 and K 2048 -> N 7168, ~1024 rows per group).
 # BF16: 128x256 CTA tiles, one 128x128 float32 accumulator per consumer warpgroup (as JAX's Hopper matmul).
 # FP8: 128x128 CTA tiles split by rows, so accumulator + partial (2 x 64 registers) fit; 4 x 32 KiB stages.
+# The FP8 row kernel's producer keeps 72 registers: with 40 its share of the tile loop spills (ptxas, H100 AOT).
 DEFAULT_TILING = {
     "gmm": GpuTiling(block_m=128, block_n=256, block_k=64, stages=3, compute_wgs=2, wg_split="n"),
-    "gmm_fp8": GpuTiling(block_m=128, block_n=128, block_k=128, stages=4, compute_wgs=2, wg_split="m"),
+    "gmm_fp8": GpuTiling(block_m=128, block_n=128, block_k=128, stages=4, compute_wgs=2, wg_split="m",
+                         memory_registers=72),
     "tgmm": GpuTiling(block_m=128, block_n=128, block_k=64, stages=4, compute_wgs=2, wg_split="n"),
     "tgmm_fp8": GpuTiling(block_m=128, block_n=128, block_k=128, stages=4, compute_wgs=2, wg_split="m"),
 }
@@ -131,6 +136,8 @@ def _check_tiling(t: GpuTiling, kind: str, in_dtype, out_dtype) -> None:
                                  "column shares of each operand, each must be a multiple of 64")
     if t.stages < 1:
         raise ValueError(f"GpuTiling.stages must be >= 1, got {t.stages}")
+    if t.memory_registers % 8 or not 24 <= t.memory_registers <= 256:
+        raise ValueError(f"GpuTiling.memory_registers must be a multiple of 8 in [24, 256], got {t.memory_registers}")
     epi = t.epilogue_n or wn
     if wn % epi or (epi * jnp.dtype(out_dtype).itemsize) % 16:
         raise ValueError(f"GpuTiling.epilogue_n={epi} must divide the warpgroup tile's {wn} columns and span a "
@@ -216,9 +223,9 @@ def _row_kernel(a_MK, b_GXY, group_sizes_G, scales, *, b_layout: str, t: GpuTili
             specs.append(plgpu.BlockSpec((None, bm), lambda k: (k, tile)))
         return specs
 
-    def pipeline(specs, step, context):
+    def pipeline(specs, num_steps, step, context):
         return plgpu.emit_pipeline_warp_specialized(
-            step, grid=(k_steps,), memory_registers=_MEMORY_REGISTERS, in_specs=specs, wg_axis="wg",
+            step, grid=(num_steps,), memory_registers=t.memory_registers, in_specs=specs, wg_axis="wg",
             num_compute_wgs=wgs, max_concurrent_steps=t.stages, compute_context=context)
 
     def body(seg_ref, tile_ref, lo_ref, hi_ref, a_gmem, b_gmem, *refs):
@@ -231,7 +238,7 @@ def _row_kernel(a_MK, b_GXY, group_sizes_G, scales, *, b_layout: str, t: GpuTili
         gmem_in = lambda seg: [a_gmem, b_gmem.at[jnp.minimum(seg, G - 1)]] + ([sa_gmem] if fp8 else [])
         ignore = lambda *_, **__: None
         zero = jnp.int32(0)
-        allocs = dict(pipe=pipeline(in_specs(zero, zero), ignore, ignore).get_allocations(*gmem_in(zero)),
+        allocs = dict(pipe=pipeline(in_specs(zero, zero), k_steps, ignore, ignore).get_allocations(*gmem_in(zero)),
                       out_smem=plgpu.SMEM((wgs, min(2, wn // epi), wm, epi), out_dtype))
 
         def wg_b(b_s):
@@ -274,21 +281,21 @@ def _row_kernel(a_MK, b_GXY, group_sizes_G, scales, *, b_layout: str, t: GpuTili
                 def fp8_context(run):
                     epilogue(run(mg.zeros_tile(wm, wn, jnp.float32, emulate)))
 
-                @pl.when((seg < G) & (hi > lo))
+                # Rows past sum(group_sizes) (segment G) run no steps: the epilogue stores the zero accumulator.
+                # Zeros are stored there, in the compute warpgroups' context, and not in a branch of this loop
+                # body: the producer warpgroup runs the loop body too, with its few registers (setmaxnreg).
+                @pl.when(hi > lo)
                 def _matmul():
                     step, context = (fp8_step, fp8_context) if fp8 else (bf16_step, bf16_context)
-                    pipeline(in_specs(tile, nt), step, context)(*gmem_in(seg), allocations=pipe)
-
-                @pl.when((seg == G) & (hi > lo) & (wg < wgs))
-                def _zeros():   # rows past sum(group_sizes)
-                    mg.store_tile(mg.zeros_tile(wm, wn, out_dtype, emulate), out_smem.at[wg], dst, first_row,
-                                  (lo, hi))
+                    num_steps = jnp.where(seg < G, k_steps, 0)
+                    pipeline(in_specs(tile, nt), num_steps, step, context)(*gmem_in(seg), allocations=pipe)
 
         pl.run_scoped(scope, **allocs, collective_axes="wg")
 
     kernel = mg.kernel_call(body, jax.ShapeDtypeStruct((M, N), out_dtype), num_ctas=_num_ctas(t, interpret),
                             compute_wgs=wgs, interpret=interpret)
-    return kernel(*items, a_MK, b_GXY, *(scales or ()))
+    operands = (*items, a_MK, b_GXY, *(scales or ()))
+    return vary_like(kernel(*operands), *operands)   # plgpu.kernel types its result as invariant
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,7 +328,7 @@ def _wgrad_kernel(a, b, group_sizes_G, scales, *, num_rows: int, t: GpuTiling, o
 
     def pipeline(specs, num_chunks, step, context):
         return plgpu.emit_pipeline_warp_specialized(
-            step, grid=(num_chunks,), memory_registers=_MEMORY_REGISTERS, in_specs=specs, wg_axis="wg",
+            step, grid=(num_chunks,), memory_registers=t.memory_registers, in_specs=specs, wg_axis="wg",
             num_compute_wgs=wgs, max_concurrent_steps=t.stages, compute_context=context)
 
     def body(start_ref, end_ref, a_gmem, b_gmem, *refs):
@@ -395,20 +402,16 @@ def _wgrad_kernel(a, b, group_sizes_G, scales, *, num_rows: int, t: GpuTiling, o
                 def fp8_context(run):
                     epilogue(run(mg.zeros_tile(wm, wn, jnp.float32, emulate)))
 
-                @pl.when(num_chunks > 0)
-                def _matmul():
-                    step, context = (fp8_step, fp8_context) if fp8 else (bf16_step, bf16_context)
-                    pipeline(in_specs(first, kt, nt), num_chunks, step, context)(*gmem_in, allocations=pipe)
-
-                @pl.when((num_chunks == 0) & (wg < wgs))
-                def _zeros():   # empty group: dw[g] = 0
-                    mg.store_tile(mg.zeros_tile(wm, wn, out_dtype, emulate), out_smem.at[wg], dst, first_row)
+                # An empty group runs no steps and its epilogue stores dw[g] = 0 (see the row kernel on why here).
+                step, context = (fp8_step, fp8_context) if fp8 else (bf16_step, bf16_context)
+                pipeline(in_specs(first, kt, nt), num_chunks, step, context)(*gmem_in, allocations=pipe)
 
         pl.run_scoped(scope, **allocs, collective_axes="wg")
 
     kernel = mg.kernel_call(body, jax.ShapeDtypeStruct((G, K, N), out_dtype), num_ctas=_num_ctas(t, interpret),
                             compute_wgs=wgs, interpret=interpret)
-    return kernel(start_G, end_G, a, b, *(scales or ()))
+    operands = (start_G, end_G, a, b, *(scales or ()))
+    return vary_like(kernel(*operands), *operands)
 
 
 # ----------------------------------------------------------------------------------------------------------------

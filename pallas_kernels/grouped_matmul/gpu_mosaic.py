@@ -120,7 +120,8 @@ def mask_rows(ref, lo, hi, interpret: bool):
 
 
 def kernel_call(body, out_type, *, num_ctas: int, compute_wgs: int, interpret):
-    """A persistent kernel: `num_ctas` CTAs (grid axis "cta"), each compute_wgs + 1 warpgroups (axis "wg")."""
+    """A persistent kernel: `num_ctas` CTAs (grid axis "cta"), each compute_wgs + 1 warpgroups (axis "wg").
+    No cost estimate: plgpu.kernel takes none and Mosaic GPU's lowering drops one (JAX 0.10)."""
     return plgpu.kernel(
         body, out_type=out_type, grid=(num_ctas,), grid_names=("cta",), num_threads=compute_wgs + 1,
         thread_name="wg", interpret=interpret,

@@ -97,13 +97,20 @@ def _float_type(*arrays):
     return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
 
 
+def _precision(dtype):
+    """HIGHEST for 32-bit (or wider) operands, so float32 is not rounded to bf16 passes; None (the default) for
+    16-bit ones, whose products are exact in the float32 accumulation anyway. (TPU's ragged_dot kernel rejects a
+    float32 contract precision on bf16 operands.)"""
+    return _HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None
+
+
 def gmm(x_MK, w_GKN, group_sizes_G, *, out_dtype, interpret: bool = False):
     """y[rows of g] = x[rows of g] · w[g]; float32 accumulation."""
     del interpret
     check_rows("gmm", x_MK, w_GKN, group_sizes_G, contract_axis=1)
     dtype = jnp.promote_types(x_MK.dtype, w_GKN.dtype)
     y = jax.lax.ragged_dot(x_MK.astype(dtype), w_GKN.astype(dtype), group_sizes_G.astype(jnp.int32),
-                           precision=_HIGHEST, preferred_element_type=_float_type(x_MK, w_GKN))
+                           precision=_precision(dtype), preferred_element_type=_float_type(x_MK, w_GKN))
     return y.astype(out_dtype)
 
 
@@ -120,7 +127,8 @@ def tgmm(x_MK, dy_MN, group_sizes_G, *, out_dtype, interpret: bool = False):
     check_tgmm("tgmm", x_MK, dy_MN, group_sizes_G)
     dtype = jnp.promote_types(x_MK.dtype, dy_MN.dtype)
     dw = jax.lax.ragged_dot_general(x_MK.astype(dtype), dy_MN.astype(dtype), group_sizes_G.astype(jnp.int32),
-                                    _TGMM_DIMS, precision=_HIGHEST, preferred_element_type=_float_type(x_MK, dy_MN))
+                                    _TGMM_DIMS, precision=_precision(dtype),
+                                    preferred_element_type=_float_type(x_MK, dy_MN))
     return dw.astype(out_dtype)
 
 
@@ -129,8 +137,9 @@ def gmm_fp8(a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, group_sizes_G, *, out_d
     del interpret
     M, K, N, G = check_gmm_fp8("gmm_fp8", a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, group_sizes_G)
     Kb = _cdiv(K, TILE)
-    a_KbMC = jnp.pad(a_q_MK.astype(jnp.float32), ((0, 0), (0, Kb * TILE - K))).reshape(M, Kb, TILE).swapaxes(0, 1)
-    b_KbGCN = jnp.pad(b_q_GNK.astype(jnp.float32), ((0, 0), (0, 0), (0, Kb * TILE - K))).reshape(G, N, Kb, TILE)
+    # Operands stay E4M3 until their step upcasts them: float32 copies of a whole expert bank do not fit a chip.
+    a_KbMC = jnp.pad(a_q_MK, ((0, 0), (0, Kb * TILE - K))).reshape(M, Kb, TILE).swapaxes(0, 1)
+    b_KbGCN = jnp.pad(b_q_GNK, ((0, 0), (0, 0), (0, Kb * TILE - K))).reshape(G, N, Kb, TILE)
     b_KbGCN = b_KbGCN.transpose(2, 0, 3, 1)
     sizes = group_sizes_G.astype(jnp.int32)
     # Each row's b scales are those of its group's weight (rows past the groups: any; their partials are 0).
@@ -139,7 +148,8 @@ def gmm_fp8(a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, group_sizes_G, *, out_d
     def add_block(acc_MN, block):
         a_MC, b_GCN, sa_M, sb_MNb = block
         # FP8 products are exact in float32; only the 128-term sum rounds.
-        partial_MN = jax.lax.ragged_dot(a_MC, b_GCN, sizes, precision=_HIGHEST, preferred_element_type=jnp.float32)
+        partial_MN = jax.lax.ragged_dot(a_MC.astype(jnp.float32), b_GCN.astype(jnp.float32), sizes,
+                                        precision=_HIGHEST, preferred_element_type=jnp.float32)
         sb_MN = jnp.repeat(sb_MNb, TILE, axis=1)[:, :N]
         return acc_MN + partial_MN * sa_M[:, None] * sb_MN, None
 
@@ -154,14 +164,15 @@ def tgmm_fp8(a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, group_sizes_G, *, out_dty
     del interpret
     M, K, N, G = check_tgmm_fp8("tgmm_fp8", a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, group_sizes_G)
     Mb = _cdiv(M, TILE)
-    a_MbKC = jnp.pad(a_q_KM.astype(jnp.float32), ((0, 0), (0, Mb * TILE - M))).reshape(K, Mb, TILE).swapaxes(0, 1)
-    b_MbNC = jnp.pad(b_q_NM.astype(jnp.float32), ((0, 0), (0, Mb * TILE - M))).reshape(N, Mb, TILE).swapaxes(0, 1)
+    a_MbKC = jnp.pad(a_q_KM, ((0, 0), (0, Mb * TILE - M))).reshape(K, Mb, TILE).swapaxes(0, 1)   # E4M3 until used
+    b_MbNC = jnp.pad(b_q_NM, ((0, 0), (0, Mb * TILE - M))).reshape(N, Mb, TILE).swapaxes(0, 1)
     # A tile's group is its first row's (G past the groups: dropped by the scatter below).
     g_Mb = group_of_rows(group_sizes_G.astype(jnp.int32), Mb * TILE)[::TILE]
 
     def add_tile(dw_GKN, tile):
         a_KC, b_NC, sa_K, sb_N, g = tile
-        partial_KN = jnp.dot(a_KC, b_NC.T, precision=_HIGHEST, preferred_element_type=jnp.float32)
+        partial_KN = jnp.dot(a_KC.astype(jnp.float32), b_NC.T.astype(jnp.float32), precision=_HIGHEST,
+                             preferred_element_type=jnp.float32)
         return dw_GKN.at[g].add(partial_KN * sa_K[:, None] * sb_N[None, :], mode="drop"), None
 
     tiles = (a_MbKC, b_MbNC, a_scale_KMb.astype(jnp.float32).T, b_scale_NMb.astype(jnp.float32).T, g_Mb)

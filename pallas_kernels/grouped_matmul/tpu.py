@@ -26,10 +26,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.cost import cost_estimate, nbytes
 from pallas_kernels.fp8.quantize import TILE, _cdiv
 from pallas_kernels.grouped_matmul import reference
 from pallas_kernels.grouped_matmul.layout import group_bounds
 from pallas_kernels.tpu_lanes import div_nonneg, pick_column, pick_row, rem_nonneg
+from pallas_kernels.vma import out_struct
 
 _SQUEEZED = pl.Squeezed() if hasattr(pl, "Squeezed") else None
 _POW2_TILES = (128, 256, 512, 1024)
@@ -196,6 +198,13 @@ def _row_call(lhs_MC, rhs, group_sizes_G, scales, *, rhs_nc: bool, O: int, out_d
         operands += [sa, sb]
     kernel = functools.partial(_row_kernel, bm=bm, dims=_NT if rhs_nc else _NN, scaled=scales is not None,
                                compute_dtype=jnp.promote_types(lhs.dtype, rhs.dtype))
+    V, Cb = visits[0].shape[0], Cp // TILE
+    # From the row count, not per group: every row meets one weight matrix. Each visit streams its rows' tile
+    # for every N tile and one weight tile column (C x O) per visit; FP8 adds 3 flops per output and K block.
+    flops = 2 * M * Cp * Op + (3 * M * Op * Cb if scales is not None else 0)
+    traffic = (nbytes(lhs, *operands[2:3]) * (Op // bo) + V * Cp * Op * rhs.dtype.itemsize
+               + (V * nbytes(operands[3]) // rhs.shape[0] if scales is not None else 0)
+               + Mp * Op * jnp.dtype(out_dtype).itemsize)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -205,8 +214,9 @@ def _row_call(lhs_MC, rhs, group_sizes_G, scales, *, rhs_nc: bool, O: int, out_d
             out_specs=pl.BlockSpec((bm, bo), lambda j, v, k, g, t, lo, hi: (t[v], j)),
             scratch_shapes=[pltpu.VMEM((bm, bo), jnp.float32)],
         ),
-        out_shape=jax.ShapeDtypeStruct((Mp, Op), out_dtype),
+        out_shape=out_struct((Mp, Op), out_dtype, *visits, *operands),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+        cost_estimate=cost_estimate(flops=flops, bytes_accessed=traffic),
         interpret=interpret,
     )(*visits, *operands)
     return out[:M, :O]
@@ -282,6 +292,11 @@ def _weight_call(a, b, group_sizes_G, scales, *, transposed: bool, out_dtype, in
                      pl.BlockSpec((8, bn), lambda i, j, v, g, t, lo, hi: (div_nonneg(t[v] * bmb, 8), j))]
     kernel = functools.partial(_weight_kernel, bm=bm, scaled=scales is not None,
                                compute_dtype=jnp.promote_types(a.dtype, b.dtype))
+    # From the row count: each row adds its x row ⊗ dy row to its group's dW. a is streamed once per N tile,
+    # b once per K tile; FP8 adds 3 flops per output and 128-row block.
+    flops = 2 * M * Kp * Np + (3 * Kp * Np * (Mp // TILE) if scales is not None else 0)
+    traffic = (nbytes(operands[0], *operands[2:3]) * (Np // bn) + nbytes(operands[1], *operands[3:4]) * (Kp // bk)
+               + G * Kp * Np * jnp.dtype(out_dtype).itemsize)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -291,8 +306,9 @@ def _weight_call(a, b, group_sizes_G, scales, *, transposed: bool, out_dtype, in
             out_specs=pl.BlockSpec((_SQUEEZED, bk, bn), lambda i, j, v, g, t, lo, hi: (g[v], i, j)),
             scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32)],
         ),
-        out_shape=jax.ShapeDtypeStruct((G, Kp, Np), out_dtype),
+        out_shape=out_struct((G, Kp, Np), out_dtype, *visits, *operands),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=cost_estimate(flops=flops, bytes_accessed=traffic),
         interpret=interpret,
     )(*visits, *operands)
     return out[:, :K, :N]
