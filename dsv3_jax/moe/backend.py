@@ -10,8 +10,6 @@ import dataclasses
 import functools
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
 
 from pallas_kernels import dispatch as dispatch_kernels
 from pallas_kernels import grouped_matmul as gmm_kernels

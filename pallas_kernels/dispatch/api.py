@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from pallas_kernels.dispatch import reference
 from pallas_kernels.dispatch.layout import Dispatched, check_routing, padded_rows, route_layout
 
-__all__ = ["Dispatched", "IMPLEMENTATIONS", "combine", "default_impl", "dispatch", "padded_rows"]
+__all__ = ["Dispatched", "IMPLEMENTATIONS", "combine", "dispatch", "padded_rows"]
 
 # Kernel modules are imported on first use, so the reference never needs a Pallas backend to import.
 IMPLEMENTATIONS = {"reference": "pallas_kernels.dispatch.reference", "tpu": "pallas_kernels.dispatch.tpu",
@@ -40,11 +40,6 @@ def row_ops(impl: str) -> RowOps:
     except KeyError:
         raise ValueError(f"dispatch impl={impl!r} unknown; choose one of {sorted(IMPLEMENTATIONS)}") from None
     return RowOps(module.gather_rows, module.combine_rows, module.combine_rows_grad)
-
-
-def default_impl() -> str:
-    """The kernels for this platform: Pallas TPU on TPU, Pallas GPU (Triton) on GPU, the reference elsewhere."""
-    return {"tpu": "tpu", "gpu": "gpu"}.get(jax.default_backend(), "reference")
 
 
 class _Impl(NamedTuple):

@@ -25,13 +25,6 @@ def is_hopper(device=None) -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
-def default_impl() -> str:
-    """The kernel for this platform: the Pallas kernels on TPU and Hopper GPUs, the reference elsewhere."""
-    if jax.default_backend() == "tpu":
-        return "tpu"
-    return "gpu" if is_hopper() else "reference"
-
-
 def fp8_matmul(a_q_MK, a_scale_MKb, b_q_KN, b_scale, *, impl: str = "reference", out_dtype=jnp.bfloat16,
                interpret: bool = False):
     """a_q [M, K] e4m3 with a_scale [M, ceil(K/128)] (1×128 tiles) times b_q [K, N] e4m3 with b_scale

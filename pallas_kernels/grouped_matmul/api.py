@@ -43,16 +43,6 @@ def implementation(impl: str) -> ModuleType:
     raise ValueError(f"grouped_matmul impl={impl!r} unknown; choose one of {names}")
 
 
-def default_impl() -> str:
-    """'tpu' on TPU, 'gpu' on a compute capability 9.x (Hopper) CUDA GPU, else 'reference'."""
-    device = jax.devices()[0]
-    if device.platform == "tpu":
-        return "tpu"
-    if device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9"):
-        return "gpu"
-    return "reference"
-
-
 class _Options(NamedTuple):   # static (hashable) settings of one call
     impl: str
     interpret: object            # bool, or the implementation's interpreter settings (e.g. pltpu.InterpretParams)

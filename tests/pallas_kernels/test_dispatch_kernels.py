@@ -182,10 +182,6 @@ def test_kernels_lower_for_their_platform(impl, platform, marker):
     assert text.count(marker) == 4   # gather (+FP8), weighted combine, combine backward, unweighted combine
 
 
-def test_default_impl_follows_the_backend():
-    assert api.default_impl() == {"tpu": "tpu", "gpu": "gpu"}.get(jax.default_backend(), "reference")
-
-
 def test_bad_arguments_name_the_field():
     x, experts = jnp.ones((4, 8)), jnp.zeros((4, 2), jnp.int32)
     with pytest.raises(ValueError, match="align=0"):
