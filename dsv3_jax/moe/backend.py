@@ -10,7 +10,6 @@ import dataclasses
 import functools
 from typing import Callable
 
-
 from pallas_kernels import dispatch as dispatch_kernels
 from pallas_kernels import grouped_matmul as gmm_kernels
 
