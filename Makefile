@@ -22,7 +22,7 @@ pretrain: $(VENV)/.installed
 	$(PY) -m experiments.pretrain --config tiny $(ARGS)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n 2 tests   # two workers: the CI machine has 2 cores
+	$(PY) -m pytest -q -n 2 --durations=30 tests   # two workers: the CI machine has 2 cores
 
 # The whole deviceless compile matrix (tests/aot, marker aot_full): every train-step point for 8 H100s and 4-chip TPU
 # v5p / v6e slices; `make test` runs a representative subset of it.
