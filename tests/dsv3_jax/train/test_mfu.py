@@ -14,8 +14,7 @@ def test_peak_by_device_kind(kind, peak):
     assert peak_flops_for_kind(kind) == peak
 
 
-@pytest.mark.parametrize("target, peak", [("v5e:2x2", 197e12), ("v5p:2x2x1", 459e12), ("v6e:2x2", 918e12),
-                                          ("v4:2x2x1", 275e12)])
+@pytest.mark.parametrize("target, peak", [("v5e:2x2", 197e12), ("v5p:2x2x1", 459e12), ("v6e:2x2", 918e12)])
 def test_compile_only_tpus_find_their_peak(target, peak):
     from sharding import targets
 

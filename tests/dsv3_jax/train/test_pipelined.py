@@ -1,7 +1,7 @@
 """The pipeline-parallel train step equals the single-device train step (loss, metrics, params, moe_bias, optimizer
-state) on 8 simulated CPU devices: DualPipe with the stages' experts split over an `expert` axis, 1F1B over 4 stages
-with data parallelism (every schedule's loss and gradients are held to the single-device ones in
-tests/sharding/test_pipeline.py; each compile here costs a minute on 2 cores); a MoE stack that does not split
+state) on 8 simulated CPU devices with DualPipe and the stages' experts split over an `expert` axis (every schedule's
+loss and gradients, also over 4 stages with data parallelism, are held to the single-device ones in
+tests/sharding/test_pipeline.py; each step compile here costs a minute on 2 cores); a MoE stack that does not split
 into the stages is refused."""
 
 import os
@@ -65,7 +65,7 @@ PIPELINED_SCRIPT = textwrap.dedent("""
     # argv[1]: schedules with 2 stages, expert-parallel inside them (2 of the 8 experts per rank: the lowered step
     # exchanges tokens with all_to_all); argv[2]: schedules with 4 stages and data parallelism.
     for sizes, names in [(dict(pipeline=2, expert=4), sys.argv[1].split(",")),
-                         (dict(pipeline=4, data=2), sys.argv[2].split(","))]:
+                         (dict(pipeline=4, data=2), [n for n in sys.argv[2].split(",") if n])]:
         mesh = build_mesh(sizes)
         for name in names:
             _, pipelined_step = make_pipelined_train_step(config, *configs, mesh, name, M)
@@ -86,9 +86,9 @@ PIPELINED_SCRIPT = textwrap.dedent("""
 
 def test_pipelined_step_equals_single_device_step():
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", PIPELINED_SCRIPT, "dualpipe", "1f1b"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-c", PIPELINED_SCRIPT, "dualpipe", ""], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr[-3000:]
-    assert result.stdout.count(" ok\n") == 2, result.stdout
+    assert result.stdout.count(" ok\n") == 1, result.stdout
     errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "mesh.pipeline=2" in errors[0] and "model.n_layers=4" in errors[0], result.stdout
