@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dsv3_jax.aot import step_arguments
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.counting import count_params
 from dsv3_jax.kernels import for_devices
@@ -31,7 +32,7 @@ from dsv3_jax.train.sharded import jit_sharded_step, state_shardings
 from dsv3_jax.train.step import BalanceConfig, create_train_state, make_train_step
 from experiments.bench.sharding_memory import memory, state_bytes
 from experiments.cost_model import executed_flops_per_token, model_flops_per_token
-from sharding import batch_sharding, build_mesh, put_batch, targets
+from sharding import build_mesh, put_batch, targets
 
 # HLO collective opcodes; an asynchronous one appears as `<kind>-start` (counted as its kind) and `<kind>-done`.
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "ragged-all-to-all")
@@ -87,15 +88,6 @@ def describe(point, config: ModelConfig, batch: int, seq_len: int, target: str) 
                 model_flops_per_token=model_flops_per_token(config, seq_len))
 
 
-def abstract_arguments(abstract_state, shardings, mesh, micro: int, batch: int, seq_len: int) -> tuple:
-    """ShapeDtypeStructs carrying their shardings for every argument of the step: state, batches, two scalars."""
-    state = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                         abstract_state, shardings)
-    tokens = jax.ShapeDtypeStruct((micro, batch, seq_len), jnp.int32, sharding=batch_sharding(mesh, 1, 3))
-    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
-    return state, {"tokens": tokens}, scalar, scalar
-
-
 def measure(point, config: ModelConfig, devices: list, batch: int, seq_len: int, timed_steps: int,
             target: str) -> dict:
     """Compile the step for `point` (an experiments.scaling.Point) on `devices[:point.n_devices]` and measure it;
@@ -115,7 +107,7 @@ def measure(point, config: ModelConfig, devices: list, batch: int, seq_len: int,
     step = jit_sharded_step(step_fn, shardings, mesh, manual=pipelined)
 
     start = time.perf_counter()
-    compiled = step.lower(*abstract_arguments(abstract, shardings, mesh, point.micro, batch, seq_len)).compile()
+    compiled = step.lower(*step_arguments(abstract, shardings, mesh, point.micro, batch, seq_len)).compile()
     row["compile_s"] = time.perf_counter() - start
 
     device = mesh.devices.flat[0]
