@@ -155,11 +155,3 @@ def _attention(impl: str, target: Target, dtype: str, qk_head_dim: int, v_head_d
     platform = "gpu" if target.platform in ("gpu", "hopper") else target.platform
     return attention_core.auto_impl(platform, target.platform == "hopper", dtype, qk_head_dim, v_head_dim)
 
-
-def describe(config) -> str:
-    """One line naming what `config` runs, for logs and reports."""
-    k = select(config)
-    target = parse_target(config.kernel_target) or target_of(jax.devices())
-    return (f"kernels={config.kernels} on {target.name}: fp8 {k.fp8_matmul}, grouped matmul {k.grouped_matmul}, "
-            f"dispatch {k.dispatch}, exchange {k.exchange}, attention {k.attention}")
-
