@@ -1,4 +1,5 @@
-"""One decoder block (RMSNorm → MLA → residual, RMSNorm → MLP or MoE → residual) and its scanned stack."""
+"""One decoder block (RMSNorm → MLA → residual, RMSNorm → MLP or MoE → residual) and its scanned stack; decoding
+(dsv3_jax.infer) runs the same block over a latent cache."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import flax.linen as nn
 import jax
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers.mla import MLA
+from dsv3_jax.layers.mla import CacheStep, MLA
 from dsv3_jax.layers.mlp import MLP
 from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.moe.layer import MoE
 from dsv3_jax.moe.router import BIAS_COLLECTION
+from dsv3_jax.segments import same_segment
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 
@@ -20,17 +22,26 @@ class DecoderBlock(nn.Module):
     use_moe: bool
 
     @nn.compact
-    def __call__(self, x_BTD, rope_cos_sin, segment_ids_BT):
+    def __call__(self, x_BTD, rope_cos_sin, segment_ids_BT, counted_BT=None, cache: CacheStep | None = None):
+        """(x_BTD, router stats | None). `counted_BT`: the tokens the MoE router's statistics count; default the
+        non-padding ones. With a `cache` (decoding: the new tokens attend over MLA's latent cache) it returns
+        (x_BTD, stats, the updated cache)."""
         c = self.config
         x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
         attn_in = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="attn_norm")(x_BTD)
-        h_BTD = x_BTD + MLA(c, name="attn")(attn_in, rope_cos_sin, segment_ids_BT)
+        attn_out = MLA(c, name="attn")(attn_in, rope_cos_sin, segment_ids_BT, cache)
+        if cache is not None:
+            attn_out, cache = attn_out
+        h_BTD = x_BTD + attn_out
         mlp_in = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="mlp_norm")(h_BTD)
         if self.use_moe:
-            y_BTD, stats = MoE(c, name="moe")(mlp_in)
+            if counted_BT is None and segment_ids_BT is not None:
+                counted_BT = same_segment(segment_ids_BT, 0, segment_ids_BT.shape)
+            y_BTD, stats = MoE(c, name="moe")(mlp_in, counted_BT)
         else:
             y_BTD, stats = MLP(c, c.intermediate_size, name="mlp")(mlp_in), None
-        return nn.with_logical_constraint(h_BTD + y_BTD, ACTIVATION_AXES), stats
+        out_BTD = nn.with_logical_constraint(h_BTD + y_BTD, ACTIVATION_AXES)
+        return (out_BTD, stats) if cache is None else (out_BTD, stats, cache)
 
 
 def remat_policy(name: str):

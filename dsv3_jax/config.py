@@ -1,7 +1,8 @@
-"""ModelConfig: every shape and switch of a DeepSeek-V2/V3 network, its presets, and HF config.json mapping.
+"""ModelConfig: every shape and switch of a DeepSeek-V2/V3 network, its checks, and the HF config.json mapping.
 
-A frozen dataclass; presets are plain Python; `with_overrides("a=1", ...)` applies `--set` strings.
-`validate()` raises one-line `ConfigError`s that name the field at fault.
+A frozen dataclass (presets, as plain Python, are in dsv3_jax.presets); `with_overrides("a=1", ...)` applies
+`--set` strings (parsed by dsv3_jax.overrides). `validate()` raises one-line `ConfigError`s that name the field at
+fault.
 """
 
 from __future__ import annotations
@@ -212,7 +213,8 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def with_overrides(self, *assignments: str) -> "ModelConfig":
-        """Apply `field=value` strings (the `--set model.field=value` form without the prefix)."""
+        """Apply `field=value` strings (the `--set model.field=value` form without the prefix; dsv3_jax.overrides)."""
+        from dsv3_jax.overrides import apply_overrides   # which imports this module
         return apply_overrides(self, assignments, prefix="model")
 
     # ---- Hugging Face config.json ----------------------------------------------------------------
@@ -352,69 +354,3 @@ def _read_hf_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, An
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
-
-# ---- `--set section.field=value` -----------------------------------------------------------------
-def parse_value(text: str, current: Any, field_name: str, nullable: bool = True):
-    """Parse `text` into the type of `current` (the field's present value)."""
-    lowered = text.strip().lower()
-    if lowered in ("none", "null"):
-        if not nullable:
-            raise ConfigError(f"{field_name} cannot be None")
-        return None
-    if isinstance(current, bool):
-        if lowered in ("true", "1", "yes", "on"):
-            return True
-        if lowered in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"{field_name} expects true or false, got {text!r}")
-    try:
-        if isinstance(current, int):
-            return int(text)
-        if isinstance(current, float):
-            return float(text)
-    except ValueError:
-        raise ConfigError(f"{field_name} expects a {type(current).__name__}, got {text!r}") from None
-    if isinstance(current, str):
-        return text
-    if isinstance(current, tuple):
-        items = json.loads(text) if text.strip().startswith("[") else [t for t in text.split(",") if t.strip()]
-        try:
-            return tuple(float(t) for t in items)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{field_name} expects comma-separated numbers, got {text!r}") from None
-    try:  # None or nested values: accept JSON, fall back to the raw string
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def apply_overrides(obj, assignments, prefix: str):
-    """Return `obj` (a frozen dataclass, possibly nested) with `field[.sub]=value` assignments applied."""
-    for assignment in assignments:
-        if "=" not in assignment:
-            raise ConfigError(f"--set {prefix + '.' if prefix else ''}{assignment}: expected field=value")
-        key, text = assignment.split("=", 1)
-        name = f"{prefix}.{key.strip()}" if prefix else key.strip()
-        obj = _set_path(obj, key.strip().split("."), text, name)
-    return obj
-
-
-def _set_path(obj, path: list[str], text: str, full_name: str):
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    names = set(fields)
-    head = path[0]
-    if head not in names:
-        raise ConfigError(f"--set {full_name}: unknown field {head!r}; known: {', '.join(sorted(names))}")
-    current = getattr(obj, head)
-    if len(path) > 1:
-        if current is None and head == "rope_scaling":
-            current = YarnConfig()
-        if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"{full_name}: {head!r} has no sub-fields")
-        return dataclasses.replace(obj, **{head: _set_path(current, path[1:], text, full_name)})
-    if head == "rope_scaling":
-        value = None if text.strip().lower() in ("none", "null", "off") else YarnConfig(**json.loads(text))
-    else:
-        nullable = current is None or "None" in str(fields[head].type) or "Optional" in str(fields[head].type)
-        value = parse_value(text, current, full_name, nullable)
-    return dataclasses.replace(obj, **{head: value})

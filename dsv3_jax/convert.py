@@ -32,7 +32,8 @@ pre-training (`Checkpointer.restore`) and `export_hf` dequantise them into maste
 import without the flag.
 
 Memory: every leaf of `state` is a `_Lazy` placeholder (shape, dtype, produce()). A type handler registered
-for it (a NumpyHandler) produces and writes the leaves strictly one after another, awaiting each write before
+for it (a NumpyHandler with private methods overridden: jax_compat.register_lazy_leaf_handler) produces and
+writes the leaves strictly one after another, awaiting each write before
 building the next, so the host holds one of our leaves (plus the HF tensor being copied into it) at a time
 rather than the whole model. The leaves are written with orbax's PyTreeSave, the same on-disk format
 StandardSave writes (typed 'np.ndarray'); restoring with StandardRestore(abstract) yields jax arrays.
@@ -59,8 +60,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
-from orbax.checkpoint._src.futures import future as ocp_future
 
+import jax_compat
 from dsv3_jax import fp8_weights, hf
 from dsv3_jax.checkpoint import FRESH_DATA_KEY, model_signature
 from dsv3_jax.config import ModelConfig, YarnConfig
@@ -102,48 +103,16 @@ class _Lazy:
     def nbytes(self) -> int:
         return self.size * np.dtype(self.dtype).itemsize
 
-
-class _LazyHandler(ocp.type_handlers.NumpyHandler):
-    """Writes `_Lazy` leaves as numpy arrays, producing each only once the previous one is on disk."""
-
-    def __init__(self):
-        super().__init__(deepcopy_host_arrays=False)
-
-    async def serialize(self, values, infos, args=None):
-        args = args or [ocp.type_handlers.SaveArgs()] * len(values)
-        return [ocp_future.CommitFutureAwaitingContractedSignals(
-            self._one_by_one(list(values), list(infos), list(args)), name="convert_lazy_leaves")]
-
-    async def _one_by_one(self, values, infos, args):
-        for value, info, arg in zip(values, infos, args):
-            if value.parts is not None and value.nbytes > SLICED_WRITE_BYTES:
-                # One chunk per piece (chunk_byte_size = a piece, split along the pieces' axes first), so each
-                # piece is an independent write and readers can fetch one expert without decompressing others.
-                arg = dataclasses.replace(arg, chunk_byte_size=value.piece_bytes,
-                                          shard_axes=tuple(range(value.piece_axes)))
-                await self._background_serialize([value], [info], [arg])
-                continue
-            array = np.asarray(value.produce(), dtype=value.dtype)
-            array = array if array.flags.c_contiguous else array.copy()
-            if array.shape != tuple(value.shape):
-                raise RuntimeError(f"internal: {info.name} came out {array.shape}, expected {value.shape}")
-            await self._background_serialize([array], [info], [arg])
-            del array
-
-
-    async def _open_and_write(self, value, tspec, ts_context):
-        if not isinstance(value, _Lazy):
-            return await super()._open_and_write(value, tspec, ts_context)
-        store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
-        for index, block in value.parts():   # unwritten chunks read as the fill value, 0
-            await store[index].write(np.ascontiguousarray(block, dtype=value.dtype))
+    @property
+    def sliced(self) -> bool:
+        """Written piece by piece (jax_compat.register_lazy_leaf_handler), never built whole."""
+        return self.parts is not None and self.nbytes > SLICED_WRITE_BYTES
 
 
 def _register_lazy_handler() -> None:
     """Teach orbax to write `_Lazy` leaves; done when a conversion runs, not at import, so that importing this
     module leaves orbax's handlers for everyone else (pre-training included) as they were."""
-    if not ocp.type_handlers.has_type_handler(_Lazy):
-        ocp.type_handlers.register_type_handler(_Lazy, _LazyHandler(), override=True)
+    jax_compat.register_lazy_leaf_handler(_Lazy)
 
 
 ZERO_PIECE_BYTES = 64 << 20   # a large all-zero leaf is written in slabs of about this

@@ -1,7 +1,7 @@
 """FP8 weights kept as DeepSeek's FP8 checkpoints store them: float8_e4m3fn with one float32 scale per 128×128 block.
 
 `experiments.convert --fp8` keeps them so (1 byte a weight instead of 2 or 4) instead of dequantising.
-In a params tree a kept weight `w` (..., K, N) has a sibling `w_scale` (..., ceil(K/128), ceil(N/128)):
+In a params tree a kept weight `w` (..., C, J) has a sibling `w_scale` (..., ceil(C/128), ceil(J/128)):
 
 * a `Linear` whose params hold `kernel_scale` multiplies with `pallas_kernels.fp8.fp8_matmul` and the stored
   scales, the activations quantised per 1×128 tile as DeepSeek's inference does (`matmul`);
@@ -27,31 +27,31 @@ SCALES_ITEM = "fp8_scales"   # the orbax item holding the scales of a checkpoint
 
 def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The block scales' shape for a weight of `shape` (its last two axes are blocked)."""
-    *lead, K, N = shape
-    return (*lead, -(-K // BLOCK), -(-N // BLOCK))
+    *lead, C, J = shape
+    return (*lead, -(-C // BLOCK), -(-J // BLOCK))
 
 
 def dequantize(w_q, scale, dtype=jnp.float32):
     """w_q · scale in float32 (each scale covering a 128×128 block of the last two axes, edge blocks cropped),
     returned in `dtype`."""
-    K, N = w_q.shape[-2:]
+    C, J = w_q.shape[-2:]
     if scale.shape != scale_shape(w_q.shape):
         raise ValueError(f"FP8 scale has shape {scale.shape}; a weight of shape {w_q.shape} needs "
                          f"{scale_shape(w_q.shape)} (128x128 blocks)")
-    full = jnp.repeat(jnp.repeat(scale.astype(jnp.float32), BLOCK, axis=-2), BLOCK, axis=-1)[..., :K, :N]
+    full = jnp.repeat(jnp.repeat(scale.astype(jnp.float32), BLOCK, axis=-2), BLOCK, axis=-1)[..., :C, :J]
     return (w_q.astype(jnp.float32) * full).astype(dtype)
 
 
-def matmul(x_BK, w_q_KN, scale_KbNb, out_dtype, impl: str = "reference", interpret: bool = False):
+def matmul(x_XC, w_q_CJ, scale_CbJb, out_dtype, impl: str = "reference", interpret: bool = False):
     """x · (w_q · scale): x quantised per 1×128 tile, then the block-scaled FP8 matmul (float32 accumulation) by the
     `pallas_kernels.fp8` kernel `impl`."""
-    if w_q_KN.dtype != FP8_DTYPE:
-        raise ValueError(f"an FP8 kernel (one with a kernel_scale) must be {FP8_DTYPE.__name__}, got {w_q_KN.dtype}")
-    lead, K = x_BK.shape[:-1], x_BK.shape[-1]
-    x_q, x_scale = quantize_1x128(x_BK.reshape(-1, K))
-    y_MN = fp8_matmul(x_q, x_scale, w_q_KN, scale_KbNb, impl=impl, out_dtype=out_dtype,
+    if w_q_CJ.dtype != FP8_DTYPE:
+        raise ValueError(f"an FP8 kernel (one with a kernel_scale) must be {FP8_DTYPE.__name__}, got {w_q_CJ.dtype}")
+    lead, C = x_XC.shape[:-1], x_XC.shape[-1]
+    x_q, x_scale = quantize_1x128(x_XC.reshape(-1, C))
+    y_TJ = fp8_matmul(x_q, x_scale, w_q_CJ, scale_CbJb, impl=impl, out_dtype=out_dtype,
                        interpret=interpret)
-    return y_MN.reshape(*lead, w_q_KN.shape[1])
+    return y_TJ.reshape(*lead, w_q_CJ.shape[1])
 
 
 def dequantize_siblings(tree: dict, dtype) -> dict:

@@ -9,6 +9,8 @@ tensors (or transformers' fused `experts.gate_up_proj` / `experts.down_proj`) ar
 `experts_gate/up (E, D, F)` and `experts_down (E, F, D)`, and `mlp.gate.e_score_correction_bias` goes to the
 `moe_bias` collection. MTP module d is HF layer `n_layers + d`. FP8 weights (float8_e4m3fn plus a
 `weight_scale_inv` per 128x128 block) are dequantized to float32 on the way in.
+The model computes in the checkpoint's own dtype (config.json's `dtype`, else its weights'), as transformers'
+`dtype="auto"` does, unless `load_pretrained(path, dtype=...)` says otherwise.
 
 Safetensors files are read with our own small reader (header + one tensor at a time), since
 safetensors' numpy backend knows neither bfloat16 nor float8. Every problem with a checkpoint (missing,
@@ -55,6 +57,9 @@ _ST_DTYPES = {
 _ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+AUTO_DTYPE = "auto"   # load_pretrained's default: compute in the checkpoint's own dtype
+_COMPUTE_DTYPES = {"F64": "float32", "F32": "float32", "BF16": "bfloat16", "F16": "float16",
+                   "F8_E4M3": "bfloat16", "F8_E5M2": "bfloat16"}   # stored dtype -> ModelConfig.dtype
 
 
 class CheckpointError(ValueError):
@@ -408,14 +413,22 @@ def _target_shape(slot: _Slot, specs: dict) -> tuple[int, ...]:
 
 # ==== loading ========================================================================================
 
-def load_pretrained(path: str | os.PathLike, dtype: str | None = None,
+def load_pretrained(path: str | os.PathLike, dtype: str = AUTO_DTYPE,
                     param_dtype: str | None = None) -> tuple[ModelConfig, dict]:
-    """Read an HF DeepSeek-V2/V3 checkpoint directory into (ModelConfig, {'params', 'moe_bias'})."""
+    """Read an HF DeepSeek-V2/V3 checkpoint directory into (ModelConfig, {'params', 'moe_bias'}).
+
+    `dtype` is the compute dtype (`ModelConfig.dtype`): "auto" (or None) takes the checkpoint's own, as
+    transformers' `dtype="auto"` does (see `checkpoint_dtype`); "float32", "bfloat16" or "float16" override it.
+    `param_dtype` (default: ModelConfig's, float32) is the dtype the weights are held in.
+    """
     directory = os.fspath(path)
     raw_config = _read_raw_config(directory)
-    changes = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    explicit = None if dtype == AUTO_DTYPE else dtype
+    changes = {k: v for k, v in (("dtype", explicit), ("param_dtype", param_dtype)) if v is not None}
     config = ModelConfig.from_hf(raw_config, **changes)
     checkpoint = _Checkpoint(directory)
+    if explicit is None:
+        config = config.replace(dtype=checkpoint_dtype(raw_config, checkpoint.entries))
     config = _drop_absent_mtp(config, checkpoint)
     plan = _plan(config, lambda prefix: f"{prefix}mlp.experts.gate_up_proj" in checkpoint.entries)
     specs = _leaf_specs(config)
@@ -423,6 +436,22 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None,
     _check_names(plan, checkpoint)
     _check_shapes(plan, checkpoint, specs, block)
     return config, _build_variables(plan, checkpoint, specs, block)
+
+
+def checkpoint_dtype(raw_config: dict[str, Any], entries: dict[str, _Entry]) -> str:
+    """The dtype a checkpoint computes in: config.json's `dtype` (or its older name `torch_dtype`) when it names
+    float32, bfloat16 or float16; else the floating-point dtype that holds most of the weights' elements, FP8 ones
+    counting as bfloat16 and float64 ones as float32 (FP8 scales are not counted)."""
+    for key in ("dtype", "torch_dtype"):
+        named = str(raw_config.get(key) or "").removeprefix("torch.")
+        if named in _COMPUTE_DTYPES.values():
+            return named
+    elements: dict[str, int] = {}
+    for key, entry in entries.items():
+        if entry.dtype in _COMPUTE_DTYPES and not key.endswith(SCALE_SUFFIX):
+            name = _COMPUTE_DTYPES[entry.dtype]
+            elements[name] = elements.get(name, 0) + math.prod(entry.shape)
+    return max(elements, key=elements.get) if elements else "float32"
 
 
 def _read_raw_config(directory: str) -> dict[str, Any]:

@@ -21,15 +21,16 @@ from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.layers.rope import rope_tables
 from dsv3_jax.moe.router import RouterStats
 from dsv3_jax.mtp import MTPModule, shift_tokens
+from dsv3_jax.segments import same_segment
 
 
 class ModelOutputs(NamedTuple):
     logits_BTV: jnp.ndarray | None
-    mtp_logits_DBTV: jnp.ndarray | None   # depth d predicts token i + d + 2 at position i
+    mtp_logits_ZBTV: jnp.ndarray | None   # depth d predicts token i + d + 2 at position i
     moe_stats: RouterStats | None         # leading axis: MoE layers
     mtp_stats: RouterStats | None         # leading axis: MTP modules
     head_in_BTD: jnp.ndarray | None = None       # with logits=False: what the head maps to logits_BTV
-    mtp_head_in_DBTD: jnp.ndarray | None = None  # ... and to mtp_logits_DBTV
+    mtp_head_in_ZBTD: jnp.ndarray | None = None  # ... and to mtp_logits_ZBTV
 
 
 def embedding(c: ModelConfig) -> nn.Embed:
@@ -73,8 +74,11 @@ def mtp_outputs(c: ModelConfig, embed, head, x_BTD, tokens_BT, rope_cos_sin, seg
     h_BTD = x_BTD
     for depth in range(c.num_mtp_modules):
         next_emb_BTD = embed(shift_tokens(tokens_BT, depth + 1))
+        # The router counts a position only where the token it embeds is in its own document: not padding, not
+        # the next document, not the filler past the row's end.
+        counted_BT = same_segment(segment_ids_BT, depth + 1, tokens_BT.shape)
         h_BTD, normed_BTD, stats = MTPModule(c, name=f"mtp_{depth}")(h_BTD, next_emb_BTD, rope_cos_sin,
-                                                                     segment_ids_BT)
+                                                                     segment_ids_BT, counted_BT)
         mtp_out.append(normed_BTD if head is None else head(normed_BTD))
         mtp_stats.append(stats)
     stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs) if xs else None

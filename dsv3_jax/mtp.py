@@ -24,10 +24,13 @@ class MTPModule(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, h_prev_BTD, next_emb_BTD, rope_cos_sin, segment_ids_BT):
+    def __call__(self, h_prev_BTD, next_emb_BTD, rope_cos_sin, segment_ids_BT, counted_BT=None):
+        """`counted_BT`: the positions the block's router statistics count (DeepSeekV3 passes those whose
+        embedded token lies in their own document)."""
         c = self.config
         norm = lambda name: RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name=name)
         joined = jnp.concatenate([norm("enorm")(next_emb_BTD), norm("hnorm")(h_prev_BTD)], axis=-1)
         x_BTD = make_linear(c, c.dim, ("mtp_concat", "embed"), "eh_proj")(joined)
-        h_BTD, stats = DecoderBlock(c, use_moe=True, name="block")(x_BTD, rope_cos_sin, segment_ids_BT)
+        h_BTD, stats = DecoderBlock(c, use_moe=True, name="block")(x_BTD, rope_cos_sin, segment_ids_BT,
+                                                                   counted_BT)
         return h_BTD, norm("head_norm")(h_BTD), stats

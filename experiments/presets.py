@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from dsv3_jax.config import ConfigError, ModelConfig, apply_overrides
+from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.data import DataConfig
+from dsv3_jax.overrides import apply_overrides
 from dsv3_jax.presets import PRESETS as MODEL_PRESETS
 from dsv3_jax.train.loss import LossConfig
 from dsv3_jax.train.optimizer import OptimizerConfig
@@ -34,6 +35,8 @@ class CheckpointConfig:
     every: int = 100
     keep: int = 3
     use_async: bool = True
+    init_from: str = ""              # another run's workdir: start from its weights when this workdir has no
+                                     # checkpoint (experiments.init_from says what carries over)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +75,10 @@ class RunConfig:
 
 
 def _deepseek_v3_recipe(model: ModelConfig) -> RunConfig:
-    """The V3 report's pre-training: 4K context, batch ramp 3072 → 15360 over 469B tokens, lr in tokens."""
+    """The V3 report's pre-training: 4K context with plain RoPE (YaRN comes with the context-extension stages), batch
+    ramp 3072 → 15360 over 469B tokens, lr in tokens."""
     return RunConfig(
-        model=model,
+        model=model.replace(rope_scaling=None, max_position_embeddings=4096),
         data=DataConfig(seq_len=4096, batch_size=3072),
         schedule=ScheduleConfig(peak_lr=2.2e-4, unit="tokens", warmup=2000 * 3072 * 4096, constant=10e12,
                                 decay=4.3e12, decay_to=2.2e-5, tail_lrs=(2.2e-5, 7.3e-6), tail_lengths=(333e9, 167e9)),
@@ -83,6 +87,34 @@ def _deepseek_v3_recipe(model: ModelConfig) -> RunConfig:
         train=TrainConfig(steps=1_000_000, grad_accum=5, ramp_from=1, ramp_tokens=469e9),
         checkpoint=CheckpointConfig(every=1000, keep=3),
     )
+
+
+def _context_extension(previous: RunConfig, model: ModelConfig, seq_len: int, batch: int, init_from: str) -> RunConfig:
+    """A V3 context-extension stage: 1000 steps of `batch` sequences of `seq_len` tokens at a constant lr of 7.3e-6,
+    `model` carrying YaRN, starting from the previous stage's weights (`init_from`, that stage's default workdir).
+
+    A step is grad_accum micro-batches of batch / grad_accum rows: the pre-training's micro-batch in tokens
+    (384 × 32K = 96 × 128K = 3072 × 4K). The report gives no MTP weight or bias speed for the extension: those of the end of
+    pre-training carry on (λ = 0.1, γ = 0)."""
+    micro = previous.train.grad_accum
+    return dataclasses.replace(
+        previous,
+        model=model,
+        data=dataclasses.replace(previous.data, seq_len=seq_len, batch_size=batch // micro),
+        schedule=ScheduleConfig(peak_lr=7.3e-6, warmup=0),
+        loss=dataclasses.replace(previous.loss, mtp_weight=previous.loss.mtp_weight_after, mtp_switch_after=-1),
+        balance=dataclasses.replace(previous.balance, gamma=0.0, gamma_zero_after=-1),
+        train=TrainConfig(steps=1000, grad_accum=micro),
+        checkpoint=CheckpointConfig(every=100, keep=3, init_from=init_from),
+    )
+
+
+# DeepSeek-V3 in three stages, each started from the previous one's weights (--workdir defaults to runs/<config>):
+# 4K pre-training with plain RoPE, then YaRN (s = 40, α = 1, β = 32, softmax scale × (0.1 ln s + 1)², the released
+# model's rope_scaling) at 32K (batch 1920) and at 128K (batch 480).
+_V3_PRETRAIN = _deepseek_v3_recipe(MODEL_PRESETS["v3-671b"])
+_V3_EXT32K = _context_extension(_V3_PRETRAIN, MODEL_PRESETS["v3-671b"], 32768, 1920, "runs/v3-671b")
+_V3_EXT128K = _context_extension(_V3_EXT32K, MODEL_PRESETS["v3-671b"], 131072, 480, "runs/v3-671b-ext32k")
 
 
 RUN_PRESETS: dict[str, RunConfig] = {
@@ -104,7 +136,9 @@ RUN_PRESETS: dict[str, RunConfig] = {
     ),
     "v2-lite-16b": _deepseek_v3_recipe(MODEL_PRESETS["v2-lite-16b"]),
     "v2-236b": _deepseek_v3_recipe(MODEL_PRESETS["v2-236b"]),
-    "v3-671b": _deepseek_v3_recipe(MODEL_PRESETS["v3-671b"]),
+    "v3-671b": _V3_PRETRAIN,
+    "v3-671b-ext32k": _V3_EXT32K,
+    "v3-671b-ext128k": _V3_EXT128K,
 }
 
 

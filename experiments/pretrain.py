@@ -29,7 +29,8 @@ from dsv3_jax.train.mfu import mfu, peak_flops_per_device
 from dsv3_jax.train.step import create_train_state, make_train_step
 from dsv3_jax.train.pipelined import make_pipelined_train_step
 from dsv3_jax.train.sharded import jit_sharded_step, state_shardings
-from dsv3_jax.train.stages import layers_per_stage
+from dsv3_jax.train.stages import StageLayout
+from experiments.init_from import InitSource
 from experiments.presets import RUN_PRESETS, RunConfig, describe_fields, get_run_preset
 from sharding.distributed import DistributedError
 from sharding.distributed import initialize as initialize_distributed
@@ -104,7 +105,7 @@ def validate_run(cfg: RunConfig) -> None:
                               "(the schedule is built for train.grad_accum micro-batches)")
         try:
             make_schedule(t.pipeline_schedule, cfg.mesh.pipeline, t.grad_accum)
-            layers_per_stage(cfg.model, cfg.mesh.pipeline)
+            StageLayout.balanced(cfg.model, cfg.mesh.pipeline)
         except ValueError as e:
             raise ConfigError(f"train.pipeline_schedule / train.grad_accum: {e}" if isinstance(e, ScheduleError)
                               else str(e)) from None
@@ -167,10 +168,12 @@ def prepare(args):
                         cfg.checkpoint.use_async)
     latest = ckpt.latest_step()
     meta = ckpt.check_compatible(latest, cfg.model) if latest is not None else None
-    return cfg, workdir, tokenizer, data_iter, ckpt, latest, meta
+    source = InitSource(cfg.checkpoint.init_from, cfg.model) if latest is None and cfg.checkpoint.init_from else None
+    return cfg, workdir, tokenizer, data_iter, ckpt, latest, meta, source
 
 
-def train(cfg: RunConfig, workdir: str, data_iter, ckpt: Checkpointer, latest, meta) -> int:
+def train(cfg: RunConfig, workdir: str, data_iter, ckpt: Checkpointer, latest, meta,
+          source: InitSource | None = None) -> int:
     mesh = build_mesh(mesh_axes(cfg))
     model = kernels.for_devices(cfg.model, mesh)   # model.kernels=auto picks the mesh's chips' kernels
     if cfg.mesh.pipeline > 1:
@@ -182,13 +185,17 @@ def train(cfg: RunConfig, workdir: str, data_iter, ckpt: Checkpointer, latest, m
     log = MetricsLog(workdir, cfg.logging.tensorboard, enabled=jax.process_index() == 0)
     abstract = jax.eval_shape(init)
     shardings = state_shardings(model, tx, abstract, mesh, cfg.mesh.strategy)
+    placed = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          abstract, shardings)
     if latest is None:
-        state, tokens_seen, loss_ema = jax.jit(init, out_shardings=shardings)(), 0, None
-        meta = {}
+        if source is None:
+            state = jax.jit(init, out_shardings=shardings)()
+        else:   # another run's weights, optimizer state and routing biases; this run's step 0
+            state = source.restore(placed)
+            print(f"initialised from {source.where} (checkpoint.init_from)", flush=True)
+        tokens_seen, loss_ema, meta = 0, None, {}
     else:
-        abstract = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                                abstract, shardings)
-        state, data_state, meta = ckpt.restore(latest, abstract)
+        state, data_state, meta = ckpt.restore(latest, placed)
         if not data_state.get(FRESH_DATA_KEY):   # a converted checkpoint starts the data stream at its beginning
             data_iter.set_state(data_state)
         tokens_seen, loss_ema = int(meta["tokens_seen"]), meta.get("loss_ema")
@@ -294,9 +301,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, CheckpointMismatch, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    cfg, workdir, _, data_iter, ckpt, latest, meta = prepared
+    cfg, workdir, _, data_iter, ckpt, latest, meta, source = prepared
     try:
-        return train(cfg, workdir, data_iter, ckpt, latest, meta)
+        return train(cfg, workdir, data_iter, ckpt, latest, meta, source)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -5,7 +5,7 @@ tokens/s and MFU.
 
     python -m experiments.scaling --presets tiny,small --meshes data=8 fsdp=8 data=2,expert=4 \\
         [--target cpu|h100xN|v5p:8x8x8|...] [--fp8 off|on|both] [--schedules gpipe,1f1b,dualpipe] \\
-        [--simulate-devices N] [--out DIR]
+        [--simulate-devices N] [--cost-depths K1,K2] [--out DIR]
 
 --target: omitted, the devices JAX has (simulated CPU devices on a CPU host, as many as the largest mesh); `cpu`,
 this host's CPU devices; any other sharding.targets name (h100, h100xN, v5e:2x2, v5p:2x2x1, v6e:2x4, ...) compiles
@@ -17,7 +17,9 @@ A mesh is `axis=size[,axis=size...][/strategy]` over the axes data, fsdp, expert
 with pipeline > 1 (one point per schedule, over --micro micro-batches, default 2 × PP). Layers are compiled
 unrolled (`scan_layers=false`, overridable with --set) so that XLA's cost analysis, which counts a loop body once,
 sees every layer; a pipelined step scans over its schedule's ticks, so there XLA counts one tick (and no cost-model
-MFU is given). The XLA/model column divides XLA's FLOPs by experiments.cost_model's executed FLOPs per device.
+MFU is given). A model too deep to compile unrolled compiles scanned (--set scan_layers=true: exact memory) with
+--cost-depths K1,K2, which takes FLOPs and the cost model's step time from two shallow unrolled copies, extrapolated
+to the full depth. The XLA/model column divides XLA's FLOPs by experiments.cost_model's executed FLOPs per device.
 Writes DIR/scaling.csv and three plots: memory_by_mesh.png, mfu_by_model_size.png, bubble_by_schedule.png
 (simulated bubble fraction, F = 1, B = 2). A point that fails (e.g. does not fit the chip's memory) is a row with
 its error; the others go on, and the exit code is then 1.
@@ -49,7 +51,8 @@ CSV_COLUMNS = ("target", "device_kind", "preset", "mesh", "strategy", "schedule"
                "xla_bytes_accessed_per_device", "xla_cost_model_raw_s", "xla_cost_model_unpriced",
                "xla_cost_model_step_s", "xla_cost_model_mfu",
                "n_all_reduce", "n_all_gather", "n_reduce_scatter", "n_all_to_all", "n_collective_permute",
-               "n_ragged_all_to_all", "collectives", "custom_calls", "bubble_fraction", "compile_s", "step_s",
+               "n_ragged_all_to_all", "collectives", "custom_calls", "bubble_fraction", "compile_s", "cost_depths",
+               "cost_compile_s", "step_s",
                "tokens_per_s", "mfu", "error")
 
 
@@ -103,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "pipeline meshes)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="model override for every preset (model.FIELD=VALUE or FIELD=VALUE), after scan_layers=false")
+    p.add_argument("--cost-depths", default=None, metavar="K1,K2", help="with --set scan_layers=true on a TPU "
+                   "target: XLA's FLOPs and cost-model step time / MFU from two shallow unrolled copies of each "
+                   "non-pipelined point (the dense blocks + K1 / K2 MoE layers), extrapolated linearly to the full "
+                   "depth (scaling_point.extrapolated_cost); the memory columns stay the full model's")
     p.add_argument("--timed-steps", type=int, default=None, help="real steps to time per point (default: 5 on an "
                    "accelerator, 0 on CPU and compile-only targets, where only 0 is allowed)")
     p.add_argument("--simulate-devices", type=int, default=None, metavar="N", help="XLA:CPU host devices to ask "
@@ -136,7 +143,7 @@ def resolve(args, meshes) -> tuple[dict, list]:
     """Model configs per preset and the study's points, every argument checked; UsageError names the bad one."""
     from dsv3_jax.config import ConfigError
     from dsv3_jax.presets import PRESETS
-    from dsv3_jax.train.stages import layers_per_stage
+    from dsv3_jax.train.stages import StageLayout
     from sharding.mesh import MESH_AXES
     from sharding.pipeline_schedules import SCHEDULE_NAMES, ScheduleError, make_schedule
     from sharding.rules import STRATEGIES
@@ -156,6 +163,15 @@ def resolve(args, meshes) -> tuple[dict, list]:
     for flag, value, low in (("--batch", args.batch, 1), ("--seq-len", args.seq_len, 1), ("--micro", args.micro, 0)):
         if value < low:
             raise UsageError(f"{flag}={value}: must be at least {low}")
+    depths = None
+    if args.cost_depths is not None:
+        try:
+            depths = tuple(int(k) for k in args.cost_depths.split(","))
+        except ValueError:
+            depths = ()
+        if len(depths) != 2 or not 0 < depths[0] < depths[1]:
+            raise UsageError(f"--cost-depths {args.cost_depths!r}: two MoE layer counts K1,K2 with 0 < K1 < K2")
+    args.depths = depths
     if args.timed_steps is not None and args.timed_steps < 0:
         raise UsageError(f"--timed-steps={args.timed_steps}: must be at least 0")
     if args.simulate_devices is not None and args.simulate_devices < 0:
@@ -196,7 +212,7 @@ def resolve(args, meshes) -> tuple[dict, list]:
             micro = args.micro or (2 * pp if pp > 1 else 1)
             if pp > 1:
                 try:
-                    layers_per_stage(config, pp)
+                    StageLayout.balanced(config, pp)
                 except ValueError as e:
                     raise UsageError(f"--meshes {text!r}: {e}") from None
                 for schedule in schedules:
@@ -333,6 +349,9 @@ def main(argv=None) -> int:
             simulate_devices(largest if args.simulate_devices is None else args.simulate_devices)
         target = check_target(args, meshes)
         configs, points = resolve(args, meshes)
+        from sharding.targets import platform_of
+        if args.depths and (target is None or platform_of(target) != "tpu"):
+            raise UsageError(f"--cost-depths: only for a TPU --target (XLA's cost model), not {target or 'local'}")
         devices = target_devices(target)
         if len(devices) < largest:
             raise UsageError(f"--meshes: the largest mesh needs {largest} devices but JAX has {len(devices)} "
@@ -345,7 +364,7 @@ def main(argv=None) -> int:
 
     from experiments.cost_model import schedule_bubble
     from experiments.scaling_plots import plot_bubbles, plot_memory, plot_mfu
-    from experiments.scaling_point import describe, measure
+    from experiments.scaling_point import describe, extrapolated_cost, measure
 
     compile_only = target not in (None, "cpu")
     timed = 0 if compile_only else (args.timed_steps if args.timed_steps is not None
@@ -358,8 +377,17 @@ def main(argv=None) -> int:
         config = configs[point.preset].replace(fp8=point.fp8)
         try:
             row = measure(point, config, devices, args.batch, args.seq_len, timed, target_name)
+            if args.depths and point.axes.get("pipeline", 1) == 1:
+                row.update(extrapolated_cost(point, config, devices, args.batch, args.seq_len, args.depths,
+                                             target_name))
         except Exception as e:  # noqa: BLE001 - a point that does not compile is a result; the study goes on
             row = dict(describe(point, config, args.batch, args.seq_len, target_name), error=one_line(e))
+            if args.depths and point.axes.get("pipeline", 1) == 1:   # what its step would cost, had it fit
+                try:
+                    row.update(extrapolated_cost(point, config, devices, args.batch, args.seq_len, args.depths,
+                                                 target_name))
+                except Exception:  # noqa: BLE001 - the shallow copies failing too leaves the error row as it is
+                    pass
         if point.schedule:
             row["bubble_fraction"] = schedule_bubble(point.schedule, point.axes["pipeline"], point.micro)["fraction"]
         rows.append(row)

@@ -64,9 +64,10 @@ def _cost(compiled) -> dict:
 
 
 def device_memory_bytes(device) -> int | None:
-    """The device's memory: what a real device's allocator reports, or the H100 target description's for a
-    compile-only H100 (XLA:GPU compiles a program larger than that with a warning only). None where unknown (a
-    compile-only TPU: there XLA fails the compile instead, naming the HBM it has)."""
+    """The device's memory: what a real device's allocator reports, the H100 target description's for a
+    compile-only H100 (XLA:GPU compiles a program larger than that with a warning only), or the chip's HBM for a
+    compile-only TPU (sharding.targets.TPU_HBM_BYTES; XLA fails a compile that does not fit there). None where
+    unknown."""
     try:
         stats = device.memory_stats()
     except Exception:  # noqa: BLE001 - compile-only devices and CPUs have no allocator to ask
@@ -75,6 +76,8 @@ def device_memory_bytes(device) -> int | None:
         return int(stats["bytes_limit"])
     if device.platform in ("gpu", "cuda") and device.device_kind == targets.H100_SXM["description"]:
         return targets.H100_SXM["memory_bytes"]
+    if device.platform == "tpu":
+        return targets.TPU_HBM_BYTES.get(device.device_kind)
     return None
 
 
@@ -139,6 +142,31 @@ def measure(point, config: ModelConfig, devices: list, batch: int, seq_len: int,
         row.update(time_steps(compiled, jax.jit(init, out_shardings=shardings), batches, scalars, timed_steps,
                               row["tokens_per_step"], row["model_flops_per_token"], point.n_devices, device))
     return row
+
+
+def extrapolated_cost(point, config: ModelConfig, devices: list, batch: int, seq_len: int, depths: tuple[int, int],
+                      target: str) -> dict:
+    """XLA's FLOPs and TPU cost-model step time of the full-depth step from two shallow copies of it (the dense
+    blocks and depths[0] / depths[1] MoE layers, unrolled), extrapolated linearly in the MoE layers: XLA's cost
+    analysis counts a scanned layer once, and the full model unrolled compiles too slowly to study. Returns the
+    columns measure() gives (xla_flops_per_device, xla_vs_cost_model, xla_cost_model_step_s, xla_cost_model_mfu)
+    plus cost_depths ("k1,k2") and the shallow compiles' seconds in cost_compile_s."""
+    k1, k2 = depths
+    shallow = [measure(point, config.replace(n_layers=config.first_k_dense_replace + k, scan_layers=False), devices,
+                       batch, seq_len, 0, target) for k in depths]
+    extend = lambda key: (None if any(r.get(key) is None for r in shallow) else
+                          shallow[0][key] + (config.n_moe_layers - k1) * (shallow[1][key] - shallow[0][key]) / (k2 - k1))
+    row = describe(point, config, batch, seq_len, target)
+    flops, seconds = extend("xla_flops_per_device"), extend("xla_cost_model_step_s")
+    executed = executed_flops_per_token(config, seq_len) * row["tokens_per_step"] / point.n_devices
+    out = dict(xla_flops_per_device=flops, xla_vs_cost_model=None if flops is None else flops / executed,
+               xla_cost_model_step_s=seconds, xla_cost_model_mfu=None, cost_depths=f"{k1},{k2}",
+               cost_compile_s=sum(r["compile_s"] for r in shallow))
+    peak = peak_flops_per_device(devices[0])
+    if seconds and seconds > 0 and peak:
+        out["xla_cost_model_mfu"] = row["model_flops_per_token"] * row["tokens_per_step"] / (
+            point.n_devices * seconds * peak)
+    return out
 
 
 # Custom calls XLA's TPU cost model prices at -1 s each (seen in every compile here: the asynchronous calls around

@@ -11,31 +11,20 @@ and both are the identity.
 from __future__ import annotations
 
 import jax
-from jax import lax
+
+import jax_compat
 
 
 def varying_axes(*operands) -> frozenset:
-    """The manual axes any of `operands` varies over (JAX 0.10+: `.manual_axis_type.varying`; before: `.vma`)."""
-    axes = frozenset()
-    for x in jax.tree.leaves(operands):
-        aval = jax.typeof(x)
-        mat = getattr(aval, "manual_axis_type", None)
-        varying = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", None)
-        axes |= frozenset(varying or ())
-    return axes
+    """The manual axes any of `operands` varies over."""
+    return frozenset().union(*(jax_compat.varying_axes(x) for x in jax.tree.leaves(operands)))
 
 
 def out_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
     """A pallas_call out_shape for a result of `shape` and `dtype` computed from `operands`."""
-    axes = varying_axes(*operands)
-    if hasattr(jax.sharding, "ManualAxisType"):
-        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
-    return jax.ShapeDtypeStruct(shape, dtype, vma=axes)
+    return jax_compat.typed_struct(shape, dtype, varying_axes(*operands))
 
 
 def vary_like(result, *operands):
     """`result` typed as varying over the manual axes `operands` vary over (a GPU kernel's result)."""
-    missing = tuple(sorted(varying_axes(*operands) - varying_axes(result)))
-    if not missing:
-        return result
-    return lax.pcast(result, missing, to="varying") if hasattr(lax, "pcast") else lax.pvary(result, missing)
+    return jax_compat.cast_varying(result, varying_axes(*operands))

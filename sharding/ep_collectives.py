@@ -15,12 +15,12 @@ def ragged_all_to_all_reference(operand, output, input_offsets, send_sizes, outp
                                 axis_name):
     del recv_sizes   # implied by the senders' send_sizes
     me = lax.axis_index(axis_name)
-    operand_S = lax.all_gather(operand, axis_name)
-    offsets_S, sizes_S, dest_S = (lax.all_gather(a, axis_name)[:, me]
+    operand_PNX = lax.all_gather(operand, axis_name)
+    offsets_P, sizes_P, dest_P = (lax.all_gather(a, axis_name)[:, me]
                                   for a in (input_offsets, send_sizes, output_offsets))
-    rows_J = jnp.arange(min(operand.shape[0], output.shape[0]))
-    src_SJ = jnp.clip(offsets_S[:, None] + rows_J, 0, operand.shape[0] - 1)
-    dest_SJ = jnp.where(rows_J < sizes_S[:, None], dest_S[:, None] + rows_J, output.shape[0])
-    sent_SJX = operand_S[jnp.arange(operand_S.shape[0])[:, None], src_SJ]
-    return output.at[dest_SJ.reshape(-1)].set(sent_SJX.reshape(-1, *operand.shape[1:]).astype(output.dtype),
+    rows_N = jnp.arange(min(operand.shape[0], output.shape[0]))
+    src_PN = jnp.clip(offsets_P[:, None] + rows_N, 0, operand.shape[0] - 1)
+    dest_PN = jnp.where(rows_N < sizes_P[:, None], dest_P[:, None] + rows_N, output.shape[0])
+    sent_PNX = operand_PNX[jnp.arange(operand_PNX.shape[0])[:, None], src_PN]
+    return output.at[dest_PN.reshape(-1)].set(sent_PNX.reshape(-1, *operand.shape[1:]).astype(output.dtype),
                                               mode="drop")

@@ -60,6 +60,6 @@ def max_ranks_per_token(n_group: int, topk_group: int, ep: int) -> int:
 def ranks_per_token(experts_TK, n_experts: int, ep: int) -> np.ndarray:
     """Distinct destination EP ranks of each token's choices (numpy; for checks and reports)."""
     ranks_TK = expert_ranks(n_experts, ep)[np.asarray(experts_TK)]
-    hit_TR = np.zeros((ranks_TK.shape[0], ep), bool)
-    hit_TR[np.arange(ranks_TK.shape[0])[:, None], ranks_TK] = True
-    return hit_TR.sum(axis=1)
+    hit_TP = np.zeros((ranks_TK.shape[0], ep), bool)
+    hit_TP[np.arange(ranks_TK.shape[0])[:, None], ranks_TK] = True
+    return hit_TP.sum(axis=1)

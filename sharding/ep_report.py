@@ -1,6 +1,6 @@
 """Measured expert-parallel buffer use under uniform and skewed routing, next to the balanced and worst-case sizes.
 
-    python -m sharding.expert_parallel --report [--ep 8 --tokens-per-rank 256 --top-k 8 --experts 64]
+    python -m sharding.ep_report --report [--ep 8 --tokens-per-rank 256 --top-k 8 --experts 64]
 
 On a CPU-only host it simulates EP devices (XLA_FLAGS is set before JAX starts its backend).
 """
@@ -73,7 +73,7 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sharding.expert_parallel", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sharding.ep_report", description=__doc__.splitlines()[0])
     parser.add_argument("--report", action="store_true", help="measure and print buffer rows per routing scenario")
     parser.add_argument("--ep", type=int, default=8)
     parser.add_argument("--tokens-per-rank", type=int, default=256)

@@ -9,8 +9,9 @@ Dropless, with a bounded buffer:
     C ≈ capacity_factor · T·K / EP), so a rank receives at most EP·C ≈ capacity_factor × the balanced T·K
     rows whatever the routing. Skew adds rounds (max over pairs of ceil(rows / C), agreed by a pmax over
     the expert axis), never buffer rows; balanced routing takes one round.
- 4. Each round the owner runs its experts (grouped SwiGLU) on the buffer and returns each result to the row
-    it came from; after the last round the rows are un-sorted and combined with the weights in float32.
+ 4. Each round the owner runs its experts (grouped SwiGLU, sharding.expert_ffn) on the buffer and returns each
+    result to the row it came from; after the last round the rows are un-sorted and combined with the weights in
+    float32.
  5. The backward replays the rounds (x and dy rows travel together, dx comes back), recomputing the expert
     forward, so nothing is kept per round; expert-weight gradients accumulate in float32.
 
@@ -32,9 +33,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
+import jax_compat
 from sharding.ep_buffers import capacity_per_peer
 from sharding.ep_collectives import ragged_all_to_all_reference
 from sharding.ep_layout import check_expert_parallel
+from sharding.expert_ffn import swiglu_experts
 from sharding.mesh import BATCH_AXES
 
 
@@ -48,9 +51,9 @@ class EPStats(NamedTuple):
     buffer_rows: jax.Array     # rows of the receive buffer of one round, EP·C
 
 
-def ragged_dot_gmm(x_MK, w_GKN, group_sizes_G):
-    """Default grouped matmul: rows of x contiguous by group; rows past sum(group_sizes_G) give 0."""
-    return lax.ragged_dot(x_MK, w_GKN.astype(x_MK.dtype), group_sizes_G.astype(jnp.int32))
+def ragged_dot_gmm(x_NC, w_ECJ, group_sizes_E):
+    """Default grouped matmul: rows of x contiguous by group; rows past sum(group_sizes_E) give 0."""
+    return lax.ragged_dot(x_NC, w_ECJ.astype(x_NC.dtype), group_sizes_E.astype(jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +63,7 @@ class _Exchange:
     capacity: int                 # C: rows per (sender, receiver) pair per round
     impl: str
     grouped_matmul: Callable
-    all_to_all: Callable = lax.all_to_all   # moves the padded [EP, C, P] blocks of the `all_to_all` transport
+    all_to_all: Callable = lax.all_to_all   # moves the padded [EP, C, X] blocks of the `all_to_all` transport
 
     @property
     def ragged_collective(self):
@@ -71,85 +74,68 @@ class _Exchange:
 
 
 class _Plan(NamedTuple):
-    send_start_R: jax.Array       # where my rows for rank r start in my sorted rows
-    send_count_R: jax.Array       # how many rows I send to rank r
-    recv_count_R: jax.Array       # how many rows rank r sends me
-    recv_cum_RE: jax.Array        # inclusive cumsum over my local experts of the rows rank r sends me
-    recv_start_R: jax.Array       # where rank r's rows for me start in its sorted rows
+    send_start_P: jax.Array       # where my rows for rank r start in my sorted rows
+    send_count_P: jax.Array       # how many rows I send to rank r
+    recv_count_P: jax.Array       # how many rows rank r sends me
+    recv_cum_PE: jax.Array        # inclusive cumsum over my local experts of the rows rank r sends me
+    recv_start_P: jax.Array       # where rank r's rows for me start in its sorted rows
     rounds: jax.Array
-
-
-def _varying_axes(x) -> frozenset | None:
-    """The manual mesh axes x varies over inside shard_map (`.manual_axis_type` from JAX 0.10, `.vma` before)."""
-    aval = jax.typeof(x)
-    for name in ("manual_axis_type", "mat"):
-        if hasattr(getattr(aval, name, None), "varying"):
-            return frozenset(getattr(aval, name).varying)
-    return frozenset(aval.vma) if hasattr(aval, "vma") else None
 
 
 def _vary_like(x, ref):
     """x typed device-varying over the mesh axes `ref` varies over, so its cotangent is summed over them once."""
-    have, want = _varying_axes(x), _varying_axes(ref)
-    if have is None or want is None:   # typing API not recognised: broadcasting against ref inserts the cast
-        return x + jnp.zeros_like(ref, shape=(), dtype=x.dtype)
-    missing = tuple(sorted(want - have))
-    if not missing:
-        return x
-    return lax.pcast(x, missing, to="varying") if hasattr(lax, "pcast") else lax.pvary(x, missing)
+    return jax_compat.cast_varying(x, jax_compat.varying_axes(ref))
 
 
-def _round_sizes(count_R, r, c):
-    return jnp.clip(count_R - r * c, 0, c)
+def _round_sizes(count_P, r, c):
+    return jnp.clip(count_P - r * c, 0, c)
 
 
-def _send(ex: _Exchange, plan: _Plan, rows_NP, r):
-    """Round r's rows to their owners: [EP·C, P], C slots per source rank (unfilled slots are 0)."""
-    c, (n, p) = ex.capacity, rows_NP.shape
+def _send(ex: _Exchange, plan: _Plan, rows_NX, r):
+    """Round r's rows to their owners: [EP·C, X], C slots per source rank (unfilled slots are 0)."""
+    c, (n, p) = ex.capacity, rows_NX.shape
     if ex.ragged_collective:
-        sizes_R = _round_sizes(plan.send_count_R, r, c)
-        offsets_R = plan.send_start_R + jnp.minimum(r * c, plan.send_count_R)
-        slot_R = jnp.full((ex.ep,), lax.axis_index(ex.axis) * c, jnp.int32)
-        out_MP = jnp.zeros_like(rows_NP, shape=(ex.ep * c, p))
-        return ex.ragged_collective(rows_NP, out_MP, offsets_R, sizes_R, slot_R,
-                                    _round_sizes(plan.recv_count_R, r, c), axis_name=ex.axis)
-    pos_RC = r * c + jnp.arange(c)[None, :]
-    valid_RC = pos_RC < plan.send_count_R[:, None]
-    rows_RCP = jnp.where(valid_RC[..., None], rows_NP[jnp.clip(plan.send_start_R[:, None] + pos_RC, 0, n - 1)], 0)
-    return ex.all_to_all(rows_RCP, ex.axis, 0, 0).reshape(ex.ep * c, p)
+        sizes_P = _round_sizes(plan.send_count_P, r, c)
+        offsets_P = plan.send_start_P + jnp.minimum(r * c, plan.send_count_P)
+        slot_P = jnp.full((ex.ep,), lax.axis_index(ex.axis) * c, jnp.int32)
+        out_NX = jnp.zeros_like(rows_NX, shape=(ex.ep * c, p))
+        return ex.ragged_collective(rows_NX, out_NX, offsets_P, sizes_P, slot_P,
+                                    _round_sizes(plan.recv_count_P, r, c), axis_name=ex.axis)
+    pos_PN = r * c + jnp.arange(c)[None, :]
+    valid_PN = pos_PN < plan.send_count_P[:, None]
+    rows_PNX = jnp.where(valid_PN[..., None], rows_NX[jnp.clip(plan.send_start_P[:, None] + pos_PN, 0, n - 1)], 0)
+    return ex.all_to_all(rows_PNX, ex.axis, 0, 0).reshape(ex.ep * c, p)
 
 
-def _send_back(ex: _Exchange, plan: _Plan, rows_MP, r, out_NP):
-    """Round r's results back into the sorted rows `out_NP` they came from."""
-    c, (n, p) = ex.capacity, out_NP.shape
+def _send_back(ex: _Exchange, plan: _Plan, rows_NX, r, out_NX):
+    """Round r's results back into the sorted rows `out_NX` they came from."""
+    c, (n, p) = ex.capacity, out_NX.shape
     if ex.ragged_collective:
-        sizes_R = _round_sizes(plan.recv_count_R, r, c)
-        slot_R = jnp.arange(ex.ep, dtype=jnp.int32) * c
-        dest_R = plan.recv_start_R + jnp.minimum(r * c, plan.recv_count_R)
-        return ex.ragged_collective(rows_MP, out_NP, slot_R, sizes_R, dest_R,
-                                    _round_sizes(plan.send_count_R, r, c), axis_name=ex.axis)
-    back_RCP = ex.all_to_all(rows_MP.reshape(ex.ep, c, p), ex.axis, 0, 0)
-    pos_RC = r * c + jnp.arange(c)[None, :]
-    dest_RC = jnp.where(pos_RC < plan.send_count_R[:, None], plan.send_start_R[:, None] + pos_RC, n)
-    return out_NP.at[dest_RC.reshape(-1)].set(back_RCP.reshape(-1, p), mode="drop", unique_indices=True)
+        sizes_P = _round_sizes(plan.recv_count_P, r, c)
+        slot_P = jnp.arange(ex.ep, dtype=jnp.int32) * c
+        dest_P = plan.recv_start_P + jnp.minimum(r * c, plan.recv_count_P)
+        return ex.ragged_collective(rows_NX, out_NX, slot_P, sizes_P, dest_P,
+                                    _round_sizes(plan.send_count_P, r, c), axis_name=ex.axis)
+    back_PNX = ex.all_to_all(rows_NX.reshape(ex.ep, c, p), ex.axis, 0, 0)
+    pos_PN = r * c + jnp.arange(c)[None, :]
+    dest_PN = jnp.where(pos_PN < plan.send_count_P[:, None], plan.send_start_P[:, None] + pos_PN, n)
+    return out_NX.at[dest_PN.reshape(-1)].set(back_PNX.reshape(-1, p), mode="drop", unique_indices=True)
 
 
 def _received_experts(ex: _Exchange, plan: _Plan, r):
     """Local expert of every slot of round r's buffer; E_local marks an empty slot."""
-    pos_C = r * ex.capacity + jnp.arange(ex.capacity)
-    ids_RC = jax.vmap(lambda cum_E: jnp.searchsorted(cum_E, pos_C, side="right"))(plan.recv_cum_RE)
-    return ids_RC.reshape(-1).astype(jnp.int32)
+    pos_N = r * ex.capacity + jnp.arange(ex.capacity)
+    ids_PN = jax.vmap(lambda cum_e: jnp.searchsorted(cum_e, pos_N, side="right"))(plan.recv_cum_PE)
+    return ids_PN.reshape(-1).astype(jnp.int32)
 
 
-def _experts(x_MD, ids_M, w_gate_eDF, w_up_eDF, w_down_eFD, gmm):
+def _experts(x_ND, ids_N, w_gate_eDF, w_up_eDF, w_down_eFD, gmm):
     """SwiGLU of each row with its local expert; rows with id E_local give 0."""
     e_local = w_gate_eDF.shape[0]
-    order_M = jnp.argsort(ids_M, stable=True)
-    sizes_e = jnp.bincount(ids_M, length=e_local + 1)[:e_local].astype(jnp.int32)
-    xs_MD = x_MD[order_M]
-    h_MF = jax.nn.silu(gmm(xs_MD, w_gate_eDF, sizes_e)) * gmm(xs_MD, w_up_eDF, sizes_e)
-    y_MD = gmm(h_MF, w_down_eFD, sizes_e)
-    return jnp.zeros_like(y_MD).at[order_M].set(y_MD, unique_indices=True)
+    order_N = jnp.argsort(ids_N, stable=True)
+    sizes_e = jnp.bincount(ids_N, length=e_local + 1)[:e_local].astype(jnp.int32)
+    y_ND = swiglu_experts(x_ND[order_N], sizes_e, w_gate_eDF, w_up_eDF, w_down_eFD, gmm)
+    return jnp.zeros_like(y_ND).at[order_N].set(y_ND, unique_indices=True)
 
 
 def _loop(rounds, body, init):
@@ -163,9 +149,9 @@ def _loop(rounds, body, init):
 def _exchange_ffn(ex: _Exchange, plan: _Plan, xs_ND, w_gate, w_up, w_down):
     """Sorted rows through their experts on the owning ranks: ys_ND[n] = SwiGLU_{expert(n)}(xs_ND[n])."""
     def body(r, ys_ND):
-        x_MD = _send(ex, plan, xs_ND, r)
-        y_MD = _experts(x_MD, _received_experts(ex, plan, r), w_gate, w_up, w_down, ex.grouped_matmul)
-        return _send_back(ex, plan, y_MD, r, ys_ND)
+        x_ND = _send(ex, plan, xs_ND, r)
+        y_ND = _experts(x_ND, _received_experts(ex, plan, r), w_gate, w_up, w_down, ex.grouped_matmul)
+        return _send_back(ex, plan, y_ND, r, ys_ND)
     return _loop(plan.rounds, body, jnp.zeros_like(xs_ND))
 
 
@@ -181,12 +167,12 @@ def _exchange_ffn_bwd(ex, residuals, dys_ND):
 
     def body(r, carry):
         dxs_ND, dw = carry
-        both_M2D = _send(ex, plan, both_N2D, r)
-        ids_M = _received_experts(ex, plan, r)
-        _, vjp = jax.vjp(lambda x, *w_: _experts(x, ids_M, *w_, ex.grouped_matmul), both_M2D[:, :d], *w)
-        dx_MD, *dw_r = vjp(both_M2D[:, d:])
+        recv_N2D = _send(ex, plan, both_N2D, r)
+        ids_N = _received_experts(ex, plan, r)
+        _, vjp = jax.vjp(lambda x, *w_: _experts(x, ids_N, *w_, ex.grouped_matmul), recv_N2D[:, :d], *w)
+        dx_ND, *dw_r = vjp(recv_N2D[:, d:])
         dw = tuple(a + b.astype(jnp.float32) for a, b in zip(dw, dw_r))
-        return _send_back(ex, plan, dx_MD, r, dxs_ND), dw
+        return _send_back(ex, plan, dx_ND, r, dxs_ND), dw
 
     init = (jnp.zeros_like(xs_ND), tuple(jnp.zeros_like(a, dtype=jnp.float32) for a in w))
     dxs_ND, dw = _loop(plan.rounds, body, init)
@@ -212,16 +198,16 @@ def expert_parallel_ffn_local(x_TD, experts_TK, weights_TK, w_gate_eDF, w_up_eDF
     order_N = jnp.argsort(flat_N, stable=True)
     xs_ND = x_TD[order_N // k]
 
-    counts_RE = jnp.bincount(flat_N, length=ep * e_local).reshape(ep, e_local).astype(jnp.int32)
-    send_count_R = counts_RE.sum(axis=1)
-    send_start_R = jnp.cumsum(send_count_R) - send_count_R
-    got_RE = lax.all_to_all(jnp.concatenate([counts_RE, send_start_R[:, None]], axis=1), expert_axis, 0, 0)
-    recv_counts_RE, recv_start_R = got_RE[:, :e_local], got_RE[:, e_local]
-    rounds = lax.pmax(jnp.max((send_count_R + c - 1) // c), expert_axis)
+    counts_PE = jnp.bincount(flat_N, length=ep * e_local).reshape(ep, e_local).astype(jnp.int32)
+    send_count_P = counts_PE.sum(axis=1)
+    send_start_P = jnp.cumsum(send_count_P) - send_count_P
+    got_PE = lax.all_to_all(jnp.concatenate([counts_PE, send_start_P[:, None]], axis=1), expert_axis, 0, 0)
+    recv_counts_PE, recv_start_P = got_PE[:, :e_local], got_PE[:, e_local]
+    rounds = lax.pmax(jnp.max((send_count_P + c - 1) // c), expert_axis)
     if max_rounds is not None:
         rounds = jnp.minimum(rounds, max_rounds)
-    recv_count_R = recv_counts_RE.sum(axis=1)
-    plan = _Plan(send_start_R, send_count_R, recv_count_R, jnp.cumsum(recv_counts_RE, axis=1), recv_start_R,
+    recv_count_P = recv_counts_PE.sum(axis=1)
+    plan = _Plan(send_start_P, send_count_P, recv_count_P, jnp.cumsum(recv_counts_PE, axis=1), recv_start_P,
                  rounds.astype(jnp.int32))
 
     ex = _Exchange(expert_axis, ep, c, impl, grouped_matmul or ragged_dot_gmm, all_to_all or lax.all_to_all)
@@ -231,12 +217,12 @@ def expert_parallel_ffn_local(x_TD, experts_TK, weights_TK, w_gate_eDF, w_up_eDF
     y_TKD = jnp.zeros_like(ys_ND).at[order_N].set(ys_ND, unique_indices=True).reshape(t, k, -1)
     out_TD = (y_TKD.astype(jnp.float32) * weights_TK.astype(jnp.float32)[..., None]).sum(axis=1)
 
-    delivered_R = jnp.minimum(recv_count_R, rounds * c)
+    delivered_P = jnp.minimum(recv_count_P, rounds * c)
     stats = EPStats(rounds=plan.rounds,
-                    rows_received=delivered_R.sum(),
-                    peak_rows=jnp.minimum(recv_count_R, c).sum(),
-                    overflow_rows=jnp.maximum(delivered_R - c, 0).sum(),
-                    dropped_rows=(recv_count_R - delivered_R).sum(),
+                    rows_received=delivered_P.sum(),
+                    peak_rows=jnp.minimum(recv_count_P, c).sum(),
+                    overflow_rows=jnp.maximum(delivered_P - c, 0).sum(),
+                    dropped_rows=(recv_count_P - delivered_P).sum(),
                     buffer_rows=jnp.int32(ep * c))
     return out_TD.astype(out_dtype or x_TD.dtype), stats
 
@@ -290,7 +276,3 @@ def expert_parallel_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_do
                          out_specs=(tokens, EPStats(*[P(tok)] * len(EPStats._fields))))(
         x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
 
-
-if __name__ == "__main__":
-    from sharding.ep_report import main
-    main()

@@ -29,13 +29,13 @@ TO_RIGHT, TO_LEFT = 1, 2
 
 @dataclass(frozen=True)
 class Plan:
-    """A schedule compiled to integers: `rows_DTC[device, tick]` holds the columns above.
+    """A schedule compiled to integers: `rows_by_tick[rank, tick]` holds the columns above (int32 [P, ticks, 10]).
 
     `branches` lists the (kind, first stage?, last stage?) of branch i+1 (branch 0 idles). Saved stage inputs and
     received cotangents live in per-device pools of `n_act` and `n_cot` slots, reused once their backward has run.
     """
     schedule: Schedule
-    rows_DTC: np.ndarray
+    rows_by_tick: np.ndarray
     branches: tuple[tuple[str, bool, bool], ...]
     n_act: int
     n_cot: int
@@ -60,13 +60,13 @@ def compile_plan(schedule: Schedule) -> Plan:
         cot_slot, n_cot = cot_slot | slots, max(n_cot, n)
 
     branches: list[tuple[str, bool, bool]] = []
-    rows_DTC = np.zeros((n_devices, n_ticks, 10), np.int32)
+    rows_by_tick = np.zeros((n_devices, n_ticks, 10), np.int32)
     for action, (device, tick) in when.items():
         m, s = action.micro, action.stage
         key = (action.kind, s == 0, s == n_stages - 1)
         if key not in branches:
             branches.append(key)
-        row = rows_DTC[device, tick]
+        row = rows_by_tick[device, tick]
         row[BRANCH], row[CHUNK], row[MICRO] = branches.index(key) + 1, schedule.chunk_of(m), m
         row[ACT_SLOT] = act_slot.get(Action("F", m, s), 0)
         row[COT_SLOT] = cot_slot.get(Action("B", m, s), 0)
@@ -78,11 +78,11 @@ def compile_plan(schedule: Schedule) -> Plan:
             continue
         assert abs(target - device) == 1, (action, device, target)
         row[SEND] = TO_RIGHT if target == device + 1 else TO_LEFT
-        incoming = rows_DTC[target, tick]
+        incoming = rows_by_tick[target, tick]
         kind_col, slot_col = (LEFT_KIND, LEFT_SLOT) if target == device + 1 else (RIGHT_KIND, RIGHT_SLOT)
         assert incoming[kind_col] == NO_MESSAGE, (action, tick)
         incoming[kind_col], incoming[slot_col] = kind, slot
-    return Plan(schedule, rows_DTC, tuple(branches), n_act, n_cot)
+    return Plan(schedule, rows_by_tick, tuple(branches), n_act, n_cot)
 
 
 def pipeline_value_and_grad(
@@ -96,6 +96,8 @@ def pipeline_value_and_grad(
     axis: str = "pipeline",
     has_aux: bool = False,
     stage_param_specs: PyTree | Callable[[PyTree], PyTree] | None = None,
+    first_param_specs: PyTree | Callable[[PyTree], PyTree] | None = None,
+    last_param_specs: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> Callable[..., Any]:
     """A jitted `step(stage_params, first_params, last_params, inputs, targets, side=None) -> (loss, grads)`,
     grads = (g_stage, g_first, g_last).
@@ -104,12 +106,13 @@ def pipeline_value_and_grad(
         x = first_fn(first_params, inputs[m]); x = stage_fn(stage_params[s], x) for s = 0..PP−1;
         loss_m = loss_fn(last_params, x, targets[m])
     and `loss` is the mean of loss_m over micro-batches (and data shards); the gradients are of that mean.
-      stage_fn(params, x_BxD) -> x_BxD   the same-shaped body of every stage (it may loop over its own layers);
+      stage_fn(params, x) -> x           the same-shaped body of every stage (it may loop over its own layers);
                                          `stage_params` leaves have a leading axis of size PP, split over `axis`.
       first_fn(first_params, inputs_m)   the embedding, run where stage 0 runs (default: inputs_m is x).
       loss_fn(last_params, x, targets_m) the head and loss, a scalar, run where stage PP−1 runs.
     The activation x may be a pytree (e.g. the hidden state and a running auxiliary loss).
-    `first_params` and `last_params` are replicated (pass () when unused); their gradients come back replicated.
+    `first_params` and `last_params` are replicated by default (pass () when unused); their gradients come back
+    with their specs.
     `inputs` and `targets` are pytrees of [n_micro, batch, ...] arrays; the batch dimension is split over the
     mesh's BATCH_AXES (sharding.mesh); the other axes (tensor) compute replicas. loss_fn should be a mean over
     the rows of its micro-batch, so that the mean over batch shards is the mean over the whole batch.
@@ -124,6 +127,8 @@ def pipeline_value_and_grad(
     specs. A leaf may be split over batch axes too (e.g. experts over `expert`): stage_fn then gets the local slice
     and must itself bring every shard's contribution to the slice's owner (as an exchange's transpose does), so its
     gradient is summed over the batch axes the leaf is not split over only (and divided by the batch shards).
+    `first_param_specs` / `last_param_specs` (default: P() for every leaf) do the same for `first_params` /
+    `last_params`, over batch axes only: first_fn / loss_fn get the local slices (and gather what they use whole).
     `schedule` is a name of SCHEDULE_NAMES or a Schedule. A device saves each stage input until that micro-batch's
     backward, which recomputes the stage forward under `jax.vjp` (one extra forward per stage, no stored residuals).
     """
@@ -137,16 +142,18 @@ def pipeline_value_and_grad(
     batch_axes, n_batch_shards = batch_shards(mesh)
     batch_spec = P(None, batch_axes or None)
 
-    def run(with_side, stage_params):
+    def run(with_side, stage_params, first_params, last_params):
         fns = _uniform_fns(stage_fn, loss_fn, first_fn, has_aux, with_side)
-        specs = _stage_specs(stage_param_specs, stage_params, axis)
+        specs = (_param_specs(stage_param_specs, stage_params, axis),
+                 _param_specs(first_param_specs, first_params, None),
+                 _param_specs(last_param_specs, last_params, None))
         # Per leaf, the batch axes its gradient is summed over: those it is not split over.
-        reduce_axes = [tuple(a for a in batch_axes if a not in _spec_axes(spec))
-                       for spec in jax.tree.leaves(specs, is_leaf=_is_spec)]
+        reduce_axes = [[tuple(a for a in batch_axes if a not in _spec_axes(spec))
+                        for spec in jax.tree.leaves(tree, is_leaf=_is_spec)] for tree in specs]
         return jax.shard_map(
             lambda *args: _run_plan(plan, *fns, axis, batch_axes, n_batch_shards, reduce_axes, *args),
-            mesh=mesh, in_specs=(specs, P(), P(), batch_spec, batch_spec, batch_spec),
-            out_specs=(P(), (specs, P(), P()), (P(axis), P())), check_vma=False)
+            mesh=mesh, in_specs=(*specs, batch_spec, batch_spec, batch_spec),
+            out_specs=(P(), specs, (P(axis), P())), check_vma=False)
 
     @jax.jit
     def step(stage_params, first_params, last_params, inputs, targets, side=None):
@@ -159,8 +166,8 @@ def pipeline_value_and_grad(
             if leaf.ndim < 2 or leaf.shape[1] % n_batch_shards:
                 raise ValueError(f"pipeline: micro-batch of shape {leaf.shape[1:]} does not split over "
                                  f"{n_batch_shards} batch shards ({', '.join(batch_axes)})")
-        loss, grads, aux = run(side is not None, stage_params)(stage_params, first_params, last_params, inputs,
-                                                               targets, side)
+        loss, grads, aux = run(side is not None, stage_params, first_params, last_params)(
+            stage_params, first_params, last_params, inputs, targets, side)
         return ((loss, aux), grads) if has_aux else (loss, grads)
 
     return step
@@ -184,19 +191,33 @@ def _spec_axes(spec: P) -> set[str]:
     return axes
 
 
-def _stage_specs(stage_param_specs, stage_params, axis):
-    """A PartitionSpec per stage_params leaf (structure checked), each starting with `axis`."""
-    if stage_param_specs is None:
-        return jax.tree.map(lambda _: P(axis), stage_params)
-    specs = stage_param_specs(stage_params) if callable(stage_param_specs) else stage_param_specs
+def _param_specs(param_specs, params, axis):
+    """A PartitionSpec per leaf of `params` (structure checked): P(axis) / P() by default; each starts with `axis`
+    when one is given, else names batch axes only."""
+    if param_specs is None:
+        return jax.tree.map(lambda _: P(axis) if axis else P(), params)
+    specs = param_specs(params) if callable(param_specs) else param_specs
     leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
-    if treedef != jax.tree.structure(stage_params) or not all(map(_is_spec, leaves)):
-        raise ValueError(f"pipeline: stage_param_specs must be a PartitionSpec per stage_params leaf, like "
-                         f"{jax.tree.structure(stage_params)}")
+    if treedef != jax.tree.structure(params) or not all(map(_is_spec, leaves)):
+        raise ValueError(f"pipeline: param specs must be a PartitionSpec per leaf, like {jax.tree.structure(params)}")
     for spec in leaves:
-        if not len(spec) or spec[0] != axis:
+        if axis and (not len(spec) or spec[0] != axis):
             raise ValueError(f"pipeline: stage_param_specs entry {tuple(spec)} must start with {axis!r}")
+        if not axis and not _spec_axes(spec) <= set(BATCH_AXES):
+            raise ValueError(f"pipeline: first/last param spec {tuple(spec)} may name batch axes only")
     return specs
+
+
+def _sum_over_shards(tree, reduce_axes, n_batch_shards):
+    """Gradients of leaves (per reduce_axes entry: the batch axes a leaf is not split over) summed over those axes
+    and divided by the batch shards: a leaf split over a batch axis already holds every shard's contribution along
+    it (see stage_param_specs)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    for axes in dict.fromkeys(a for a in reduce_axes if a):
+        which = [i for i, a in enumerate(reduce_axes) if a == axes]
+        for i, g in zip(which, jax.lax.psum([leaves[i] for i in which], axes)):
+            leaves[i] = g
+    return treedef.unflatten([g / n_batch_shards for g in leaves])
 
 
 def _uniform_fns(stage_fn, loss_fn, first_fn, has_aux, with_side):
@@ -286,8 +307,8 @@ def _run_plan(plan, first, body, head, axis, batch_axes, n_batch_shards, reduce_
                     jnp.where(kind == pool_kind, new, held[slot])), carry[pool], message)
         return carry, None
 
-    rows_TC = jnp.asarray(plan.rows_DTC)[jax.lax.axis_index(axis)]
-    carry, _ = jax.lax.scan(tick, carry, rows_TC)
+    my_rows_by_tick = jnp.asarray(plan.rows_by_tick)[jax.lax.axis_index(axis)]
+    carry, _ = jax.lax.scan(tick, carry, my_rows_by_tick)
 
     g_stage, stats = carry["g_chunks"], carry["stats"]
     if schedule.bidirectional:   # chunk 1 ran stage PP−1−d: its gradient and stats go home and add to that device's
@@ -296,14 +317,9 @@ def _run_plan(plan, first, body, head, axis, batch_axes, n_batch_shards, reduce_
     loss = jax.lax.psum(carry["loss"] / n_micro, axis)
     g_first, g_last, metrics = jax.lax.psum((carry["g_first"], carry["g_last"], carry["metrics"]), axis)
     if batch_axes:
-        loss, g_first, g_last = jax.lax.pmean((loss, g_first, g_last), batch_axes)
-        # A leaf split over a batch axis already holds every shard's contribution along it (see stage_param_specs).
-        leaves, treedef = jax.tree.flatten(g_stage)
-        for axes in dict.fromkeys(a for a in reduce_axes if a):
-            which = [i for i, a in enumerate(reduce_axes) if a == axes]
-            for i, g in zip(which, jax.lax.psum([leaves[i] for i in which], axes)):
-                leaves[i] = g
-        g_stage = treedef.unflatten([g / n_batch_shards for g in leaves])
+        loss = jax.lax.pmean(loss, batch_axes)
+        g_stage, g_first, g_last = (_sum_over_shards(g, axes, n_batch_shards)
+                                    for g, axes in zip((g_stage, g_first, g_last), reduce_axes))
         stats, metrics = jax.lax.psum((stats, metrics), batch_axes)
     return loss, (g_stage, g_first, g_last), (stats, metrics)
 

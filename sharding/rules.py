@@ -39,7 +39,7 @@ def logical_rules(strategy: str = "replicated") -> Rules:
         ("layers", ("pipeline",)),      # a stacked layer axis splits into contiguous stage chunks
     ]
     if strategy == "fsdp":
-        rules.append(("embed", ("fsdp",)))
+        rules.append(("embed", ("fsdp", "expert")))   # dense parts over both axes; experts: E over expert, D over fsdp
     return tuple(rules)
 
 

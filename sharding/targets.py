@@ -1,6 +1,7 @@
 """Compile-only devices for chips this machine does not have: XLA compiles for them, nothing runs on them.
 
     devices("v5p:2x2x1")   4 TPU v5p chips (libtpu, from `pip install "jax[tpu]"`); any TPU topology name
+    devices("v5e:1")       one chip of a v5e host (also v5p:1, v6e:1): libtpu describes no 1-chip topology
     devices("h100")        one H100 SXM (the CUDA plugin, from `pip install "jax[cuda12]"`, ptxas included)
     devices("h100x8")      8 H100s; `h100xN` for any N (the topology is 1 × ⌈N/8⌉ nodes × 8 GPUs)
     devices("cpu")         this host's (possibly simulated) CPU devices, which do run
@@ -71,12 +72,18 @@ def gpu_target_config(spec: dict = H100_SXM) -> str:
 
 _H100 = re.compile(r"^h100(?:x(\d+))?$")
 _TPU = re.compile(r"^(v5e|v5p|v6e|v5litepod|v6litepod):(\d+(?:x\d+){1,2})$")   # one device a chip
-TARGET_HELP = "cpu, h100, h100xN, or a TPU topology such as v5e:2x2, v5p:2x2x1, v6e:2x4, v5p:8x8x8"
+_TPU_CHIP = re.compile(r"^(v5e|v5p|v6e):1$")
+_SMALLEST_HOST = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
+TARGET_HELP = "cpu, h100, h100xN, v5e:1 (one chip; v5p:1, v6e:1 too), or a TPU topology such as v5e:2x2, v5p:2x2x1, " \
+              "v6e:2x4, v5p:8x8x8"
+# HBM per chip by device_kind: what libtpu reports as available when a compile does not fit (v5p), else the chip's
+# public figure (v5e 16 GiB, v6e 32 GiB).
+TPU_HBM_BYTES = {"TPU v5": int(95.74 * 2**30), "TPU v5 lite": 16 * 2**30, "TPU v6 lite": 32 * 2**30}
 
 
 def check_name(name: str) -> str:
     """`name` if it names a target (syntax only, nothing imported); TargetError otherwise."""
-    if name == "cpu" or _TPU.match(name):
+    if name == "cpu" or _TPU.match(name) or _TPU_CHIP.match(name):
         return name
     m = _H100.match(name)
     if m and (m.group(1) is None or int(m.group(1)) >= 1):
@@ -102,6 +109,8 @@ def device_count(name: str) -> int | None:
     m = _H100.match(name)
     if m:
         return int(m.group(1) or 1)
+    if _TPU_CHIP.match(name):
+        return 1
     return math.prod(int(d) for d in _TPU.match(name).group(2).split("x"))
 
 
@@ -129,6 +138,8 @@ def _devices(name: str) -> tuple:
                               f'install the CUDA plugin: pip install "jax[cuda12]=={jax.__version__}"') from None
         return tuple(topology.devices[:n])
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if _TPU_CHIP.match(name):
+        return _devices(_SMALLEST_HOST[name.split(":")[0]])[:1]
     try:
         topology = topologies.get_topology_desc(topology_name=name, platform="tpu")
     except Exception as e:  # noqa: BLE001

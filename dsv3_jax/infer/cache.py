@@ -6,7 +6,8 @@ That is kv_lora_rank + qk_rope_head_dim values per token per layer (576 at DeepS
 Slots are token positions: row b's token at position p lives in slot p (prompts are right-padded), so
 rows of different lengths advance independently. A query at position p sees slots 0..p, which always
 hold that row's real tokens: every step writes its new tokens before attending, and whatever lies beyond
-(prompt padding, rejected speculative drafts) is overwritten before any later query can see it.
+(prompt padding, rejected speculative drafts) is overwritten before any later query can see it. MLA's cache path
+(dsv3_jax.layers.mla: write_slots, visible_slots) writes and reads the slots.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dsv3_jax.config import ModelConfig
 
 
 class LatentCache(NamedTuple):
-    latent_LBSC: jnp.ndarray   # RMSNorm(c_kv), after kv_norm
+    latent_LBSW: jnp.ndarray   # RMSNorm(c_kv), after kv_norm
     rope_LBSR: jnp.ndarray     # k_rope, after RoPE (one head shared by all heads)
 
 
@@ -47,14 +48,3 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, with_mtp: bool = F
         empty_latent_cache(config, config.first_k_dense_replace, batch, max_len, dtype),
         empty_latent_cache(config, config.n_moe_layers, batch, max_len, dtype),
         empty_latent_cache(config, 1, batch, max_len, dtype) if with_mtp else None)
-
-
-def write_slots(cache_BSX, new_BTX, positions_BT):
-    """cache[b, positions[b, t]] = new[b, t]; positions past the end are dropped (finished rows run on)."""
-    rows_BT = jnp.arange(cache_BSX.shape[0])[:, None]
-    return cache_BSX.at[rows_BT, positions_BT].set(new_BTX.astype(cache_BSX.dtype), mode="drop")
-
-
-def visible_slots(positions_BT, max_len: int):
-    """(B, T, S) boolean: slot s is visible to the query at position p when s <= p."""
-    return jnp.arange(max_len)[None, None, :] <= positions_BT[:, :, None]

@@ -1,9 +1,10 @@
 """Inference forward passes over a latent cache: prefill (training-form attention) and absorbed-MLA decode.
 
 The model's parameters are read straight from its variables tree ({'params', 'moe_bias'}, layers stacked
-on a leading axis) and run through the model's own modules: MLA's projections (`layers.mla.project_params`),
-Linear, RMSNorm, MLP and MoE, in `config.dtype` (an FP8-trained model is served from its master weights;
-FP8 weights kept by an FP8 import run as FP8 matmuls with their stored scales, see dsv3_jax.fp8_weights).
+on a leading axis) and run through the model's own modules: every layer is the model's DecoderBlock, whose MLA
+attends over the layer's latent cache (`layers.mla.CacheStep`), plus Linear and RMSNorm for the embedding, head
+and MTP input, in `config.dtype` (an FP8-trained model is served from its master weights; FP8 weights kept by an
+FP8 import run as FP8 matmuls with their stored scales, see dsv3_jax.fp8_weights).
 
     forward_with_cache(config, variables, tokens_BT, positions_BT, cache, absorbed)
         1. embed the new tokens; per layer (a lax.scan over each stacked stack):
@@ -23,16 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax import fp8_weights
+from dsv3_jax.block import DecoderBlock
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.infer.cache import DecodeCache, LatentCache, init_cache, visible_slots, write_slots
+from dsv3_jax.infer.cache import DecodeCache, LatentCache, init_cache
 from dsv3_jax.infer.sampling import sample_tokens
-from dsv3_jax.layers.attention import softmax_attention
 from dsv3_jax.layers.linear import make_linear
-from dsv3_jax.layers.mla import project_params
-from dsv3_jax.layers.mlp import MLP
+from dsv3_jax.layers.mla import CacheStep
 from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.layers.rope import rope_tables
-from dsv3_jax.moe.layer import MoE
 from dsv3_jax.moe.router import BIAS_COLLECTION
 
 
@@ -51,69 +50,19 @@ def serving_config(config: ModelConfig) -> ModelConfig:
     return config.replace(fp8=False) if config.fp8 else config
 
 
-# ---- MLA ------------------------------------------------------------------------------------------------
-
-def _split_wkv_b(c: ModelConfig, p: dict):
-    """W_kvb (C, H·(Dn+Dv)) as W_UK (C, H, Dn) and W_UV (C, H, Dv) (dequantised when kept as FP8)."""
-    w_CF = fp8_weights.dequantize_siblings(p["wkv_b"], c.jnp_dtype)["kernel"].astype(c.jnp_dtype)
-    w_CHK = w_CF.reshape(c.kv_lora_rank, c.n_heads, -1)
-    return w_CHK[..., : c.qk_nope_head_dim], w_CHK[..., c.qk_nope_head_dim:]
-
-
-def attend_naive(c: ModelConfig, p: dict, q_nope_BTHN, q_rope_BTHR, latent_BSC, k_rope_BSR, visible_BTS):
-    """Training form: expand every cached latent into per-head k_nope and v, then softmax attention."""
-    w_uk_CHN, w_uv_CHV = _split_wkv_b(c, p)
-    k_nope_BSHN = jnp.einsum("bsc,chn->bshn", latent_BSC.astype(c.jnp_dtype), w_uk_CHN)
-    v_BSHV = jnp.einsum("bsc,chv->bshv", latent_BSC.astype(c.jnp_dtype), w_uv_CHV)
-    scores_BHTS = (jnp.einsum("bthn,bshn->bhts", q_nope_BTHN, k_nope_BSHN, preferred_element_type=jnp.float32)
-                   + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR, preferred_element_type=jnp.float32))
-    return softmax_attention(scores_BHTS * c.softmax_scale, visible_BTS[:, None], v_BSHV)
-
-
-def attend_absorbed(c: ModelConfig, p: dict, q_nope_BTHN, q_rope_BTHR, latent_BSC, k_rope_BSR, visible_BTS):
-    """Absorbed form: q_nope·W_UK moves the query into latent space, attention weights sum cached latents,
-    and W_UV maps the weighted latent to each head's value; no per-head key or value is ever formed."""
-    w_uk_CHN, w_uv_CHV = _split_wkv_b(c, p)
-    q_lat_BTHC = jnp.einsum("bthn,chn->bthc", q_nope_BTHN, w_uk_CHN)
-    scores_BHTS = (jnp.einsum("bthc,bsc->bhts", q_lat_BTHC, latent_BSC.astype(c.jnp_dtype),
-                              preferred_element_type=jnp.float32)
-                   + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR.astype(c.jnp_dtype),
-                                preferred_element_type=jnp.float32))
-    scores_BHTS = jnp.where(visible_BTS[:, None], scores_BHTS * c.softmax_scale, -jnp.inf)
-    weights_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)   # slot 0 is always visible: no empty rows
-    out_lat_BTHC = jnp.einsum("bhts,bsc->bthc", weights_BHTS.astype(c.jnp_dtype), latent_BSC.astype(c.jnp_dtype))
-    return jnp.einsum("bthc,chv->bthv", out_lat_BTHC, w_uv_CHV)
-
-
-def mla_with_cache(c: ModelConfig, p: dict, x_BTD, positions_BT, cos_sin, layer_cache, absorbed: bool):
-    """MLA of the new tokens against the cache, after writing their latents into it; (out_BTD, layer_cache)."""
-    latent_BSC, rope_BSR = layer_cache
-    q_nope, q_rope, latent_BTC, k_rope_BTR = project_params(c, p, x_BTD, cos_sin)
-    latent_BSC = write_slots(latent_BSC, latent_BTC, positions_BT)
-    rope_BSR = write_slots(rope_BSR, k_rope_BTR, positions_BT)
-    visible_BTS = visible_slots(positions_BT, latent_BSC.shape[1])
-    attend = attend_absorbed if absorbed else attend_naive
-    out_BTHV = attend(c, p, q_nope, q_rope, latent_BSC, rope_BSR, visible_BTS)
-    B, T = positions_BT.shape
-    out_BTD = _linear(c, p["wo"], out_BTHV.reshape(B, T, -1))
-    return out_BTD, (latent_BSC, rope_BSR)
-
-
 # ---- blocks and the model -------------------------------------------------------------------------------
 
 def block_with_cache(c: ModelConfig, use_moe: bool, p: dict, bias, x_BTD, positions_BT, cos_sin, layer_cache,
                      absorbed: bool):
-    """DecoderBlock on the new tokens: (x_BTD, layer_cache). `bias` is the block's moe_bias subtree."""
-    attn_in = _norm(c, p["attn_norm"], x_BTD)
-    attn_out, layer_cache = mla_with_cache(c, p["attn"], attn_in, positions_BT, cos_sin, layer_cache, absorbed)
-    h_BTD = x_BTD + attn_out
-    mlp_in = _norm(c, p["mlp_norm"], h_BTD)
+    """The model's DecoderBlock on the new tokens over one layer's (latent, rope) cache: (x_BTD, layer_cache).
+    `bias` is the block's moe_bias subtree (unused by a dense block)."""
+    variables = {"params": p}
     if use_moe:   # routed experts kept as FP8 are dequantised here, one layer at a time
-        moe_params = fp8_weights.dequantize_siblings(p["moe"], c.jnp_dtype)
-        y_BTD, _ = MoE(c).apply({"params": moe_params, BIAS_COLLECTION: bias["moe"]}, mlp_in)
-    else:
-        y_BTD = MLP(c, c.intermediate_size).apply({"params": p["mlp"]}, mlp_in)
-    return h_BTD + y_BTD, layer_cache
+        variables = {"params": {**p, "moe": fp8_weights.dequantize_siblings(p["moe"], c.jnp_dtype)},
+                     BIAS_COLLECTION: bias}
+    x_BTD, _, cache = DecoderBlock(c, use_moe).apply(variables, x_BTD, cos_sin, None,
+                                                     cache=CacheStep(*layer_cache, positions_BT, absorbed))
+    return x_BTD, (cache.latent_BSW, cache.rope_BSR)
 
 
 def _stack_with_cache(c, use_moe, params, bias, x_BTD, positions_BT, cos_sin, cache: LatentCache, absorbed):
@@ -122,7 +71,7 @@ def _stack_with_cache(c, use_moe, params, bias, x_BTD, positions_BT, cos_sin, ca
         x, (latent, rope) = block_with_cache(c, use_moe, p, b, x, positions_BT, cos_sin, (latent, rope), absorbed)
         return x, (latent, rope)
 
-    x_BTD, (latent, rope) = jax.lax.scan(body, x_BTD, (params, bias, cache.latent_LBSC, cache.rope_LBSR))
+    x_BTD, (latent, rope) = jax.lax.scan(body, x_BTD, (params, bias, cache.latent_LBSW, cache.rope_LBSR))
     return x_BTD, LatentCache(latent, rope)
 
 
@@ -147,9 +96,8 @@ def forward_with_cache(config: ModelConfig, variables: dict, tokens_BT, position
     x_BTD = embed_tokens(c, params, tokens_BT)
     dense, moe = cache.dense, cache.moe
     if c.first_k_dense_replace > 0:
-        dense_bias = jax.tree.map(lambda _: None, params["dense_layers"])  # scan needs a tree; dense has no bias
-        x_BTD, dense = _stack_with_cache(c, False, params["dense_layers"], dense_bias, x_BTD, positions_BT,
-                                         cos_sin, dense, absorbed)
+        x_BTD, dense = _stack_with_cache(c, False, params["dense_layers"], {}, x_BTD, positions_BT, cos_sin, dense,
+                                         absorbed)   # dense blocks have no moe_bias
     if c.n_moe_layers > 0:
         x_BTD, moe = _stack_with_cache(c, True, params["moe_layers"], bias["moe_layers"], x_BTD, positions_BT,
                                        cos_sin, moe, absorbed)
@@ -168,7 +116,7 @@ def mtp_with_cache(config: ModelConfig, variables: dict, hidden_BTD, next_tokens
     joined = jnp.concatenate([_norm(c, p["enorm"], emb_BTD), _norm(c, p["hnorm"], hidden_BTD.astype(c.jnp_dtype))],
                              axis=-1)
     x_BTD = _linear(c, p["eh_proj"], joined)
-    layer_cache = (cache.mtp.latent_LBSC[0], cache.mtp.rope_LBSR[0])
+    layer_cache = (cache.mtp.latent_LBSW[0], cache.mtp.rope_LBSR[0])
     h_BTD, (latent, rope) = block_with_cache(c, True, p["block"], bias.get("block"), x_BTD, positions_BT,
                                              rope_tables(positions_BT, c), layer_cache, absorbed)
     logits_BTV = output_logits(c, params, _norm(c, p["head_norm"], h_BTD))
@@ -189,7 +137,7 @@ class Generation(NamedTuple):
 
 
 def pad_prompts(prompts) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded (B, P) int32 tokens (pad id 0) and the (B,) prompt lengths; every prompt non-empty."""
+    """Right-padded (B, T) int32 tokens (pad id 0) and the (B,) prompt lengths; every prompt non-empty."""
     lengths = np.array([len(p) for p in prompts], np.int32)
     if len(prompts) == 0 or lengths.min() < 1:
         raise ValueError("generate needs at least one prompt, each of at least one token")
@@ -228,14 +176,14 @@ class Emitter:
 
 
 @partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def prefill(config: ModelConfig, variables: dict, tokens_BP, lengths_B, cache: DecodeCache):
+def prefill(config: ModelConfig, variables: dict, tokens_BT, lengths_B, cache: DecodeCache):
     """The prompts through the training-form attention, filling the cache: (last-prompt-token logits_BV,
-    hidden_BPD, cache). Rows are right-padded; padding's cache slots get overwritten by generated tokens."""
-    B, P = tokens_BP.shape
-    positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    logits_BPV, hidden_BPD, cache = forward_with_cache(config, variables, tokens_BP, positions_BP, cache,
+    hidden_BTD, cache). Rows are right-padded; padding's cache slots get overwritten by generated tokens."""
+    B, T = tokens_BT.shape
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    logits_BTV, hidden_BTD, cache = forward_with_cache(config, variables, tokens_BT, positions_BT, cache,
                                                        absorbed=False)
-    return logits_BPV[jnp.arange(B), lengths_B - 1], hidden_BPD, cache
+    return logits_BTV[jnp.arange(B), lengths_B - 1], hidden_BTD, cache
 
 
 @partial(jax.jit, static_argnames=("config", "absorbed"), donate_argnames=("cache",))
@@ -256,12 +204,12 @@ def generate(config: ModelConfig, variables: dict, prompts, max_new_tokens: int,
     """Batched generation from token-id prompts of any lengths (right-padded internally); each row stops at
     its first stop token or after max_new_tokens. `on_token(row, id)` streams tokens as they are chosen.
     `cache_len` (slots per row, default longest prompt + max_new_tokens) fixes the compiled shapes."""
-    tokens_BP, lengths_B = pad_prompts(prompts)
-    B, P = tokens_BP.shape
+    tokens_BT, lengths_B = pad_prompts(prompts)
+    B, T = tokens_BT.shape
     emitter = Emitter(B, max_new_tokens, stop_tokens, on_token)
-    cache = init_cache(config, B, check_cache_len(cache_len, P + max_new_tokens))
+    cache = init_cache(config, B, check_cache_len(cache_len, T + max_new_tokens))
     rng = jax.random.PRNGKey(seed)
-    logits_BV, _, cache = prefill(config, variables, jnp.asarray(tokens_BP), jnp.asarray(lengths_B), cache)
+    logits_BV, _, cache = prefill(config, variables, jnp.asarray(tokens_BT), jnp.asarray(lengths_B), cache)
     positions_B = jnp.asarray(lengths_B)
     steps = 0
     while True:

@@ -14,11 +14,11 @@ def causal_mask(T: int, segment_ids_BT=None):
     return mask
 
 
-def softmax_attention(scores_BHTS, mask_BHTS, v_BSHV):
+def softmax_attention(scores_BHTS, mask_BHTS, v_BSHA):
     """softmax(scores masked) · v in float32; rows with nothing visible give zeros."""
     scores = jnp.where(mask_BHTS, scores_BHTS.astype(jnp.float32), -jnp.inf)
     peak = jnp.max(scores, axis=-1, keepdims=True)
     peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
     weights = jnp.exp(scores - peak)
     weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
-    return jnp.einsum("bhts,bshv->bthv", weights.astype(v_BSHV.dtype), v_BSHV)
+    return jnp.einsum("bhts,bsha->btha", weights.astype(v_BSHA.dtype), v_BSHA)

@@ -30,42 +30,42 @@ class _Options(NamedTuple):   # static (hashable) settings of one call
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _fp8_matmul_2d(x_MK, w_KN, o: _Options):
-    return _forward(x_MK, w_KN, o)[0]
+def _fp8_matmul_2d(x_TC, w_CJ, o: _Options):
+    return _forward(x_TC, w_CJ, o)[0]
 
 
-def _forward(x_MK, w_KN, o: _Options):
-    x_q, x_scale = quantize_1x128(x_MK, o.power_of_two)
-    w_q, w_scale = quantize_128x128(w_KN, o.power_of_two)
-    y_MN = fp8_matmul(x_q, x_scale, w_q, w_scale, impl=o.impl, out_dtype=o.out_dtype, interpret=o.interpret)
-    xt_q_KM, xt_scale_KMb = quantize_1x128(x_MK.T, o.power_of_two)     # x in 128×1 tiles, for the weight gradient
-    return y_MN, (xt_q_KM, xt_scale_KMb, w_q, w_scale)
+def _forward(x_TC, w_CJ, o: _Options):
+    x_q, x_scale = quantize_1x128(x_TC, o.power_of_two)
+    w_q, w_scale = quantize_128x128(w_CJ, o.power_of_two)
+    y_TJ = fp8_matmul(x_q, x_scale, w_q, w_scale, impl=o.impl, out_dtype=o.out_dtype, interpret=o.interpret)
+    xt_q_CT, xt_scale_CTb = quantize_1x128(x_TC.T, o.power_of_two)     # x in 128×1 tiles, for the weight gradient
+    return y_TJ, (xt_q_CT, xt_scale_CTb, w_q, w_scale)
 
 
-def _backward(o: _Options, residuals, dy_MN):
-    xt_q_KM, xt_scale_KMb, w_q_KN, w_scale_KbNb = residuals
-    dy_q, dy_scale_MNb = quantize_1x128(dy_MN, o.power_of_two)
-    dx_MK = fp8_matmul(dy_q, dy_scale_MNb, w_q_KN.T, w_scale_KbNb.T, impl=o.impl, out_dtype=o.x_dtype,
+def _backward(o: _Options, residuals, dy_TJ):
+    xt_q_CT, xt_scale_CTb, w_q_CJ, w_scale_CbJb = residuals
+    dy_q, dy_scale_TJb = quantize_1x128(dy_TJ, o.power_of_two)
+    dx_TC = fp8_matmul(dy_q, dy_scale_TJb, w_q_CJ.T, w_scale_CbJb.T, impl=o.impl, out_dtype=o.x_dtype,
                        interpret=o.interpret)
-    dy_q_cols, dy_scale_MbN = quantize_128x1(dy_MN, o.power_of_two)
-    dw_KN = fp8_matmul(xt_q_KM, xt_scale_KMb, dy_q_cols, dy_scale_MbN, impl=o.impl, out_dtype=o.w_dtype,
+    dy_q_cols, dy_scale_TbJ = quantize_128x1(dy_TJ, o.power_of_two)
+    dw_CJ = fp8_matmul(xt_q_CT, xt_scale_CTb, dy_q_cols, dy_scale_TbJ, impl=o.impl, out_dtype=o.w_dtype,
                        interpret=o.interpret)
-    return dx_MK, dw_KN
+    return dx_TC, dw_CJ
 
 
 _fp8_matmul_2d.defvjp(_forward, _backward)
 
 
-def fp8_linear(x_BK, w_KN, *, out_dtype=None, power_of_two: bool = False, impl: str = "reference",
+def fp8_linear(x_XC, w_CJ, *, out_dtype=None, power_of_two: bool = False, impl: str = "reference",
                interpret: bool = False):
-    """x [..., K] · w [K, N] -> [..., N] in out_dtype (default x.dtype); gradients in x's and w's dtypes.
+    """x [..., C] · w [C, J] -> [..., J] in out_dtype (default x.dtype); gradients in x's and w's dtypes.
 
     `impl` names the `pallas_kernels.fp8` kernel (dsv3_jax.kernels chooses it for the model's layers)."""
-    o = _Options(impl, bool(power_of_two), bool(interpret), jnp.dtype(out_dtype or x_BK.dtype),
-                 jnp.dtype(x_BK.dtype), jnp.dtype(w_KN.dtype))
-    lead, K = x_BK.shape[:-1], x_BK.shape[-1]
-    matmul = lambda x_MK, w_KN: _fp8_matmul_2d(x_MK, w_KN, o)
+    o = _Options(impl, bool(power_of_two), bool(interpret), jnp.dtype(out_dtype or x_XC.dtype),
+                 jnp.dtype(x_XC.dtype), jnp.dtype(w_CJ.dtype))
+    lead, C = x_XC.shape[:-1], x_XC.shape[-1]
+    matmul = lambda x_TC, w_CJ: _fp8_matmul_2d(x_TC, w_CJ, o)
     if impl != "reference":
         matmul = on_batch_shards(matmul, n_split=1)
-    y_MN = matmul(x_BK.reshape(-1, K), w_KN)
-    return y_MN.reshape(*lead, w_KN.shape[1])
+    y_TJ = matmul(x_XC.reshape(-1, C), w_CJ)
+    return y_TJ.reshape(*lead, w_CJ.shape[1])

@@ -18,6 +18,7 @@ from dsv3_jax.moe.backend import MoEKernels, expert_parallel_local_axis, expert_
 from dsv3_jax.moe.router import Router, RouterStats, router_stats
 from sharding.ep_buffers import capacity_per_peer
 from sharding.ep_layout import check_expert_parallel
+from sharding.expert_ffn import swiglu_experts
 from sharding.expert_parallel import expert_parallel_ffn, expert_parallel_ffn_local
 from sharding.per_shard import on_batch_shards
 
@@ -28,7 +29,9 @@ class MoE(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD) -> tuple[jnp.ndarray, RouterStats]:
+    def __call__(self, x_BTD, counted_BT=None) -> tuple[jnp.ndarray, RouterStats]:
+        """(output, router statistics); the statistics count only the tokens where `counted_BT` is True (default:
+        all), though every token is routed and computed."""
         c = self.config
         B, T, D = x_BTD.shape
         E, F = c.n_routed_experts, c.moe_intermediate_size
@@ -71,14 +74,12 @@ class MoE(nn.Module):
         out_BTD = routed_TD.reshape(B, T, D)
         if c.n_shared_experts > 0:
             out_BTD = out_BTD + MLP(c, c.n_shared_experts * F, name="shared")(x_BTD)
-        return out_BTD, router_stats(routing, B, E)
+        return out_BTD, router_stats(routing, B, E, counted_BT)
 
 
 def routed_experts(kernels: MoEKernels, grouped_matmul, x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF,
                    w_down_EFD, out_dtype):
     """Σ_k weights_TK · SwiGLU_{experts_TK}(x_TD) with every expert local: dispatch → grouped matmuls → combine."""
     sent = kernels.dispatch(x_TD, experts_TK, w_gate_EDF.shape[0])
-    gate_NF = grouped_matmul(sent.x_ND, w_gate_EDF, sent.group_sizes_E)
-    up_NF = grouped_matmul(sent.x_ND, w_up_EDF, sent.group_sizes_E)
-    y_ND = grouped_matmul(jax.nn.silu(gate_NF) * up_NF, w_down_EFD, sent.group_sizes_E)
+    y_ND = swiglu_experts(sent.x_ND, sent.group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_matmul)
     return kernels.combine(y_ND, weights_TK, sent, out_dtype)

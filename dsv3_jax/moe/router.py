@@ -52,15 +52,27 @@ def route(logits_TE, bias_E, config: ModelConfig) -> Routing:
     return Routing(weights_TK * c.routed_scaling_factor, experts_TK, scores_TE)
 
 
-def router_stats(routing: Routing, batch: int, n_experts: int) -> RouterStats:
-    """Per-expert token counts, and L = Σ_i f_i P_i averaged over sequences (DeepSeek-V3 eq. 17-20)."""
+def router_stats(routing: Routing, batch: int, n_experts: int, counted_BT=None) -> RouterStats:
+    """Per-expert token counts, and L = Σ_i f_i P_i averaged over the batch's rows (DeepSeek-V3 eq. 17-20).
+
+    Only tokens where `counted_BT` is True (default: all) enter either: padding stays out of the bias update's
+    counts and of the balance loss. A row's f and P are over its counted tokens T_b (f_i = E/(K·T_b) Σ_t 1[i ∈
+    topk(t)]); the mean is over all `batch` rows, a row with no counted token adding 0, so that the means of
+    equal-sized micro-batches average to the whole batch's.
+    """
     T_all, K = routing.experts_TK.shape
     seq = T_all // batch
-    counts_E = jnp.bincount(routing.experts_TK.reshape(-1), length=n_experts).astype(jnp.float32)
-    one_hot_BTE = jax.nn.one_hot(routing.experts_TK.reshape(batch, seq, K), n_experts, dtype=jnp.float32).sum(2)
-    f_BE = one_hot_BTE.sum(axis=1) * (n_experts / (K * seq))
+    experts_BTK = routing.experts_TK.reshape(batch, seq, K)
+    counted_BT = jnp.ones((batch, seq), bool) if counted_BT is None else counted_BT.reshape(batch, seq)
+    dropped_BTK = jnp.where(counted_BT[..., None], experts_BTK, n_experts)   # uncounted tokens go to bin E
+    counts_E = jnp.bincount(dropped_BTK.reshape(-1), length=n_experts + 1)[:n_experts].astype(jnp.float32)
+    w_BT = counted_BT.astype(jnp.float32)
+    tokens_B1 = jnp.maximum(w_BT.sum(axis=1), 1.0)[:, None]
+    chosen_BTE = jax.nn.one_hot(experts_BTK, n_experts, dtype=jnp.float32).sum(2) * w_BT[..., None]
+    f_BE = chosen_BTE.sum(axis=1) * (n_experts / K) / tokens_B1
     probs_BTE = routing.scores_TE.reshape(batch, seq, n_experts)
-    p_BE = (probs_BTE / probs_BTE.sum(axis=-1, keepdims=True)).mean(axis=1)
+    shares_BTE = probs_BTE / probs_BTE.sum(axis=-1, keepdims=True) * w_BT[..., None]
+    p_BE = shares_BTE.sum(axis=1) / tokens_B1
     return RouterStats(counts_E, jnp.mean(jnp.sum(f_BE * p_BE, axis=-1)))
 
 

@@ -20,10 +20,15 @@ def state_shardings(config: ModelConfig, tx: optax.GradientTransformation, abstr
     """NamedShardings for every leaf of `abstract_state` (from jax.eval_shape of create_train_state)."""
     rules = logical_rules(strategy)
     specs = logical_axes(config)
-    params = tree_shardings(specs["params"], abstract_state.params, mesh, rules)
+    # On a pipeline mesh every parameter is stored split over `pipeline` too: a stacked layer axis when it divides
+    # into the stages, else the largest dimension it divides (the step moves each stage's layers to its devices).
+    # Under FSDP a leaf with no `embed` dimension (MLA's up-projections) is split too, over fsdp and expert.
+    pipeline = ("pipeline",) if mesh.shape.get("pipeline", 1) > 1 else ()
+    fsdp = ("fsdp", "expert") if strategy == "fsdp" else ()
+    params = tree_shardings(specs["params"], abstract_state.params, mesh, rules, extra=pipeline + fsdp)
     bias = tree_shardings(specs.get("moe_bias", {}), abstract_state.moe_bias, mesh, rules)
     moments = tree_shardings(specs["params"], abstract_state.params, mesh, rules,
-                             extra=BATCH_AXES if strategy == "zero1" else ())
+                             extra=pipeline + fsdp + (BATCH_AXES if strategy == "zero1" else ()))
     everywhere = NamedSharding(mesh, PartitionSpec())
     opt = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_state.opt_state, moments,
                                 transform_non_params=lambda _: everywhere)

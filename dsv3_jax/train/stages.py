@@ -1,21 +1,32 @@
-"""DeepSeekV3 cut into pipeline stages: the embedding and dense blocks first, equal slices of the MoE stack, then the
-head, MTP modules and loss. Each part runs the model's own modules on its slice of the ordinary parameter tree.
+"""DeepSeekV3 cut into pipeline stages: the embedding and dense blocks first, slices of the MoE stack, then the head,
+MTP modules and loss. Each part runs the model's own modules on its slice of the ordinary parameter tree.
+
+The MoE stack need not split evenly (V3's 58 MoE layers over 16 stages): every stage runs the same number of layer
+slots (SPMD), and a stage with fewer real layers fills its last slots with padding layers whose parameters are
+zeros, which makes a block the identity (every residual branch ends in a zero projection); their gradients and
+router statistics are dropped. The padding goes to the stages that also run the embedding and dense blocks, or the
+head and MTP modules (StageLayout.balanced), so that each stage's work is about the same.
 
 The activation passed between stages is (x_BTD, balance): the hidden state and the running sum of the MoE layers'
 sequence-wise balance losses, so that they enter the loss (and get their gradient) at the last stage.
 
 On a mesh with an `expert` axis the stages run expert-parallel: each rank holds E/EP routed experts of its stage
-(stage_specs) and its MoE layers exchange tokens over `expert` inside the executor's shard_map.
+(stage_specs) and its MoE layers exchange tokens over `expert` inside the executor's shard_map; so do the MTP
+modules on the last stage. The first and last stages' other large parameters (embedding, dense blocks, head, MTP
+blocks) are split over the batch axes and gathered whole where a stage uses them (end_specs, gather_whole), so that
+no device holds all of them for the whole step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.block import block_stack
@@ -24,20 +35,70 @@ from dsv3_jax.layers.rope import rope_tables
 from dsv3_jax.model import embedding, final_norm, head_logits, head_weight, mtp_outputs
 from dsv3_jax.moe.backend import expert_parallel_local
 from dsv3_jax.moe.layer import EXPERT_WEIGHTS
-from dsv3_jax.train.loss import LossConfig, head_cross_entropy, shifted_targets
+from dsv3_jax.train.loss import LossConfig, prediction_loss, valid_targets
+from sharding.rules import mesh_spec
 
 FIRST_KEYS = ("embed", "dense_layers")   # top-level parameter groups of the first stage
 STAGE_KEY = "moe_layers"                 # the stacked group split into stage chunks; the rest is the last stage's
 
 
-def layers_per_stage(config: ModelConfig, n_stages: int) -> int:
-    """MoE layers in each of `n_stages` chunks; a one-line ValueError when they do not split evenly."""
-    n_moe = config.n_moe_layers
-    if n_moe < n_stages or n_moe % n_stages:
-        raise ValueError(f"pipeline: model.n_layers={config.n_layers} − first_k_dense_replace="
-                         f"{config.first_k_dense_replace} = {n_moe} MoE layers do not split evenly into "
-                         f"mesh.pipeline={n_stages} stages")
-    return n_moe // n_stages
+@dataclasses.dataclass(frozen=True)
+class StageLayout:
+    """Which MoE layers each pipeline stage runs: `real[s]` layers of the stack, in order, then `slots − real[s]`
+    padding layers (identities)."""
+    real: tuple[int, ...]
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.real)
+
+    @property
+    def slots(self) -> int:
+        return max(self.real)
+
+    @property
+    def padded(self) -> bool:
+        return min(self.real) < self.slots
+
+    @property
+    def index_PL(self) -> np.ndarray:
+        """[stage P, slot L] -> layer of the ordinary stack; padding slots point one past its end."""
+        n_layers, out, first = sum(self.real), np.empty((self.n_stages, self.slots), np.int32), 0
+        for s, n in enumerate(self.real):
+            out[s] = [first + i if i < n else n_layers for i in range(self.slots)]
+            first += n
+        return out
+
+    @property
+    def real_PL(self) -> np.ndarray:
+        """1.0 where a slot holds a real layer, 0.0 for padding."""
+        return (np.arange(self.slots)[None, :] < np.asarray(self.real)[:, None]).astype(np.float32)
+
+    @property
+    def real_slots(self) -> np.ndarray:
+        """Flat slot positions (stage-major) of the stack's layers, in order."""
+        return np.flatnonzero(self.real_PL.reshape(-1))
+
+    @classmethod
+    def balanced(cls, config: ModelConfig, n_stages: int) -> "StageLayout":
+        """ceil(L / PP) slots per stage for the L MoE layers; each padding slot goes to the stage with the most work
+        (its layers, plus the dense blocks on the first stage and the MTP modules and head on the last; ties to the
+        earlier stage), never leaving a stage without a MoE layer. V3 on 16 stages: 1, 3, 4 × 13, 2.
+        One-line ValueError when there are fewer MoE layers than stages."""
+        n_moe = config.n_moe_layers
+        if n_moe < n_stages:
+            raise ValueError(f"pipeline: model.n_layers={config.n_layers} − first_k_dense_replace="
+                             f"{config.first_k_dense_replace} = {n_moe} MoE layers are fewer than "
+                             f"mesh.pipeline={n_stages} stages")
+        slots = -(-n_moe // n_stages)
+        real = [slots] * n_stages
+        extra = [0] * n_stages
+        extra[0] += config.first_k_dense_replace
+        extra[-1] += config.num_mtp_modules + 1
+        for _ in range(slots * n_stages - n_moe):
+            s = max((s for s in range(n_stages) if real[s] > 1), key=lambda s: (real[s] + extra[s], -s))
+            real[s] -= 1
+        return cls(tuple(real))
 
 
 def shares_embedding(config: ModelConfig) -> bool:
@@ -45,19 +106,34 @@ def shares_embedding(config: ModelConfig) -> bool:
     return config.tie_word_embeddings or config.num_mtp_modules > 0
 
 
-def split_variables(config: ModelConfig, params: dict, moe_bias: dict, n_stages: int):
-    """(stage, first, last) parts of the ordinary variables; the MoE stack's leading layer axis L becomes (PP, L/PP).
+def split_variables(config: ModelConfig, params: dict, moe_bias: dict, layout: StageLayout):
+    """(stage, first, last) parts of the ordinary variables; the MoE stack's leading layer axis L becomes
+    (PP, slots) by `layout`, padding slots zero.
 
-    stage = {"params", "moe_bias"} with leaves [PP, L/PP, ...]; first = the embedding and dense blocks' params;
-    last = {"params", "moe_bias"} of the final norm, head and MTP modules, plus the embedding when shared.
+    stage = {"params", "moe_bias", "real"} with leaves [PP, slots, ...] ("real": layout.real_PL); first = the
+    embedding and dense blocks' params; last = {"params", "moe_bias"} of the final norm, head and MTP modules, plus
+    the embedding when shared.
     """
-    chunk = lambda tree: jax.tree.map(lambda a: a.reshape(n_stages, a.shape[0] // n_stages, *a.shape[1:]), tree)
-    stage = {"params": chunk(params[STAGE_KEY]), "moe_bias": chunk(moe_bias.get(STAGE_KEY, {}))}
+    if layout.padded:
+        index_PL = layout.index_PL
+        chunk = lambda tree: jax.tree.map(
+            lambda a: jnp.concatenate([a, jnp.zeros((1, *a.shape[1:]), a.dtype)])[index_PL], tree)
+    else:
+        n = layout.n_stages
+        chunk = lambda tree: jax.tree.map(lambda a: a.reshape(n, a.shape[0] // n, *a.shape[1:]), tree)
+    stage = {"params": chunk(params[STAGE_KEY]), "moe_bias": chunk(moe_bias.get(STAGE_KEY, {})),
+             "real": jnp.asarray(layout.real_PL)}
     first = {k: v for k, v in params.items() if k in FIRST_KEYS}
     keep = lambda k: k not in FIRST_KEYS + (STAGE_KEY,) or (k == "embed" and shares_embedding(config))
     last = {"params": {k: v for k, v in params.items() if keep(k)},
             "moe_bias": {k: v for k, v in moe_bias.items() if keep(k)}}
     return stage, first, last
+
+
+def stack_layers(layout: StageLayout, tree):
+    """Leaves [PP, slots, ...] -> [L, ...]: the real slots in stack order (gradients, per-layer statistics)."""
+    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[layout.real_slots] if layout.padded
+                        else a.reshape(-1, *a.shape[2:]), tree)
 
 
 def stage_specs(stage_vars: dict, axis: str = "pipeline", expert_axis: str | None = None) -> dict:
@@ -69,12 +145,42 @@ def stage_specs(stage_vars: dict, axis: str = "pipeline", expert_axis: str | Non
     return jax.tree_util.tree_map_with_path(spec, stage_vars)
 
 
-def join_gradients(g_stage: dict, g_first: dict, g_last: dict) -> dict:
-    """Gradients in the ordinary params layout from the three parts' (the embedding's two gradients add)."""
+SPLIT_MIN_SIZE = 1 << 20   # end_specs: leaves with fewer elements stay whole on every device
+
+
+def end_specs(tree, mesh, expert_axis: str | None, batch_axes: tuple[str, ...], min_size: int = SPLIT_MIN_SIZE):
+    """PartitionSpecs for the first / last stage's variables inside the executor: routed experts (MTP modules) over
+    `expert_axis`, run expert-parallel; any other leaf of at least `min_size` elements over `batch_axes` (each on
+    the largest dimension it divides, as ZeRO-1 moments are), gathered whole where it is used; the rest whole."""
+    def spec(path, leaf):
+        if expert_axis and getattr(path[-1], "key", None) in EXPERT_WEIGHTS:
+            return P(expert_axis)
+        if leaf.size < max(min_size, 1):
+            return P()
+        return mesh_spec(None, leaf.shape, mesh, (), extra=batch_axes)
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def gather_whole(tree, specs):
+    """Inside the executor: every leaf split by end_specs over batch axes, all-gathered whole (its gradient comes
+    back reduce-scattered); routed experts stay split."""
+    def gather(path, leaf, spec):
+        if getattr(path[-1], "key", None) in EXPERT_WEIGHTS:
+            return leaf
+        for dim, entry in enumerate(spec):
+            if entry is not None:
+                leaf = jax.lax.all_gather(leaf, entry, axis=dim, tiled=True)
+        return leaf
+    return jax.tree_util.tree_map_with_path(gather, tree, specs)
+
+
+def join_gradients(layout: StageLayout, g_stage: dict, g_first: dict, g_last: dict) -> dict:
+    """Gradients in the ordinary params layout from the three parts' (the embedding's two gradients add; the
+    padding slots' are dropped)."""
     grads = {**g_last["params"], **g_first}
     if "embed" in g_last["params"]:
         grads["embed"] = jax.tree.map(jnp.add, g_first["embed"], g_last["params"]["embed"])
-    grads[STAGE_KEY] = jax.tree.map(lambda g: g.reshape(-1, *g.shape[2:]), g_stage["params"])
+    grads[STAGE_KEY] = stack_layers(layout, g_stage["params"])
     return grads
 
 
@@ -82,8 +188,9 @@ def micro_batch_data(config: ModelConfig, batches: dict):
     """(inputs, targets, side, n_tokens) for the executor, from (M, B, T) batches.
 
     side: rope cos / sin and segment ids, which every stage needs. targets: the tokens and, per prediction offset
-    (1 for the next token, d + 2 for MTP depth d), weights valid · B / count over the whole micro-batch, so that a
-    mean over the rows of any batch shard, averaged over shards, is the micro-batch's mean over valid targets.
+    (1 for the next token, d + 2 for MTP depth d), weights valid · M·B / the whole step's count of valid targets, so
+    that a mean over the rows of any batch shard, averaged over shards and micro-batches, is the step's mean over
+    all its valid targets (as the accumulating train step's).
     """
     tokens_MBT = batches["tokens"]
     M, B, T = tokens_MBT.shape
@@ -96,18 +203,14 @@ def micro_batch_data(config: ModelConfig, batches: dict):
     if segment_ids_MBT is not None:
         side["segment_ids"] = segment_ids_MBT
 
-    def valid(offset):
-        if segment_ids_MBT is None:
-            return jax.vmap(lambda t: shifted_targets(t, None, offset)[1])(tokens_MBT)
-        return jax.vmap(lambda t, s: shifted_targets(t, s, offset)[1])(tokens_MBT, segment_ids_MBT)
-
-    weights, n_tokens = [], None
-    for offset in range(1, config.num_mtp_modules + 2):
-        valid_MBT = valid(offset).astype(jnp.float32)
-        count_M = valid_MBT.sum(axis=(1, 2))
-        n_tokens = count_M.sum() if n_tokens is None else n_tokens
-        weights.append(valid_MBT * (B / jnp.maximum(count_M, 1.0))[:, None, None])
-    targets = {"tokens": tokens_MBT, "weights": jnp.stack(weights, axis=2)}   # (M, B, offsets, T)
+    rows = lambda a: a.reshape(M * B, T)
+    n_offsets = config.num_mtp_modules + 1
+    valid_OMBT = valid_targets(rows(tokens_MBT), None if segment_ids_MBT is None else rows(segment_ids_MBT),
+                               n_offsets).astype(jnp.float32).reshape(n_offsets, M, B, T)
+    count_O = valid_OMBT.sum(axis=(1, 2, 3))
+    weights_OMBT = valid_OMBT * (M * B / jnp.maximum(count_O, 1.0))[:, None, None, None]
+    targets = {"tokens": tokens_MBT, "weights": jnp.moveaxis(weights_OMBT, 0, 2)}   # (M, B, offsets, T)
+    n_tokens = count_O[0]
     return tokens_MBT, targets, side, n_tokens
 
 
@@ -127,66 +230,58 @@ class FirstStage(nn.Module):
 
 class LastStage(nn.Module):
     """The model's final norm and MTP modules (DeepSeekV3's own pieces): the head's inputs (head_in_BTD,
-    mtp_head_in_DBTD | None) and mtp_stats | None; the loss applies the head (loss.head_cross_entropy)."""
+    mtp_head_in_ZBTD | None) and mtp_stats | None; the loss applies the head (loss.head_cross_entropy)."""
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x_BTD, tokens_BT, rope_cos_sin, segment_ids_BT):
         c = self.config
         embed = embedding(c)
-        mtp_head_in_DBTD, mtp_stats = mtp_outputs(c, embed, None, x_BTD, tokens_BT, rope_cos_sin, segment_ids_BT)
-        return final_norm(c)(x_BTD), mtp_head_in_DBTD, mtp_stats
-
-
-def weighted_cross_entropy(config: ModelConfig, params: dict, x_BTD, targets_BT, weights_BT, chunk: int):
-    """(mean over rows of Σ_t w·CE, the same of w·logsumexp²): the train step's head_cross_entropy with the pipeline's
-    global normalisation (weights valid · B / count)."""
-    ce_sum, z_sum = head_cross_entropy(functools.partial(head_logits, config), head_weight(config, params), x_BTD,
-                                       targets_BT, weights_BT, chunk)
-    rows = x_BTD.shape[0]
-    return ce_sum / rows, z_sum / rows
+        mtp_head_in_ZBTD, mtp_stats = mtp_outputs(c, embed, None, x_BTD, tokens_BT, rope_cos_sin, segment_ids_BT)
+        return final_norm(c)(x_BTD), mtp_head_in_ZBTD, mtp_stats
 
 
 class StageFns:
     """The executor's first_fn, stage_fn and loss_fn (with side inputs and aux outputs) for one model and loss."""
 
-    def __init__(self, config: ModelConfig, loss: LossConfig, n_stage_layers: int, expert_axis: str | None = None):
+    def __init__(self, config: ModelConfig, loss: LossConfig, layout: StageLayout, expert_axis: str | None = None):
         """With `expert_axis` (manual in the executor), stage_vars hold E/EP routed experts per rank (stage_specs)
         and the stage's MoE layers exchange tokens over it."""
         self.config, self.loss_config, self.expert_axis = config, loss, expert_axis
-        self.stack = block_stack(config, True, n_stage_layers, STAGE_KEY)
+        self.stack = block_stack(config, True, layout.slots, STAGE_KEY)
 
-    def first(self, first_params, tokens_BT, side):
-        x_BTD = FirstStage(self.config).apply({"params": first_params}, tokens_BT, (side["cos"], side["sin"]),
-                                              side.get("segment_ids"))
+    def first(self, specs, first_params, tokens_BT, side):
+        """The embedding and dense blocks; `specs`: end_specs of first_params."""
+        x_BTD = FirstStage(self.config).apply({"params": gather_whole(first_params, specs)}, tokens_BT,
+                                              (side["cos"], side["sin"]), side.get("segment_ids"))
         return x_BTD, jnp.zeros((), jnp.float32)
 
     def stage(self, stage_vars, carried, side):
-        """L/PP MoE blocks; the balance losses join the carried sum, the expert counts (L/PP, E) come out."""
+        """The stage's slots of MoE blocks; the real layers' balance losses join the carried sum, the expert counts
+        (slots, E) come out."""
         x_BTD, balance = carried
+        variables = {"params": stage_vars["params"], "moe_bias": stage_vars["moe_bias"]}
         with expert_parallel_local(self.expert_axis) if self.expert_axis else contextlib.nullcontext():
-            x_BTD, stats = self.stack.apply(stage_vars, x_BTD, (side["cos"], side["sin"]), side.get("segment_ids"))
-        return (x_BTD, balance + stats.balance_loss.sum()), stats.expert_counts_E
+            x_BTD, stats = self.stack.apply(variables, x_BTD, (side["cos"], side["sin"]), side.get("segment_ids"))
+        return (x_BTD, balance + (stats.balance_loss * stage_vars["real"]).sum()), stats.expert_counts_E
 
-    def loss(self, last_vars, carried, targets, side):
-        """total_loss of one micro-batch shard; metrics are its parts and the MTP modules' expert counts."""
+    def loss(self, specs, last_vars, carried, targets, side):
+        """loss.prediction_loss of one micro-batch shard; metrics are its parts and the MTP modules' expert counts;
+        `specs`: end_specs of last_vars."""
         x_BTD, balance = carried
         c, cfg = self.config, self.loss_config
+        last_vars = gather_whole(last_vars, specs)
         tokens_BT, weights_BOT = targets["tokens"], targets["weights"]
         variables = {"params": last_vars["params"], "moe_bias": last_vars["moe_bias"]}
-        head_in_BTD, mtp_head_in_DBTD, mtp_stats = LastStage(c).apply(
-            variables, x_BTD, tokens_BT, (side["cos"], side["sin"]), side.get("segment_ids"))
-        cross_entropy = lambda x, offset: weighted_cross_entropy(
-            c, last_vars["params"], x, shifted_targets(tokens_BT, None, offset)[0], weights_BOT[:, offset - 1],
-            cfg.logits_chunk)
-        ce, z = cross_entropy(head_in_BTD, 1)
-        value = ce + cfg.z_loss * z
-        metrics = {"ce": ce}
-        if mtp_head_in_DBTD is not None:
-            mtp = jnp.mean(jnp.stack([cross_entropy(mtp_head_in_DBTD[d], d + 2)[0]
-                                      for d in range(mtp_head_in_DBTD.shape[0])]))
-            value = value + last_vars["mtp_weight"] * mtp
-            balance = balance + mtp_stats.balance_loss.sum()
-            metrics.update(mtp_ce=mtp, mtp_counts_DE=mtp_stats.expert_counts_E)
-        metrics["balance"] = balance
-        return value + cfg.balance_alpha * balance, metrics
+        with expert_parallel_local(self.expert_axis) if self.expert_axis else contextlib.nullcontext():
+            head_in_BTD, mtp_head_in_ZBTD, mtp_stats = LastStage(c).apply(
+                variables, x_BTD, tokens_BT, (side["cos"], side["sin"]), side.get("segment_ids"))
+        rows = x_BTD.shape[0]   # weights are valid · M·B / count: a mean over rows is the step's share
+        value, metrics = prediction_loss(
+            functools.partial(head_logits, c), head_weight(c, last_vars["params"]), head_in_BTD, mtp_head_in_ZBTD,
+            tokens_BT, jnp.moveaxis(weights_BOT, 1, 0), jnp.full(weights_BOT.shape[1], rows, jnp.float32),
+            balance + (0.0 if mtp_stats is None else mtp_stats.balance_loss.sum()), last_vars["mtp_weight"],
+            cfg.balance_alpha, cfg.z_loss, cfg.logits_chunk)
+        if mtp_stats is not None:
+            metrics["mtp_counts_ZE"] = mtp_stats.expert_counts_E
+        return value, metrics

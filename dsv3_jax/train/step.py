@@ -20,7 +20,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, ModelOutputs, head_logits, head_weight, init_variables
 from dsv3_jax.moe.router import RouterStats
 from dsv3_jax.train.balance import update_routing_bias
-from dsv3_jax.train.loss import LossConfig, total_loss
+from dsv3_jax.train.loss import LossConfig, target_counts, total_loss
 from dsv3_jax.train.optimizer import OptimizerConfig, make_optimizer
 from dsv3_jax.train.schedule import ScheduleConfig, as_float32, learning_rate
 
@@ -55,49 +55,68 @@ def _switch(value_before, value_after, switch_after, unit, step, tokens):
     return jnp.where(t >= switch_after, value_after, value_before).astype(jnp.float32)
 
 
+def make_accumulate(model_config: ModelConfig, loss: LossConfig):
+    """accumulate(params, moe_bias, batches, mtp_weight) -> (grads, metrics, aux) over the A micro-batches of
+    `batches` ((A, B, T) leaves, like step_fn's), one at a time.
+
+    The loss is the step's, not a mean of per-micro-batch losses: each cross-entropy is the sum over every
+    micro-batch's valid targets divided by the step's count of them (micro-batches holding different numbers of real
+    tokens weigh by those numbers), and the balance term is the mean of the micro-batches' means over their rows
+    (equal rows each: the mean over the step's rows). Metrics are the step's; aux's expert counts are sums and its
+    balance losses means.
+    """
+    model = DeepSeekV3(model_config)
+    logits_fn = functools.partial(head_logits, model_config)
+    n_offsets = 1 + model_config.num_mtp_modules
+
+    def loss_fn(params, moe_bias, batch, mtp_weight, counts_O, balance_weight):
+        # logits=False: the loss applies the head in chunks of positions (no [B, T, V] float32 logits)
+        outputs = model.apply({"params": params, "moe_bias": moe_bias}, batch["tokens"], batch.get("positions"),
+                              batch.get("segment_ids"), return_aux=True, logits=False)
+        value, metrics = total_loss(outputs, logits_fn, head_weight(model_config, params), batch["tokens"],
+                                    batch.get("segment_ids"), mtp_weight, loss.balance_alpha, loss.z_loss,
+                                    loss.logits_chunk, counts_O, balance_weight)
+        return value, (metrics, outputs._replace(head_in_BTD=None, mtp_head_in_ZBTD=None))
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def accumulate(params, moe_bias, batches, mtp_weight):
+        n = batches["tokens"].shape[0]
+        rows = lambda x: x.reshape(-1, x.shape[-1])
+        segment_ids = batches.get("segment_ids")
+        counts_O = target_counts(rows(batches["tokens"]), None if segment_ids is None else rows(segment_ids),
+                                 n_offsets)
+
+        def one_grad(batch):
+            grads, (metrics, aux) = grad_fn(params, moe_bias, batch, mtp_weight, counts_O, 1.0 / n)
+            return grads, metrics, aux
+
+        def one(carry, batch):
+            return jax.tree.map(jnp.add, carry, one_grad(batch)), None
+
+        total = one_grad(jax.tree.map(lambda x: x[0], batches))
+        if n > 1:
+            total, _ = jax.lax.scan(one, total, jax.tree.map(lambda x: x[1:], batches))
+        grads, metrics, aux = total
+        # Expert counts are sums over every routed token; the balance-loss terms are means.
+        aux = aux._replace(moe_stats=_mean_loss(aux.moe_stats, n), mtp_stats=_mean_loss(aux.mtp_stats, n))
+        return grads, metrics, aux
+
+    return accumulate
+
+
 def make_train_step(model_config: ModelConfig, loss: LossConfig, schedule: ScheduleConfig,
                     optimizer: OptimizerConfig, balance: BalanceConfig):
     """Return (tx, step_fn).
 
     step_fn(state, batches, tokens_seen, loss_limit) -> (state, metrics) is pure and jittable.
     `batches` holds `tokens` (A, B, T) int32 and optionally `segment_ids` and `positions`: A micro-batches
-    whose gradients are averaged. An update whose loss or gradient norm is not finite, or whose loss
-    exceeds `loss_limit`, is not applied (metrics["skipped"] = 1); the step counter still advances.
+    whose gradients are accumulated into the step's (make_accumulate). An update whose loss or gradient norm is not
+    finite, or whose loss exceeds `loss_limit`, is not applied (metrics["skipped"] = 1); the step counter still
+    advances.
     """
-    model = DeepSeekV3(model_config)
     tx = make_optimizer(optimizer)
-    logits_fn = functools.partial(head_logits, model_config)
-
-    def loss_fn(params, moe_bias, batch, mtp_weight):
-        # logits=False: the loss applies the head in chunks of positions (no [B, T, V] float32 logits)
-        outputs = model.apply({"params": params, "moe_bias": moe_bias}, batch["tokens"], batch.get("positions"),
-                              batch.get("segment_ids"), return_aux=True, logits=False)
-        value, metrics = total_loss(outputs, logits_fn, head_weight(model_config, params), batch["tokens"],
-                                    batch.get("segment_ids"), mtp_weight, loss.balance_alpha, loss.z_loss,
-                                    loss.logits_chunk)
-        return value, (metrics, outputs._replace(head_in_BTD=None, mtp_head_in_DBTD=None))
-
-    grad_fn = jax.grad(loss_fn, has_aux=True)
-
-    def accumulate(params, moe_bias, batches, mtp_weight):
-        n = batches["tokens"].shape[0]
-
-        def one(carry, batch):
-            grads, (metrics, aux) = grad_fn(params, moe_bias, batch, mtp_weight)
-            return jax.tree.map(jnp.add, carry, (grads, metrics, aux)), None
-
-        first = jax.tree.map(lambda x: x[0], batches)
-        total = grad_fn(params, moe_bias, first, mtp_weight)
-        total = (total[0],) + total[1]
-        if n > 1:
-            rest = jax.tree.map(lambda x: x[1:], batches)
-            total, _ = jax.lax.scan(one, total, rest)
-        grads, metrics, aux = total
-        mean = lambda tree: jax.tree.map(lambda x: x / n, tree)
-        # Expert counts are sums over every routed token; the balance-loss terms are means.
-        aux = aux._replace(moe_stats=_mean_loss(aux.moe_stats, n), mtp_stats=_mean_loss(aux.mtp_stats, n))
-        metrics = dict(mean(metrics), tokens=metrics["tokens"])
-        return mean(grads), metrics, aux
+    accumulate = make_accumulate(model_config, loss)
 
     def step_fn(state: TrainState, batches, tokens_seen, loss_limit):
         mtp_weight = mtp_weight_at(loss, state.step, tokens_seen)

@@ -20,6 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
+import jax_compat
 from pallas_kernels.cost import cost_estimate, nbytes
 
 
@@ -46,48 +47,27 @@ def _kernel(x_hbm, out_hbm, local_sem, send_sems, recv_sems, *, axis_name: str, 
         copy.wait()   # my block to me + s has left, and the block from me − s has arrived
 
 
-def _varying_axes(x):
-    """The manual axes x varies over under shard_map's check_vma (JAX 0.10+: `.manual_axis_type`, before:
-    `.vma`), or None where the type carries none."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    varying = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", None)
-    return None if varying is None else frozenset(varying)
-
-
-def _vary_over(x, axes):
-    have = _varying_axes(x)
-    missing = () if have is None else tuple(sorted(frozenset(axes) - have))
-    if not missing:
-        return x
-    return lax.pcast(x, missing, to="varying") if hasattr(lax, "pcast") else lax.pvary(x, missing)
-
-
 def _varying(x, axis_name: str):
     """x typed as varying over `axis_name` too, and the kernel's output type: the same."""
-    x = _vary_over(x, frozenset([axis_name]))
-    aval = jax.typeof(x)
-    for name in ("manual_axis_type", "vma"):
-        if getattr(aval, name, None) is not None:
-            return x, jax.ShapeDtypeStruct(x.shape, x.dtype, **{name: getattr(aval, name)})
-    return x, jax.ShapeDtypeStruct(x.shape, x.dtype)
+    x = jax_compat.cast_varying(x, {axis_name})
+    return x, jax_compat.typed_struct(x.shape, x.dtype, jax_compat.varying_axes(x))
 
 
-def _exchange_blocks(x_NX, axis_name: str, interpret):
-    """out[j] = block `me` of device j's x_NX ([n, ...] with n = the axis size)."""
+def _exchange_blocks(x_PX, axis_name: str, interpret):
+    """out[j] = block `me` of device j's x_PX ([n, ...] with n = the axis size)."""
     # Under the enclosing shard_map's varying-axes checks, the kernel's own axis_index arithmetic (and TPU interpret
     # mode's device simulator) would be traced with `pvary` casts, which Mosaic cannot lower (JAX 0.10): trace it in
     # a shard_map over no new axes with the checks off, and type the result back.
     mesh = jax.sharding.get_abstract_mesh()
     out = jax.shard_map(functools.partial(_exchange_kernel, axis_name=axis_name, interpret=interpret),
                         mesh=mesh, in_specs=P(), out_specs=P(), axis_names=frozenset(),
-                        check_vma=False)(x_NX)
-    return _vary_over(out, (_varying_axes(x_NX) or frozenset()) | {axis_name})
+                        check_vma=False)(x_PX)
+    return jax_compat.cast_varying(out, jax_compat.varying_axes(x_PX) | {axis_name})
 
 
-def _exchange_kernel(x_NX, *, axis_name: str, interpret):
-    n = x_NX.shape[0]
-    x_NX, out_shape = _varying(x_NX, axis_name)
+def _exchange_kernel(x_PX, *, axis_name: str, interpret):
+    n = x_PX.shape[0]
+    x_PX, out_shape = _varying(x_PX, axis_name)
     sems = pltpu.SemaphoreType.DMA((max(n - 1, 1),))
     return pl.pallas_call(
         functools.partial(_kernel, axis_name=axis_name, n=n),
@@ -97,10 +77,10 @@ def _exchange_kernel(x_NX, *, axis_name: str, interpret):
         scratch_shapes=[pltpu.SemaphoreType.DMA(()), sems, sems],
         compiler_params=pltpu.CompilerParams(collective_id=0, has_side_effects=True),
         # Every block is read once and written once (HBM to HBM); n - 1 of the n blocks cross to a peer.
-        cost_estimate=cost_estimate(flops=0, bytes_accessed=2 * nbytes(x_NX),
-                                    remote_bytes_transferred=nbytes(x_NX) * (n - 1) // n),
+        cost_estimate=cost_estimate(flops=0, bytes_accessed=2 * nbytes(x_PX),
+                                    remote_bytes_transferred=nbytes(x_PX) * (n - 1) // n),
         interpret=interpret,
-    )(x_NX)
+    )(x_PX)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))

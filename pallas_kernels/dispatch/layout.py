@@ -68,6 +68,6 @@ def route_layout(expert_idx_TK, n_experts: int, align: int = 1) -> Layout:
     sorted_expert_N = flat_N[order_N]
     dest_N = (jnp.arange(n, dtype=jnp.int32) - start_E[sorted_expert_N] + padded_start_E[sorted_expert_N])
     rows = padded_rows(n, n_experts, align)
-    order_R = jnp.full((rows,), n, jnp.int32).at[dest_N].set(order_N, unique_indices=True)
+    padded_order_N = jnp.full((rows,), n, jnp.int32).at[dest_N].set(order_N, unique_indices=True)
     row_N = jnp.zeros((n,), jnp.int32).at[order_N].set(dest_N, unique_indices=True)
-    return Layout(order_R, order_R // K, row_N.reshape(T, K), padded_E, padded_start_E)
+    return Layout(padded_order_N, padded_order_N // K, row_N.reshape(T, K), padded_E, padded_start_E)

@@ -4,7 +4,7 @@ Each grid step owns a block of output rows. The row indices live in SMEM (scalar
 DMA per row from the HBM table into a VMEM slot, and while it computes on its rows the DMAs of the next block are
 already in flight (two slots, so the grid runs in order: "arbitrary"). Rows whose index is out of range are
 zero-filled instead of copied. TPU DMAs land single rows only in 32-bit VMEM arrays (a packed bf16 row at an odd
-sublane is not addressable), so bfloat16 tables travel as 32-bit words, column j and column j + W sharing word j
+sublane is not addressable), so bfloat16 tables travel as 32-bit words, column j and column j + w sharing word j
 (`_word_table`), and are unpacked exactly in the kernel; other 16- and 8-bit tables fall back to the reference
 (logged once). Epilogues:
   gather_rows        copy (and, fused, E4M3 1×128 quantization: amax, scale, clip, cast per 128 columns)
@@ -55,15 +55,15 @@ def _kernel_dtype(op: str, dtype) -> bool:
     return False
 
 
-def _word_table(table_RD):
-    """The table as the kernels DMA it: 32-bit dtypes as they are; bfloat16 as uint32 words [R, W] with W = D
-    rounded up to 256, halved, and word j = bits of column j | bits of column j + W << 16 (zero columns pad D)."""
-    if table_RD.dtype.itemsize == 4:
-        return table_RD
-    R, D = table_RD.shape
-    W = _cdiv(D, 2 * TILE) * TILE
-    bits = lax.bitcast_convert_type(jnp.pad(table_RD, ((0, 0), (0, 2 * W - D))), jnp.uint16).astype(jnp.uint32)
-    return bits[:, :W] | (bits[:, W:] << _HALF_WORD)
+def _word_table(table_XD):
+    """The table as the kernels DMA it: 32-bit dtypes as they are; bfloat16 as uint32 words [rows, w] with w = D
+    rounded up to 256, halved, and word j = bits of column j | bits of column j + w << 16 (zero columns pad D)."""
+    if table_XD.dtype.itemsize == 4:
+        return table_XD
+    D = table_XD.shape[1]
+    w = _cdiv(D, 2 * TILE) * TILE
+    bits = lax.bitcast_convert_type(jnp.pad(table_XD, ((0, 0), (0, 2 * w - D))), jnp.uint16).astype(jnp.uint32)
+    return bits[:, :w] | (bits[:, w:] << _HALF_WORD)
 
 
 def _unpacked(words, d: int):

@@ -25,21 +25,21 @@ def is_hopper(device=None) -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
-def fp8_matmul(a_q_MK, a_scale_MKb, b_q_KN, b_scale, *, impl: str = "reference", out_dtype=jnp.bfloat16,
+def fp8_matmul(a_q_TC, a_scale_TCb, b_q_CJ, b_scale, *, impl: str = "reference", out_dtype=jnp.bfloat16,
                interpret: bool = False):
-    """a_q [M, K] e4m3 with a_scale [M, ceil(K/128)] (1×128 tiles) times b_q [K, N] e4m3 with b_scale
-    [ceil(K/128), ceil(N/128)] (128×128 blocks) or [ceil(K/128), N] (128×1 tiles); float32 accumulation
-    promoted every 128 of K; result in out_dtype."""
+    """a_q [T, C] e4m3 with a_scale [T, ceil(C/128)] (1×128 tiles) times b_q [C, J] e4m3 with b_scale
+    [ceil(C/128), ceil(J/128)] (128×128 blocks) or [ceil(C/128), J] (128×1 tiles); float32 accumulation
+    promoted every 128 of C; result in out_dtype."""
     try:
         fn = IMPLEMENTATIONS[impl]
     except KeyError:
         raise ValueError(f"fp8_matmul impl={impl!r} unknown; choose one of {sorted(IMPLEMENTATIONS)}") from None
-    return fn(a_q_MK, a_scale_MKb, b_q_KN, b_scale, jnp.dtype(out_dtype), interpret)
+    return fn(a_q_TC, a_scale_TCb, b_q_CJ, b_scale, jnp.dtype(out_dtype), interpret)
 
 
-def blockwise_matmul(a_MK, b_KN, *, impl: str = "reference", out_dtype=jnp.bfloat16, interpret: bool = False,
+def blockwise_matmul(a_TC, b_CJ, *, impl: str = "reference", out_dtype=jnp.bfloat16, interpret: bool = False,
                      power_of_two: bool = False):
     """a · b by the recipe: a quantized per 1×128 tile, b per 128×128 block, then `fp8_matmul`."""
-    a_q, a_scale = quantize_1x128(a_MK, power_of_two)
-    b_q, b_scale = quantize_128x128(b_KN, power_of_two)
+    a_q, a_scale = quantize_1x128(a_TC, power_of_two)
+    b_q, b_scale = quantize_128x128(b_CJ, power_of_two)
     return fp8_matmul(a_q, a_scale, b_q, b_scale, impl=impl, out_dtype=out_dtype, interpret=interpret)

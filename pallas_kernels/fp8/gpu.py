@@ -1,16 +1,17 @@
 """Block-scaled FP8 matmul for Hopper as a Mosaic GPU Pallas kernel (warp-specialized, TMA-pipelined, FP8 WGMMA).
 
-    out[m, n] = Σ_kb (a_q[m, kb] · b_q[n, kb]) · a_scale[kb, m] · b_scale[kb, n]        (kb: 128-wide K blocks)
+    out[m, n] = Σ_kb (a_q[m, kb] · b_q[n, kb]) · a_scale[kb, m] · b_scale[kb, n]        (kb: 128-wide C blocks)
 
-Layout (what FP8 WGMMA needs: both operands K-major, it cannot transpose 8-bit operands): a_q [M, K] and b_q
-[N, K] in E4M3; a_scale [Kb, M] (1×128 activation tiles, stored K-block-major so one TMA row per step) and
-b_scale [Kb, N] (one scale per column and K block: 128×128 weight blocks expanded along N, or 128×1 tiles as
-they are). One CTA computes a (block_m, block_n) tile: a memory warpgroup streams 128-wide K slices of a, b and
+Layout (what FP8 WGMMA needs: both operands contraction-major, it cannot transpose 8-bit operands): a_q [T, C]
+and b_q [J, C] in E4M3; a_scale [Cb, T] (1×128 activation tiles, stored block-major along C so one TMA row per step)
+and b_scale [Cb, J] (one scale per column and C block: 128×128 weight blocks expanded along J, or 128×1 tiles as
+they are). One CTA computes a (block_m, block_n) tile: a memory warpgroup streams 128-wide C slices of a, b and
 both scale rows through `stages` SMEM buffers with TMA; `compute_wgs` warpgroups each own half of the tile
-(split along M or N). Per K slice each issues a WGMMA into a fresh float32 accumulator, then promotes it:
-acc += partial · a_scale[rows] ⊗ b_scale[cols] (DeepSeek-V3's "promotion every 128 of K" with a separate
-partial accumulator, as DeepGEMM does). The epilogue casts to `out_dtype` through SMEM and stores with TMA.
-Tiles are scheduled persistently over the SMs in a snake order for L2 reuse. Unaligned M, N, K are zero-padded.
+(split along T or J). Per C slice each issues a WGMMA into a fresh float32 accumulator, then promotes it:
+acc += partial · a_scale[rows] ⊗ b_scale[cols] (DeepSeek-V3's promotion every 128 elements of the contraction,
+with a separate partial accumulator, as DeepGEMM does). The epilogue casts to `out_dtype` through SMEM and stores
+with TMA.
+Tiles are scheduled persistently over the SMs in a snake order for L2 reuse. Unaligned T, J, C are zero-padded.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ H100_SMS = 132
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     """One CTA computes (block_m, block_n): `compute_wgs` warpgroups each own a (block_m, block_n) / compute_wgs
-    slice, split along `split` ("m" or "n"); `stages` K slices are in flight; `grid_minor` and `snake_width`
+    slice, split along `split` ("m" or "n"); `stages` C slices are in flight; `grid_minor` and `snake_width`
     order the persistent tile loop (planar snake) for L2 reuse."""
     block_m: int = 128
     block_n: int = 128
@@ -61,14 +62,14 @@ class TileConfig:
                              f"along {self.split}")
 
 
-def default_config(M: int, N: int) -> TileConfig:
-    """A starting point by shape (to be tuned on the H100): skinny M splits the warpgroups along N."""
-    if M <= 64:
+def default_config(T: int, J: int) -> TileConfig:
+    """A starting point by shape (to be tuned on the H100): skinny T splits the warpgroups along J."""
+    if T <= 64:
         return TileConfig(block_m=64, block_n=256, split="n")
     return TileConfig()
 
 
-_SWIZZLE = 128   # bytes: one 128-wide FP8 K slice per row, the widest TMA/WGMMA swizzle
+_SWIZZLE = 128   # bytes: one 128-wide FP8 C slice per row, the widest TMA/WGMMA swizzle
 _FP8_TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
 
 
@@ -83,18 +84,18 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, cfg: TileConfig, m_ti
             return pl.ds(wg * wm, wm), slice(None)
         return slice(None), pl.ds(wg * wn, wn)
 
-    def k_step(_, a_smem, b_smem, sa_smem, sb_smem, acc_MN):
+    def k_step(_, a_smem, b_smem, sa_smem, sb_smem, acc_TJ):
         rows, cols = wg_slices(lax.axis_index("wg"))
 
         def mma(partial_ref):
             plgpu.wgmma(partial_ref, a_smem.at[rows], plgpu.transpose_ref(b_smem.at[cols], (1, 0)))
             return partial_ref[...]
 
-        partial_MN = pl.run_scoped(mma, plgpu.ACC((wm, wn), jnp.float32))
-        sa_M = sa_smem[0, rows]
-        sb_N = sb_smem[0, cols]
-        scale_MN = lax.broadcast_in_dim(sa_M, (wm, wn), [0]) * lax.broadcast_in_dim(sb_N, (wm, wn), [1])
-        return acc_MN + partial_MN * scale_MN
+        partial_TJ = pl.run_scoped(mma, plgpu.ACC((wm, wn), jnp.float32))
+        sa_T = sa_smem[0, rows]
+        sb_J = sb_smem[0, cols]
+        scale_TJ = lax.broadcast_in_dim(sa_T, (wm, wn), [0]) * lax.broadcast_in_dim(sb_J, (wm, wn), [1])
+        return acc_TJ + partial_TJ * scale_TJ
 
     def pipeline(m_i, n_i, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -129,10 +130,10 @@ def _kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem, *, cfg: TileConfig, m_ti
 
             def compute_context(run_pipeline):
                 wg = lax.axis_index("wg")
-                acc_MN = run_pipeline(jnp.zeros((wm, wn), jnp.float32))
+                acc_TJ = run_pipeline(jnp.zeros((wm, wn), jnp.float32))
                 rows, cols = wg_slices(wg)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous tile's store left out_smem
-                out_smem[wg] = acc_MN.astype(out_dtype)
+                out_smem[wg] = acc_TJ.astype(out_dtype)
                 plgpu.commit_smem()
                 tile_out = out_gmem.at[pl.ds(m_i * cfg.block_m, cfg.block_m), pl.ds(n_i * cfg.block_n, cfg.block_n)]
                 plgpu.copy_smem_to_gmem(out_smem.at[wg], tile_out.at[rows, cols])
@@ -147,29 +148,29 @@ def _pad_to(x, shape):
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
-def fp8_matmul_nt(a_q_MK, a_scale_KbM, b_q_NK, b_scale_KbN, out_dtype=jnp.bfloat16, config: TileConfig | None = None,
+def fp8_matmul_nt(a_q_TC, a_scale_CbT, b_q_JC, b_scale_CbJ, out_dtype=jnp.bfloat16, config: TileConfig | None = None,
                   interpret=False):
-    """The kernel on K-major operands: a_q [M, K], b_q [N, K] (E4M3), a_scale [Kb, M], b_scale [Kb, N] float32.
-    Returns [M, N] in out_dtype."""
-    (M, K), (N, K2) = a_q_MK.shape, b_q_NK.shape
-    Kb = _cdiv(K, TILE)
-    if K2 != K:
-        raise ValueError(f"fp8_matmul_nt: contraction mismatch, a is {a_q_MK.shape} and b is {b_q_NK.shape}")
-    if a_scale_KbM.shape != (Kb, M) or b_scale_KbN.shape != (Kb, N):
-        raise ValueError(f"fp8_matmul_nt: scales must be a [{Kb}, {M}] and b [{Kb}, {N}], got "
-                         f"{a_scale_KbM.shape} and {b_scale_KbN.shape}")
-    cfg = config or default_config(M, N)
+    """The kernel on contraction-major operands: a_q [T, C], b_q [J, C] (E4M3), a_scale [Cb, T], b_scale [Cb, J]
+    float32. Returns [T, J] in out_dtype."""
+    (T, C), (J, C2) = a_q_TC.shape, b_q_JC.shape
+    Cb = _cdiv(C, TILE)
+    if C2 != C:
+        raise ValueError(f"fp8_matmul_nt: contraction mismatch, a is {a_q_TC.shape} and b is {b_q_JC.shape}")
+    if a_scale_CbT.shape != (Cb, T) or b_scale_CbJ.shape != (Cb, J):
+        raise ValueError(f"fp8_matmul_nt: scales must be a [{Cb}, {T}] and b [{Cb}, {J}], got "
+                         f"{a_scale_CbT.shape} and {b_scale_CbJ.shape}")
+    cfg = config or default_config(T, J)
     cfg.check()
-    Mp, Np = _cdiv(M, cfg.block_m) * cfg.block_m, _cdiv(N, cfg.block_n) * cfg.block_n
-    a = _pad_to(a_q_MK, (Mp, Kb * TILE))
-    b = _pad_to(b_q_NK, (Np, Kb * TILE))
-    sa = _pad_to(a_scale_KbM.astype(jnp.float32), (Kb, Mp))
-    sb = _pad_to(b_scale_KbN.astype(jnp.float32), (Kb, Np))
-    m_tiles, n_tiles = Mp // cfg.block_m, Np // cfg.block_n
+    Tp, Jp = _cdiv(T, cfg.block_m) * cfg.block_m, _cdiv(J, cfg.block_n) * cfg.block_n
+    a = _pad_to(a_q_TC, (Tp, Cb * TILE))
+    b = _pad_to(b_q_JC, (Jp, Cb * TILE))
+    sa = _pad_to(a_scale_CbT.astype(jnp.float32), (Cb, Tp))
+    sb = _pad_to(b_scale_CbJ.astype(jnp.float32), (Cb, Jp))
+    m_tiles, n_tiles = Tp // cfg.block_m, Jp // cfg.block_n
     # No cost estimate: plgpu.kernel takes none and Mosaic GPU's lowering drops one (JAX 0.10).
     kernel = plgpu.kernel(
-        functools.partial(_kernel, cfg=cfg, m_tiles=m_tiles, n_tiles=n_tiles, k_blocks=Kb),
-        out_type=jax.ShapeDtypeStruct((Mp, Np), jnp.dtype(out_dtype)),
+        functools.partial(_kernel, cfg=cfg, m_tiles=m_tiles, n_tiles=n_tiles, k_blocks=Cb),
+        out_type=jax.ShapeDtypeStruct((Tp, Jp), jnp.dtype(out_dtype)),
         grid=(min(cfg.num_sms, m_tiles * n_tiles),),
         grid_names=("sm",),
         num_threads=cfg.compute_wgs + 1,
@@ -178,13 +179,13 @@ def fp8_matmul_nt(a_q_MK, a_scale_KbM, b_q_NK, b_scale_KbN, out_dtype=jnp.bfloat
         interpret=resolve_interpret(interpret),
     )
     out = kernel(a, b, sa, sb)
-    return out if (Mp, Np) == (M, N) else out[:M, :N]
+    return out if (Tp, Jp) == (T, J) else out[:T, :J]
 
 
-def fp8_matmul(a_q_MK, a_scale_MKb, b_q_KN, b_scale, out_dtype=jnp.bfloat16, interpret=False,
+def fp8_matmul(a_q_TC, a_scale_TCb, b_q_CJ, b_scale, out_dtype=jnp.bfloat16, interpret=False,
                config: TileConfig | None = None):
-    """`pallas_kernels.fp8.fp8_matmul`'s layout (b [K, N], scales [M, Kb] and [Kb, Nb] or [Kb, N]) on the kernel.
+    """`pallas_kernels.fp8.fp8_matmul`'s layout (b [C, J], scales [T, Cb] and [Cb, Jb] or [Cb, J]) on the kernel.
     Under jit the transposes fuse into the producer of the operands (the quantization)."""
-    M, K, N, Kb = check_operands(a_q_MK, a_scale_MKb, b_q_KN, b_scale)
-    return fp8_matmul_nt(a_q_MK, a_scale_MKb.T, b_q_KN.T, column_scales(b_scale, N), out_dtype=jnp.dtype(out_dtype),
+    T, C, J, Cb = check_operands(a_q_TC, a_scale_TCb, b_q_CJ, b_scale)
+    return fp8_matmul_nt(a_q_TC, a_scale_TCb.T, b_q_CJ.T, column_scales(b_scale, J), out_dtype=jnp.dtype(out_dtype),
                          config=config, interpret=interpret)

@@ -45,34 +45,34 @@ def _cast(x_f32, scale_f32):
     return jnp.clip(x_f32 / scale_f32, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
 
 
-def quantize_1x128(x_MK, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR):
-    """x [M, K] -> (x_q e4m3 [M, K], scale f32 [M, ceil(K/128)]): one scale per row per 128 columns."""
-    M, K = x_MK.shape
-    x_MKbC = _pad_to_tiles(x_MK.astype(jnp.float32), [1]).reshape(M, -1, TILE)
-    scale_MKb = scale_from_amax(jnp.max(jnp.abs(x_MKbC), axis=-1), power_of_two, amax_floor)
-    x_q = _cast(x_MKbC, scale_MKb[..., None]).reshape(M, -1)[:, :K]
-    return x_q, scale_MKb
+def quantize_1x128(x_TC, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR):
+    """x [T, C] -> (x_q e4m3 [T, C], scale f32 [T, ceil(C/128)]): one scale per row per 128 columns."""
+    T, C = x_TC.shape
+    x_TCbc = _pad_to_tiles(x_TC.astype(jnp.float32), [1]).reshape(T, -1, TILE)
+    scale_TCb = scale_from_amax(jnp.max(jnp.abs(x_TCbc), axis=-1), power_of_two, amax_floor)
+    x_q = _cast(x_TCbc, scale_TCb[..., None]).reshape(T, -1)[:, :C]
+    return x_q, scale_TCb
 
 
-def quantize_128x1(x_MK, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR):
-    """x [M, K] -> (x_q e4m3 [M, K], scale f32 [ceil(M/128), K]): one scale per 128 rows per column."""
-    xt_q, scale_KMb = quantize_1x128(x_MK.T, power_of_two, amax_floor)
-    return xt_q.T, scale_KMb.T
+def quantize_128x1(x_TC, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR):
+    """x [T, C] -> (x_q e4m3 [T, C], scale f32 [ceil(T/128), C]): one scale per 128 rows per column."""
+    xt_q, scale_CTb = quantize_1x128(x_TC.T, power_of_two, amax_floor)
+    return xt_q.T, scale_CTb.T
 
 
-def quantize_128x128(w_KN, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR):
-    """w [K, N] -> (w_q e4m3 [K, N], scale f32 [ceil(K/128), ceil(N/128)]): one scale per 128×128 block."""
-    K, N = w_KN.shape
-    w = _pad_to_tiles(w_KN.astype(jnp.float32), [0, 1])
-    Kb, Nb = w.shape[0] // TILE, w.shape[1] // TILE
-    w_KbCNbC = w.reshape(Kb, TILE, Nb, TILE)
-    scale_KbNb = scale_from_amax(jnp.max(jnp.abs(w_KbCNbC), axis=(1, 3)), power_of_two, amax_floor)
-    w_q = _cast(w_KbCNbC, scale_KbNb[:, None, :, None]).reshape(Kb * TILE, Nb * TILE)[:K, :N]
-    return w_q, scale_KbNb
+def quantize_128x128(w_CJ, power_of_two: bool = False, amax_floor: float = AMAX_FLOOR):
+    """w [C, J] -> (w_q e4m3 [C, J], scale f32 [ceil(C/128), ceil(J/128)]): one scale per 128×128 block."""
+    C, J = w_CJ.shape
+    w = _pad_to_tiles(w_CJ.astype(jnp.float32), [0, 1])
+    Cb, Jb = w.shape[0] // TILE, w.shape[1] // TILE
+    w_CbcJbj = w.reshape(Cb, TILE, Jb, TILE)
+    scale_CbJb = scale_from_amax(jnp.max(jnp.abs(w_CbcJbj), axis=(1, 3)), power_of_two, amax_floor)
+    w_q = _cast(w_CbcJbj, scale_CbJb[:, None, :, None]).reshape(Cb * TILE, Jb * TILE)[:C, :J]
+    return w_q, scale_CbJb
 
 
-def dequantize(x_q_MK, scale, tile: tuple[int, int]):
+def dequantize(x_q_TC, scale, tile: tuple[int, int]):
     """float32 x_q · scale, where each scale covers a `tile` = (rows, cols) block: (1, 128), (128, 1) or (128, 128)."""
-    M, K = x_q_MK.shape
-    full = jnp.repeat(jnp.repeat(scale, tile[0], axis=0), tile[1], axis=1)[:M, :K]
-    return x_q_MK.astype(jnp.float32) * full
+    T, C = x_q_TC.shape
+    full = jnp.repeat(jnp.repeat(scale, tile[0], axis=0), tile[1], axis=1)[:T, :C]
+    return x_q_TC.astype(jnp.float32) * full

@@ -51,77 +51,77 @@ class _Options(NamedTuple):   # static (hashable) settings of one call
     power_of_two: bool = False
 
 
-def _options(op: str, x_MK, w_GKN, group_sizes_G, impl: str, interpret: bool, power_of_two: bool = False):
-    reference.check_rows(op, x_MK, w_GKN, group_sizes_G, contract_axis=1)
+def _options(op: str, x_NC, w_ECJ, group_sizes_E, impl: str, interpret: bool, power_of_two: bool = False):
+    reference.check_rows(op, x_NC, w_ECJ, group_sizes_E, contract_axis=1)
     implementation(impl)   # an unknown or broken impl fails here, before tracing
-    return _Options(impl, interpret, jnp.dtype(x_MK.dtype), jnp.dtype(w_GKN.dtype), bool(power_of_two))
+    return _Options(impl, interpret, jnp.dtype(x_NC.dtype), jnp.dtype(w_ECJ.dtype), bool(power_of_two))
 
 
-def grouped_matmul(x_MK, w_GKN, group_sizes_G, *, impl: str = "reference", interpret: bool = False):
-    """y [M, N] in x's dtype: y[rows of g] = x[rows of g] · W[g] (W cast to x's dtype), 0 past sum(group_sizes).
-    Gradients: dx in x's dtype, dW in W's dtype; group_sizes_G is not differentiated."""
-    o = _options("grouped_matmul", x_MK, w_GKN, group_sizes_G, impl, interpret)
-    return _grouped_matmul(x_MK, w_GKN, group_sizes_G.astype(jnp.int32), o)
+def grouped_matmul(x_NC, w_ECJ, group_sizes_E, *, impl: str = "reference", interpret: bool = False):
+    """y [N, J] in x's dtype: y[rows of g] = x[rows of g] · W[g] (W cast to x's dtype), 0 past sum(group_sizes).
+    Gradients: dx in x's dtype, dW in W's dtype; group_sizes_E is not differentiated."""
+    o = _options("grouped_matmul", x_NC, w_ECJ, group_sizes_E, impl, interpret)
+    return _grouped_matmul(x_NC, w_ECJ, group_sizes_E.astype(jnp.int32), o)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _grouped_matmul(x_MK, w_GKN, group_sizes_G, o: _Options):
-    return _gmm_forward(x_MK, w_GKN, group_sizes_G, o)[0]
+def _grouped_matmul(x_NC, w_ECJ, group_sizes_E, o: _Options):
+    return _gmm_forward(x_NC, w_ECJ, group_sizes_E, o)[0]
 
 
-def _gmm_forward(x_MK, w_GKN, group_sizes_G, o: _Options):
-    w_GKN = w_GKN.astype(o.x_dtype)
-    y_MN = implementation(o.impl).gmm(x_MK, w_GKN, group_sizes_G, out_dtype=o.x_dtype, interpret=o.interpret)
-    return y_MN, (x_MK, w_GKN, group_sizes_G)
+def _gmm_forward(x_NC, w_ECJ, group_sizes_E, o: _Options):
+    w_ECJ = w_ECJ.astype(o.x_dtype)
+    y_NJ = implementation(o.impl).gmm(x_NC, w_ECJ, group_sizes_E, out_dtype=o.x_dtype, interpret=o.interpret)
+    return y_NJ, (x_NC, w_ECJ, group_sizes_E)
 
 
-def _gmm_backward(o: _Options, residuals, dy_MN):
-    x_MK, w_GKN, group_sizes_G = residuals
+def _gmm_backward(o: _Options, residuals, dy_NJ):
+    x_NC, w_ECJ, group_sizes_E = residuals
     m = implementation(o.impl)
-    dx_MK = m.gmm_t(dy_MN, w_GKN, group_sizes_G, out_dtype=o.x_dtype, interpret=o.interpret)
-    dw_GKN = m.tgmm(x_MK, dy_MN, group_sizes_G, out_dtype=o.w_dtype, interpret=o.interpret)
-    return dx_MK, dw_GKN, None
+    dx_NC = m.gmm_t(dy_NJ, w_ECJ, group_sizes_E, out_dtype=o.x_dtype, interpret=o.interpret)
+    dw_ECJ = m.tgmm(x_NC, dy_NJ, group_sizes_E, out_dtype=o.w_dtype, interpret=o.interpret)
+    return dx_NC, dw_ECJ, None
 
 
 _grouped_matmul.defvjp(_gmm_forward, _gmm_backward)
 
 
-def grouped_matmul_fp8(x_MK, w_GKN, group_sizes_G, *, impl: str = "reference", interpret: bool = False,
+def grouped_matmul_fp8(x_NC, w_ECJ, group_sizes_E, *, impl: str = "reference", interpret: bool = False,
                        power_of_two: bool = False):
     """grouped_matmul with FP8 (E4M3) operands in all three products (module docstring), float32 accumulation
     promoted every 128 of the contraction. `power_of_two` rounds every scale up to a power of two."""
-    o = _options("grouped_matmul_fp8", x_MK, w_GKN, group_sizes_G, impl, interpret, power_of_two)
-    return _grouped_matmul_fp8(x_MK, w_GKN, group_sizes_G.astype(jnp.int32), o)
+    o = _options("grouped_matmul_fp8", x_NC, w_ECJ, group_sizes_E, impl, interpret, power_of_two)
+    return _grouped_matmul_fp8(x_NC, w_ECJ, group_sizes_E.astype(jnp.int32), o)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _grouped_matmul_fp8(x_MK, w_GKN, group_sizes_G, o: _Options):
-    return _fp8_forward(x_MK, w_GKN, group_sizes_G, o)[0]
+def _grouped_matmul_fp8(x_NC, w_ECJ, group_sizes_E, o: _Options):
+    return _fp8_forward(x_NC, w_ECJ, group_sizes_E, o)[0]
 
 
-def _fp8_forward(x_MK, w_GKN, group_sizes_G, o: _Options):
+def _fp8_forward(x_NC, w_ECJ, group_sizes_E, o: _Options):
     m = implementation(o.impl)
-    x_q, x_scale_MKb = quantize_1x128(x_MK, o.power_of_two)
-    wt_q_GNK, wt_scale_GNbKb = jax.vmap(lambda w_KN: quantize_128x128(w_KN.T, o.power_of_two))(w_GKN)
-    y_MN = m.gmm_fp8(x_q, x_scale_MKb, wt_q_GNK, wt_scale_GNbKb, group_sizes_G, out_dtype=o.x_dtype,
+    x_q, x_scale_NCb = quantize_1x128(x_NC, o.power_of_two)
+    wt_q_EJC, wt_scale_EJbCb = jax.vmap(lambda w_CJ: quantize_128x128(w_CJ.T, o.power_of_two))(w_ECJ)
+    y_NJ = m.gmm_fp8(x_q, x_scale_NCb, wt_q_EJC, wt_scale_EJbCb, group_sizes_E, out_dtype=o.x_dtype,
                      interpret=o.interpret)
-    layout = aligned_rows(group_sizes_G, x_MK.shape[0])
-    xt_q_KP, xt_scale_KPb = quantize_1x128(gather_rows(x_MK, layout).T, o.power_of_two)
-    return y_MN, (xt_q_KP, xt_scale_KPb, wt_q_GNK, wt_scale_GNbKb, group_sizes_G)
+    layout = aligned_rows(group_sizes_E, x_NC.shape[0])
+    xt_q_CN, xt_scale_CNb = quantize_1x128(gather_rows(x_NC, layout).T, o.power_of_two)
+    return y_NJ, (xt_q_CN, xt_scale_CNb, wt_q_EJC, wt_scale_EJbCb, group_sizes_E)
 
 
-def _fp8_backward(o: _Options, residuals, dy_MN):
-    xt_q_KP, xt_scale_KPb, wt_q_GNK, wt_scale_GNbKb, group_sizes_G = residuals
+def _fp8_backward(o: _Options, residuals, dy_NJ):
+    xt_q_CN, xt_scale_CNb, wt_q_EJC, wt_scale_EJbCb, group_sizes_E = residuals
     m = implementation(o.impl)
-    dy_q, dy_scale_MNb = quantize_1x128(dy_MN, o.power_of_two)
-    # W[g] as the (out, contraction) = (K, N) operand: the forward's 128×128 blocks of W[g]ᵀ, transposed.
-    dx_MK = m.gmm_fp8(dy_q, dy_scale_MNb, jnp.swapaxes(wt_q_GNK, 1, 2), jnp.swapaxes(wt_scale_GNbKb, 1, 2),
-                      group_sizes_G, out_dtype=o.x_dtype, interpret=o.interpret)
-    layout = aligned_rows(group_sizes_G, dy_MN.shape[0])
-    dyt_q_NP, dyt_scale_NPb = quantize_1x128(gather_rows(dy_MN, layout).T, o.power_of_two)
-    dw_GKN = m.tgmm_fp8(xt_q_KP, xt_scale_KPb, dyt_q_NP, dyt_scale_NPb, layout.group_sizes_G, out_dtype=o.w_dtype,
+    dy_q, dy_scale_NJb = quantize_1x128(dy_NJ, o.power_of_two)
+    # W[g] as the (out, contraction) = (C, J) operand: the forward's 128×128 blocks of W[g]ᵀ, transposed.
+    dx_NC = m.gmm_fp8(dy_q, dy_scale_NJb, jnp.swapaxes(wt_q_EJC, 1, 2), jnp.swapaxes(wt_scale_EJbCb, 1, 2),
+                      group_sizes_E, out_dtype=o.x_dtype, interpret=o.interpret)
+    layout = aligned_rows(group_sizes_E, dy_NJ.shape[0])
+    dyt_q_JN, dyt_scale_JNb = quantize_1x128(gather_rows(dy_NJ, layout).T, o.power_of_two)
+    dw_ECJ = m.tgmm_fp8(xt_q_CN, xt_scale_CNb, dyt_q_JN, dyt_scale_JNb, layout.group_sizes_E, out_dtype=o.w_dtype,
                         interpret=o.interpret)
-    return dx_MK, dw_GKN, None
+    return dx_NC, dw_ECJ, None
 
 
 _grouped_matmul_fp8.defvjp(_fp8_forward, _fp8_backward)

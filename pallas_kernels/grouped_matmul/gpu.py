@@ -4,14 +4,15 @@ Persistent kernels: `num_ctas` CTAs walk a list of output tiles. A CTA has `comp
 one producer warpgroup; per tile the producer streams operand tiles with TMA into a `stages`-deep ring of
 swizzled SMEM buffers, the consumers multiply them with WGMMA into float32 register accumulators and store the
 result through SMEM with TMA.
-- gmm / gmm_t / gmm_fp8 (row kernel): tiles are (work item, N tile) pairs. A work item is a (group, row tile)
+- gmm / gmm_t / gmm_fp8 (row kernel): tiles are (work item, J tile) pairs. A work item is a (group, row tile)
   pair from gpu_schedule.row_tile_items: a row tile straddling a group boundary is computed once per group it
   touches and each pass stores only its own rows. Rows past sum(group_sizes) form a pseudo-group storing zeros.
-- tgmm / tgmm_fp8 (weight-gradient kernel): tiles are (group, K tile, N tile); a tile contracts over its group's
+- tgmm / tgmm_fp8 (weight-gradient kernel): tiles are (group, C tile, J tile); a tile contracts over its group's
   rows in `block_k`-row chunks. BF16 zeroes the other groups' rows of a group's first and last chunk in SMEM.
 - FP8: per 128-wide contraction block, E4M3 WGMMA into a fresh float32 partial accumulator, waited for, then
-  acc += partial * a_scale * b_scale (DeepSeek-V3's promotion); weights stored (N, K), K-major, as FP8 WGMMA needs.
-Operands are zero-padded to whole tiles where needed and the result sliced back, so any M, K, N work.
+  acc += partial * a_scale * b_scale (DeepSeek-V3's promotion); weights stored (J, C), contraction-major, as FP8
+  WGMMA needs.
+Operands are zero-padded to whole tiles where needed and the result sliced back, so any N, C, J work.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class GpuTiling:
     block_m, block_n: output tile of a CTA (row kernel: token rows x output columns; weight-gradient kernel:
       rows x columns of dw[g]). compute_wgs consumer warpgroups split it along `wg_split` ("m" or "n"); each
       warpgroup's tile needs rows a multiple of 64 and columns a multiple of 8, at most 256.
-    block_k: contraction per pipeline step (row kernel: K columns; weight gradient: token rows); 128 for FP8.
+    block_k: contraction per pipeline step (row kernel: C columns; weight gradient: token rows); 128 for FP8.
     stages: depth of the TMA -> SMEM ring.
     epilogue_n: columns per epilogue TMA store (None: a warpgroup's whole tile); smaller saves SMEM.
     num_ctas: persistent CTAs looping over the output tiles (None: the GPU's SM count, 132 (H100 SXM) when
@@ -68,7 +69,7 @@ class GpuTiling:
         return self.block_m, self.block_n // self.compute_wgs
 
 
-# H100 defaults for DeepSeek-V3's expert shapes (K 7168 -> N 2048 and K 2048 -> N 7168, ~1024 rows per group).
+# H100 defaults for DeepSeek-V3's expert shapes (C 7168 -> J 2048 and C 2048 -> J 7168, ~1024 rows per group).
 # BF16: 128x256 CTA tiles, one 128x128 float32 accumulator per consumer warpgroup (as JAX's Hopper matmul).
 # FP8: 128x128 CTA tiles split by rows, so accumulator + partial (2 x 64 registers) fit; 4 x 32 KiB stages.
 # The FP8 row kernel's producer keeps 72 registers: with 40 its share of the tile loop spills (ptxas, H100 AOT).
@@ -193,22 +194,22 @@ def _wg_slices(t: GpuTiling, wg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Row kernel: out[rows of g] = a[rows of g] @ B_g, B_g stored (K, N) ("kn") or (N, K) ("nk").
+# Row kernel: out[rows of g] = a[rows of g] @ B_g, B_g stored (C, J) ("kn") or (J, C) ("nk").
 # ----------------------------------------------------------------------------------------------------------------
 
-def _row_kernel(a_MK, b_GXY, group_sizes_G, scales, *, b_layout: str, t: GpuTiling, out_dtype, interpret):
-    M, K = a_MK.shape
-    G = b_GXY.shape[0]
-    N = b_GXY.shape[2] if b_layout == "kn" else b_GXY.shape[1]
+def _row_kernel(a_NC, b_EX, group_sizes_E, scales, *, b_layout: str, t: GpuTiling, out_dtype, interpret):
+    N, C = a_NC.shape
+    E = b_EX.shape[0]
+    J = b_EX.shape[2] if b_layout == "kn" else b_EX.shape[1]
     bm, bn, bk = t.block_m, t.block_n, t.block_k
     wm, wn = t.wg_tile
     wgs = t.compute_wgs
     fp8 = scales is not None
-    k_steps, n_tiles = K // bk, N // bn
-    dtype = a_MK.dtype
+    k_steps, n_tiles = C // bk, J // bn
+    dtype = a_NC.dtype
     epi = t.epilogue_n or wn
     emulate = interpret is not None   # interpret mode: no register layouts (transposed operands work, see mg)
-    items = row_tile_items(group_sizes_G, M, bm)
+    items = row_tile_items(group_sizes_E, N, bm)
     num_items = items[0].shape[0]
     a_swizzle = mg.swizzled(bk, dtype)
     b_swizzle = mg.swizzled(bn if b_layout == "kn" else bk, dtype)
@@ -235,7 +236,7 @@ def _row_kernel(a_MK, b_GXY, group_sizes_G, scales, *, b_layout: str, t: GpuTili
             (out_gmem,) = refs
         wg = lax.axis_index("wg")
         wg_rows, wg_cols, row_off, col_off = _wg_slices(t, wg)
-        gmem_in = lambda seg: [a_gmem, b_gmem.at[jnp.minimum(seg, G - 1)]] + ([sa_gmem] if fp8 else [])
+        gmem_in = lambda seg: [a_gmem, b_gmem.at[jnp.minimum(seg, E - 1)]] + ([sa_gmem] if fp8 else [])
         ignore = lambda *_, **__: None
         zero = jnp.int32(0)
         allocs = dict(pipe=pipeline(in_specs(zero, zero), k_steps, ignore, ignore).get_allocations(*gmem_in(zero)),
@@ -246,7 +247,7 @@ def _row_kernel(a_MK, b_GXY, group_sizes_G, scales, *, b_layout: str, t: GpuTili
 
         def scope(pipe, out_smem):
 
-            # Persistent CTAs walk the (item, N tile) list, N fastest: neighbours share rows and weights in L2.
+            # Persistent CTAs walk the (item, J tile) list, J fastest: neighbours share rows and weights in L2.
             @plgpu.nd_loop((num_items * n_tiles,), collective_axes="cta")
             def _tile(loop):
                 (lin,) = loop.index
@@ -268,33 +269,33 @@ def _row_kernel(a_MK, b_GXY, group_sizes_G, scales, *, b_layout: str, t: GpuTili
 
                 bf16_context = mg.accumulator_context((wm, wn), epilogue)
 
-                def fp8_step(idx, a_s, b_s, sa_s, acc_MN):
+                def fp8_step(idx, a_s, b_s, sa_s, acc_NJ):
                     (k,) = idx
 
                     def partial_scope(p_ref):
                         mg.wgmma(p_ref, a_s.at[wg_rows], wg_b(b_s), a_transposed=False, b_transposed=True)
                         return p_ref[...]
-                    partial_MN = pl.run_scoped(partial_scope, plgpu.ACC((wm, wn), jnp.float32))
-                    scale_M = mg.row_vector(sa_s.at[wg_rows], emulate) * sb_gmem[seg, first_col // SCALE_BLOCK, k]
-                    return acc_MN + partial_MN * lax.broadcast_in_dim(scale_M, (wm, wn), (0,))
+                    partial_NJ = pl.run_scoped(partial_scope, plgpu.ACC((wm, wn), jnp.float32))
+                    scale_N = mg.row_vector(sa_s.at[wg_rows], emulate) * sb_gmem[seg, first_col // SCALE_BLOCK, k]
+                    return acc_NJ + partial_NJ * lax.broadcast_in_dim(scale_N, (wm, wn), (0,))
 
                 def fp8_context(run):
                     epilogue(run(mg.zeros_tile(wm, wn, jnp.float32, emulate)))
 
-                # Rows past sum(group_sizes) (segment G) run no steps: the epilogue stores the zero accumulator.
+                # Rows past sum(group_sizes) (segment E) run no steps: the epilogue stores the zero accumulator.
                 # Zeros are stored there, in the compute warpgroups' context, and not in a branch of this loop
                 # body: the producer warpgroup runs the loop body too, with its few registers (setmaxnreg).
                 @pl.when(hi > lo)
                 def _matmul():
                     step, context = (fp8_step, fp8_context) if fp8 else (bf16_step, bf16_context)
-                    num_steps = jnp.where(seg < G, k_steps, 0)
+                    num_steps = jnp.where(seg < E, k_steps, 0)
                     pipeline(in_specs(tile, nt), num_steps, step, context)(*gmem_in(seg), allocations=pipe)
 
         pl.run_scoped(scope, **allocs, collective_axes="wg")
 
-    kernel = mg.kernel_call(body, jax.ShapeDtypeStruct((M, N), out_dtype), num_ctas=_num_ctas(t, interpret),
+    kernel = mg.kernel_call(body, jax.ShapeDtypeStruct((N, J), out_dtype), num_ctas=_num_ctas(t, interpret),
                             compute_wgs=wgs, interpret=interpret)
-    operands = (*items, a_MK, b_GXY, *(scales or ()))
+    operands = (*items, a_NC, b_EX, *(scales or ()))
     return vary_like(kernel(*operands), *operands)   # plgpu.kernel types its result as invariant
 
 
@@ -302,20 +303,20 @@ def _row_kernel(a_MK, b_GXY, group_sizes_G, scales, *, b_layout: str, t: GpuTili
 # Weight-gradient kernel: out[g] = A[:, rows of g] @ B[rows of g, :], contraction over the token rows.
 # ----------------------------------------------------------------------------------------------------------------
 
-def _wgrad_kernel(a, b, group_sizes_G, scales, *, num_rows: int, t: GpuTiling, out_dtype, interpret):
-    """BF16: a = x (M, K), b = dy (M, N). FP8: a = a_q (K, M), b = b_q (N, M), scales = (sa (Mb, K), sb (Mb, N))."""
+def _wgrad_kernel(a, b, group_sizes_E, scales, *, num_rows: int, t: GpuTiling, out_dtype, interpret):
+    """BF16: a = x (N, C), b = dy (N, J). FP8: a = a_q (C, N), b = b_q (J, N), scales = (sa (Nb, C), sb (Nb, J))."""
     fp8 = scales is not None
-    K = a.shape[0] if fp8 else a.shape[1]
-    N = b.shape[0] if fp8 else b.shape[1]
-    G = group_sizes_G.shape[0]
+    C = a.shape[0] if fp8 else a.shape[1]
+    J = b.shape[0] if fp8 else b.shape[1]
+    E = group_sizes_E.shape[0]
     bm, bn, bk = t.block_m, t.block_n, t.block_k
     wm, wn = t.wg_tile
     wgs = t.compute_wgs
-    n_tiles, k_tiles = N // bn, K // bm
+    n_tiles, k_tiles = J // bn, C // bm
     dtype = a.dtype
     epi = t.epilogue_n or wn
     emulate = interpret is not None   # interpret mode: no register layouts (transposed operands work, see mg)
-    start_G, end_G = group_row_ranges(group_sizes_G, num_rows)
+    start_E, end_E = group_row_ranges(group_sizes_E, num_rows)
 
     def in_specs(first, kt, nt):
         if fp8:
@@ -350,8 +351,8 @@ def _wgrad_kernel(a, b, group_sizes_G, scales, *, num_rows: int, t: GpuTiling, o
 
         def scope(pipe, out_smem, mask_barrier=None):
 
-            # Persistent CTAs walk the (group, K tile, N tile) list, N fastest: neighbours share x's columns.
-            @plgpu.nd_loop((G * k_tiles * n_tiles,), collective_axes="cta")
+            # Persistent CTAs walk the (group, C tile, J tile) list, J fastest: neighbours share x's columns.
+            @plgpu.nd_loop((E * k_tiles * n_tiles,), collective_axes="cta")
             def _tile(loop):
                 (lin,) = loop.index
                 g, kt, nt = lin // (k_tiles * n_tiles), lin // n_tiles % k_tiles, lin % n_tiles
@@ -389,15 +390,15 @@ def _wgrad_kernel(a, b, group_sizes_G, scales, *, num_rows: int, t: GpuTiling, o
 
                 bf16_context = mg.accumulator_context((wm, wn), epilogue)
 
-                def fp8_step(_, a_s, b_s, sa_s, sb_s, acc_MN):
+                def fp8_step(_, a_s, b_s, sa_s, sb_s, acc_NJ):
                     def partial_scope(p_ref):
                         mg.wgmma(p_ref, a_s.at[wg_rows], b_s.at[wg_cols], a_transposed=False, b_transposed=True)
                         return p_ref[...]
-                    partial_MN = pl.run_scoped(partial_scope, plgpu.ACC((wm, wn), jnp.float32))
-                    sa_M = mg.row_vector(sa_s.at[wg_rows], emulate)
-                    sb_N = mg.col_vector(sb_s.at[wg_cols], emulate)
-                    return acc_MN + (partial_MN * lax.broadcast_in_dim(sa_M, (wm, wn), (0,))
-                                     * lax.broadcast_in_dim(sb_N, (wm, wn), (1,)))
+                    partial_NJ = pl.run_scoped(partial_scope, plgpu.ACC((wm, wn), jnp.float32))
+                    sa_N = mg.row_vector(sa_s.at[wg_rows], emulate)
+                    sb_J = mg.col_vector(sb_s.at[wg_cols], emulate)
+                    return acc_NJ + (partial_NJ * lax.broadcast_in_dim(sa_N, (wm, wn), (0,))
+                                     * lax.broadcast_in_dim(sb_J, (wm, wn), (1,)))
 
                 def fp8_context(run):
                     epilogue(run(mg.zeros_tile(wm, wn, jnp.float32, emulate)))
@@ -408,9 +409,9 @@ def _wgrad_kernel(a, b, group_sizes_G, scales, *, num_rows: int, t: GpuTiling, o
 
         pl.run_scoped(scope, **allocs, collective_axes="wg")
 
-    kernel = mg.kernel_call(body, jax.ShapeDtypeStruct((G, K, N), out_dtype), num_ctas=_num_ctas(t, interpret),
+    kernel = mg.kernel_call(body, jax.ShapeDtypeStruct((E, C, J), out_dtype), num_ctas=_num_ctas(t, interpret),
                             compute_wgs=wgs, interpret=interpret)
-    operands = (start_G, end_G, a, b, *(scales or ()))
+    operands = (start_E, end_E, a, b, *(scales or ()))
     return vary_like(kernel(*operands), *operands)
 
 
@@ -418,156 +419,156 @@ def _wgrad_kernel(a, b, group_sizes_G, scales, *, num_rows: int, t: GpuTiling, o
 # The protocol's five functions.
 # ----------------------------------------------------------------------------------------------------------------
 
-def _check_groups(group_sizes_G, G: int | None, fn: str):
-    if group_sizes_G.ndim != 1 or (G is not None and group_sizes_G.shape[0] != G):
-        raise ValueError(f"{fn}: group_sizes_G must have shape ({G if G is not None else 'G'},), "
-                         f"got {group_sizes_G.shape}")
-    if not jnp.issubdtype(group_sizes_G.dtype, jnp.integer):
-        raise ValueError(f"{fn}: group_sizes_G must be integer, got {group_sizes_G.dtype}")
-    return group_sizes_G.astype(jnp.int32)
+def _check_groups(group_sizes_E, E: int | None, fn: str):
+    if group_sizes_E.ndim != 1 or (E is not None and group_sizes_E.shape[0] != E):
+        raise ValueError(f"{fn}: group_sizes_E must have shape ({E if E is not None else 'E'},), "
+                         f"got {group_sizes_E.shape}")
+    if not jnp.issubdtype(group_sizes_E.dtype, jnp.integer):
+        raise ValueError(f"{fn}: group_sizes_E must be integer, got {group_sizes_E.dtype}")
+    return group_sizes_E.astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("transpose_w", "out_dtype", "interpret", "tiling"))
-def _gmm(x_MK, w_GKN, group_sizes_G, *, transpose_w: bool, out_dtype, interpret, tiling):
-    """transpose_w: dx = dy @ w[g].T, contracting over w's N (read K-major through a transposed SMEM view)."""
+def _gmm(x_NC, w_ECJ, group_sizes_E, *, transpose_w: bool, out_dtype, interpret, tiling):
+    """transpose_w: dx = dy @ w[g].T, contracting over w's J (read contraction-major through a transposed SMEM view)."""
     t = tiling
-    x = _pad_axis(_pad_axis(x_MK, 0, t.block_m), 1, t.block_k)
-    w = w_GKN.astype(x_MK.dtype)
+    x = _pad_axis(_pad_axis(x_NC, 0, t.block_m), 1, t.block_k)
+    w = w_ECJ.astype(x_NC.dtype)
     if transpose_w:
         w = _pad_axis(_pad_axis(w, 1, t.block_n), 2, t.block_k)
     else:
         w = _pad_axis(_pad_axis(w, 1, t.block_k), 2, t.block_n)
-    y = _row_kernel(x, w, group_sizes_G, None, b_layout="nk" if transpose_w else "kn", t=t, out_dtype=out_dtype,
+    y = _row_kernel(x, w, group_sizes_E, None, b_layout="nk" if transpose_w else "kn", t=t, out_dtype=out_dtype,
                     interpret=interpret)
-    return y[:x_MK.shape[0], :w_GKN.shape[1 if transpose_w else 2]]
+    return y[:x_NC.shape[0], :w_ECJ.shape[1 if transpose_w else 2]]
 
 
-def _checked_gmm(name, rows_MC, w_GKN, group_sizes_G, *, transpose_w, out_dtype, interpret, tiling):
-    """gmm / gmm_t after their checks: rows_MC contracts with w's K (gmm) or N (gmm_t, w transposed)."""
-    G, contraction = w_GKN.shape[0], w_GKN.shape[2 if transpose_w else 1]
-    rows_name = "dy_MN" if transpose_w else "x_MK"
-    if rows_MC.shape[1] != contraction:
-        raise ValueError(f"{name}: {rows_name} is {rows_MC.shape} but w_GKN is {w_GKN.shape}: contraction sizes "
+def _checked_gmm(name, rows_NC, w_ECJ, group_sizes_E, *, transpose_w, out_dtype, interpret, tiling):
+    """gmm / gmm_t after their checks: rows_NC contracts with w's C (gmm) or J (gmm_t, w transposed)."""
+    E, contraction = w_ECJ.shape[0], w_ECJ.shape[2 if transpose_w else 1]
+    rows_name = "dy_NJ" if transpose_w else "x_NC"
+    if rows_NC.shape[1] != contraction:
+        raise ValueError(f"{name}: {rows_name} is {rows_NC.shape} but w_ECJ is {w_ECJ.shape}: contraction sizes "
                          "differ")
-    sizes = _check_groups(group_sizes_G, G, name)
-    t = _tiling(tiling, "gmm", _operand_dtype(rows_MC, rows_name), out_dtype)
-    return _gmm(rows_MC, w_GKN, sizes, transpose_w=transpose_w, out_dtype=jnp.dtype(out_dtype),
+    sizes = _check_groups(group_sizes_E, E, name)
+    t = _tiling(tiling, "gmm", _operand_dtype(rows_NC, rows_name), out_dtype)
+    return _gmm(rows_NC, w_ECJ, sizes, transpose_w=transpose_w, out_dtype=jnp.dtype(out_dtype),
                 interpret=mg.interpret_params(interpret), tiling=t)
 
 
-def gmm(x_MK, w_GKN, group_sizes_G, *, out_dtype, interpret=False, tiling: GpuTiling | None = None):
+def gmm(x_NC, w_ECJ, group_sizes_E, *, out_dtype, interpret=False, tiling: GpuTiling | None = None):
     """y[rows of g] = x[rows of g] @ w[g] (rows past sum(group_sizes) are 0). w is cast to x's dtype."""
-    return _checked_gmm("gmm", x_MK, w_GKN, group_sizes_G, transpose_w=False, out_dtype=out_dtype,
+    return _checked_gmm("gmm", x_NC, w_ECJ, group_sizes_E, transpose_w=False, out_dtype=out_dtype,
                         interpret=interpret, tiling=tiling)
 
 
-def gmm_t(dy_MN, w_GKN, group_sizes_G, *, out_dtype, interpret=False, tiling: GpuTiling | None = None):
+def gmm_t(dy_NJ, w_ECJ, group_sizes_E, *, out_dtype, interpret=False, tiling: GpuTiling | None = None):
     """dx[rows of g] = dy[rows of g] @ w[g].T (rows past sum(group_sizes) are 0). w is cast to dy's dtype."""
-    return _checked_gmm("gmm_t", dy_MN, w_GKN, group_sizes_G, transpose_w=True, out_dtype=out_dtype,
+    return _checked_gmm("gmm_t", dy_NJ, w_ECJ, group_sizes_E, transpose_w=True, out_dtype=out_dtype,
                         interpret=interpret, tiling=tiling)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "tiling"))
-def _gmm_fp8(a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, group_sizes_G, *, out_dtype, interpret, tiling):
+def _gmm_fp8(a_q_NC, a_scale_NCb, b_q_EJC, b_scale_EJbCb, group_sizes_E, *, out_dtype, interpret, tiling):
     t = tiling
-    M, N = a_q_MK.shape[0], b_q_GNK.shape[1]
-    a = _pad_axis(_pad_axis(a_q_MK, 0, t.block_m), 1, SCALE_BLOCK)
-    b = _pad_axis(_pad_axis(b_q_GNK, 1, t.block_n), 2, SCALE_BLOCK)
-    sa_KbM = _pad_axis(a_scale_MKb.astype(jnp.float32), 0, t.block_m).T
-    # A warpgroup reads the scale of its first column's 128-block, which for padded columns can be past Nb.
-    sb = b_scale_GNbKb.astype(jnp.float32)
+    N, J = a_q_NC.shape[0], b_q_EJC.shape[1]
+    a = _pad_axis(_pad_axis(a_q_NC, 0, t.block_m), 1, SCALE_BLOCK)
+    b = _pad_axis(_pad_axis(b_q_EJC, 1, t.block_n), 2, SCALE_BLOCK)
+    sa_CbN = _pad_axis(a_scale_NCb.astype(jnp.float32), 0, t.block_m).T
+    # A warpgroup reads the scale of its first column's 128-block, which for padded columns can be past Jb.
+    sb = b_scale_EJbCb.astype(jnp.float32)
     sb = jnp.pad(sb, ((0, 0), (0, max(_cdiv(b.shape[1], SCALE_BLOCK) - sb.shape[1], 0)), (0, 0)))
-    y = _row_kernel(a, b, group_sizes_G, (sa_KbM, sb), b_layout="nk", t=t, out_dtype=out_dtype,
+    y = _row_kernel(a, b, group_sizes_E, (sa_CbN, sb), b_layout="nk", t=t, out_dtype=out_dtype,
                     interpret=interpret)
-    return y[:M, :N]
+    return y[:N, :J]
 
 
-def gmm_fp8(a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, group_sizes_G, *, out_dtype, interpret=False,
+def gmm_fp8(a_q_NC, a_scale_NCb, b_q_EJC, b_scale_EJbCb, group_sizes_E, *, out_dtype, interpret=False,
             tiling: GpuTiling | None = None):
-    """y[rows of g] = dequant(a)[rows of g] @ dequant(b[g]).T, promoted to float32 every 128 of K.
+    """y[rows of g] = dequant(a)[rows of g] @ dequant(b[g]).T, promoted to float32 every 128 of C.
 
-    a: 1x128 tiles (a_scale_MKb [M, ceil(K/128)]); b stored (N, K) with 128x128 block scales [G, Nb, Kb].
+    a: 1x128 tiles (a_scale_NCb [N, ceil(C/128)]); b stored (J, C) with 128x128 block scales [E, Jb, Cb].
     """
-    M, K = a_q_MK.shape
-    G, N, K2 = b_q_GNK.shape
-    Kb, Nb = _cdiv(K, SCALE_BLOCK), _cdiv(N, SCALE_BLOCK)
-    if K != K2:
-        raise ValueError(f"gmm_fp8: a_q_MK is {a_q_MK.shape} but b_q_GNK is {b_q_GNK.shape}: contraction differs")
-    for name, x in (("a_q_MK", a_q_MK), ("b_q_GNK", b_q_GNK)):
+    N, C = a_q_NC.shape
+    E, J, C2 = b_q_EJC.shape
+    Cb, Jb = _cdiv(C, SCALE_BLOCK), _cdiv(J, SCALE_BLOCK)
+    if C != C2:
+        raise ValueError(f"gmm_fp8: a_q_NC is {a_q_NC.shape} but b_q_EJC is {b_q_EJC.shape}: contraction differs")
+    for name, x in (("a_q_NC", a_q_NC), ("b_q_EJC", b_q_EJC)):
         if x.dtype != FP8_DTYPE:
             raise ValueError(f"gmm_fp8: {name} must be float8_e4m3fn, got {x.dtype}")
-    if a_scale_MKb.shape != (M, Kb):
-        raise ValueError(f"gmm_fp8: a_scale_MKb must be {(M, Kb)}, got {a_scale_MKb.shape}")
-    if b_scale_GNbKb.shape != (G, Nb, Kb):
-        raise ValueError(f"gmm_fp8: b_scale_GNbKb must be {(G, Nb, Kb)}, got {b_scale_GNbKb.shape}")
-    sizes = _check_groups(group_sizes_G, G, "gmm_fp8")
+    if a_scale_NCb.shape != (N, Cb):
+        raise ValueError(f"gmm_fp8: a_scale_NCb must be {(N, Cb)}, got {a_scale_NCb.shape}")
+    if b_scale_EJbCb.shape != (E, Jb, Cb):
+        raise ValueError(f"gmm_fp8: b_scale_EJbCb must be {(E, Jb, Cb)}, got {b_scale_EJbCb.shape}")
+    sizes = _check_groups(group_sizes_E, E, "gmm_fp8")
     t = _tiling(tiling, "gmm_fp8", FP8_DTYPE, out_dtype)
-    return _gmm_fp8(a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, sizes, out_dtype=jnp.dtype(out_dtype),
+    return _gmm_fp8(a_q_NC, a_scale_NCb, b_q_EJC, b_scale_EJbCb, sizes, out_dtype=jnp.dtype(out_dtype),
                     interpret=mg.interpret_params(interpret), tiling=t)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "tiling"))
-def _tgmm(x_MK, dy_MN, group_sizes_G, *, out_dtype, interpret, tiling):
+def _tgmm(x_NC, dy_NJ, group_sizes_E, *, out_dtype, interpret, tiling):
     t = tiling
-    (M, K), N = x_MK.shape, dy_MN.shape[1]
-    x = _pad_axis(_pad_axis(x_MK, 0, t.block_k), 1, t.block_m)
-    dy = _pad_axis(_pad_axis(dy_MN.astype(x_MK.dtype), 0, t.block_k), 1, t.block_n)
-    dw = _wgrad_kernel(x, dy, group_sizes_G, None, num_rows=M, t=t, out_dtype=out_dtype, interpret=interpret)
-    return dw[:, :K, :N]
+    (N, C), J = x_NC.shape, dy_NJ.shape[1]
+    x = _pad_axis(_pad_axis(x_NC, 0, t.block_k), 1, t.block_m)
+    dy = _pad_axis(_pad_axis(dy_NJ.astype(x_NC.dtype), 0, t.block_k), 1, t.block_n)
+    dw = _wgrad_kernel(x, dy, group_sizes_E, None, num_rows=N, t=t, out_dtype=out_dtype, interpret=interpret)
+    return dw[:, :C, :J]
 
 
-def tgmm(x_MK, dy_MN, group_sizes_G, *, out_dtype, interpret=False, tiling: GpuTiling | None = None):
+def tgmm(x_NC, dy_NJ, group_sizes_E, *, out_dtype, interpret=False, tiling: GpuTiling | None = None):
     """dw[g] = x[rows of g].T @ dy[rows of g]; zeros for empty groups. dy is cast to x's dtype."""
-    M, _ = x_MK.shape
-    if dy_MN.ndim != 2 or dy_MN.shape[0] != M:
-        raise ValueError(f"tgmm: dy_MN must be [M={M}, N], got {dy_MN.shape}")
-    sizes = _check_groups(group_sizes_G, None, "tgmm")
-    t = _tiling(tiling, "tgmm", _operand_dtype(x_MK, "x_MK"), out_dtype)
-    return _tgmm(x_MK, dy_MN, sizes, out_dtype=jnp.dtype(out_dtype), interpret=mg.interpret_params(interpret),
+    N, _ = x_NC.shape
+    if dy_NJ.ndim != 2 or dy_NJ.shape[0] != N:
+        raise ValueError(f"tgmm: dy_NJ must be [N={N}, J], got {dy_NJ.shape}")
+    sizes = _check_groups(group_sizes_E, None, "tgmm")
+    t = _tiling(tiling, "tgmm", _operand_dtype(x_NC, "x_NC"), out_dtype)
+    return _tgmm(x_NC, dy_NJ, sizes, out_dtype=jnp.dtype(out_dtype), interpret=mg.interpret_params(interpret),
                  tiling=t)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "tiling"))
-def _tgmm_fp8(a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, group_sizes_G, *, out_dtype, interpret, tiling):
+def _tgmm_fp8(a_q_CN, a_scale_CNb, b_q_JN, b_scale_JNb, group_sizes_E, *, out_dtype, interpret, tiling):
     t = tiling
-    (K, M), N = a_q_KM.shape, b_q_NM.shape[0]
-    a = _pad_axis(_pad_axis(a_q_KM, 0, t.block_m), 1, SCALE_BLOCK)
-    b = _pad_axis(_pad_axis(b_q_NM, 0, t.block_n), 1, SCALE_BLOCK)
-    sa_MbK = _pad_axis(a_scale_KMb.astype(jnp.float32), 0, t.block_m).T
-    sb_MbN = _pad_axis(b_scale_NMb.astype(jnp.float32), 0, t.block_n).T
-    dw = _wgrad_kernel(a, b, group_sizes_G, (sa_MbK, sb_MbN), num_rows=M, t=t, out_dtype=out_dtype,
+    (C, N), J = a_q_CN.shape, b_q_JN.shape[0]
+    a = _pad_axis(_pad_axis(a_q_CN, 0, t.block_m), 1, SCALE_BLOCK)
+    b = _pad_axis(_pad_axis(b_q_JN, 0, t.block_n), 1, SCALE_BLOCK)
+    sa_NbC = _pad_axis(a_scale_CNb.astype(jnp.float32), 0, t.block_m).T
+    sb_NbJ = _pad_axis(b_scale_JNb.astype(jnp.float32), 0, t.block_n).T
+    dw = _wgrad_kernel(a, b, group_sizes_E, (sa_NbC, sb_NbJ), num_rows=N, t=t, out_dtype=out_dtype,
                        interpret=interpret)
-    return dw[:, :K, :N]
+    return dw[:, :C, :J]
 
 
-def tgmm_fp8(a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, group_sizes_G, *, out_dtype, interpret=False,
+def tgmm_fp8(a_q_CN, a_scale_CNb, b_q_JN, b_scale_JNb, group_sizes_E, *, out_dtype, interpret=False,
              tiling: GpuTiling | None = None):
     """dw[g] = dequant(a)[:, rows of g] @ dequant(b)[:, rows of g].T, promoted to float32 every 128 rows.
 
-    a = x.T, b = dy.T, quantized in 1x128 tiles along M. Every group size must be a multiple of 128 (checked
+    a = x.T, b = dy.T, quantized in 1x128 tiles along N. Every group size must be a multiple of 128 (checked
     here when the sizes are concrete; otherwise a group that breaks it gets NaN in its dw).
     """
-    K, M = a_q_KM.shape
-    N, M2 = b_q_NM.shape
-    Mb = _cdiv(M, SCALE_BLOCK)
-    if M != M2:
-        raise ValueError(f"tgmm_fp8: a_q_KM is {a_q_KM.shape} but b_q_NM is {b_q_NM.shape}: row counts differ")
-    for name, x in (("a_q_KM", a_q_KM), ("b_q_NM", b_q_NM)):
+    C, N = a_q_CN.shape
+    J, N2 = b_q_JN.shape
+    Nb = _cdiv(N, SCALE_BLOCK)
+    if N != N2:
+        raise ValueError(f"tgmm_fp8: a_q_CN is {a_q_CN.shape} but b_q_JN is {b_q_JN.shape}: row counts differ")
+    for name, x in (("a_q_CN", a_q_CN), ("b_q_JN", b_q_JN)):
         if x.dtype != FP8_DTYPE:
             raise ValueError(f"tgmm_fp8: {name} must be float8_e4m3fn, got {x.dtype}")
-    if a_scale_KMb.shape != (K, Mb):
-        raise ValueError(f"tgmm_fp8: a_scale_KMb must be {(K, Mb)}, got {a_scale_KMb.shape}")
-    if b_scale_NMb.shape != (N, Mb):
-        raise ValueError(f"tgmm_fp8: b_scale_NMb must be {(N, Mb)}, got {b_scale_NMb.shape}")
-    sizes = _check_groups(group_sizes_G, None, "tgmm_fp8")
+    if a_scale_CNb.shape != (C, Nb):
+        raise ValueError(f"tgmm_fp8: a_scale_CNb must be {(C, Nb)}, got {a_scale_CNb.shape}")
+    if b_scale_JNb.shape != (J, Nb):
+        raise ValueError(f"tgmm_fp8: b_scale_JNb must be {(J, Nb)}, got {b_scale_JNb.shape}")
+    sizes = _check_groups(group_sizes_E, None, "tgmm_fp8")
     try:
-        concrete = np.asarray(group_sizes_G)
+        concrete = np.asarray(group_sizes_E)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         concrete = None
     if concrete is not None:
         bad = [int(s) for s in concrete if int(s) % SCALE_BLOCK]
         if bad:
-            raise ValueError(f"tgmm_fp8: group_sizes_G must be multiples of {SCALE_BLOCK}, got sizes {bad}")
+            raise ValueError(f"tgmm_fp8: group_sizes_E must be multiples of {SCALE_BLOCK}, got sizes {bad}")
     t = _tiling(tiling, "tgmm_fp8", FP8_DTYPE, out_dtype)
-    return _tgmm_fp8(a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, sizes, out_dtype=jnp.dtype(out_dtype),
+    return _tgmm_fp8(a_q_CN, a_scale_CNb, b_q_JN, b_scale_JNb, sizes, out_dtype=jnp.dtype(out_dtype),
                      interpret=mg.interpret_params(interpret), tiling=t)

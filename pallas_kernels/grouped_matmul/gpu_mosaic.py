@@ -74,20 +74,20 @@ def _store_row_range(src_ref, dst_ref, first_row, lo, hi):
         step //= 2
 
 
-def store_tile(tile_RC, out_smem, dst_ref, first_row, row_range=None):
-    """Write the register tile (R, C) to rows first_row.. of `dst_ref` (a (rows, C) GMEM window) via SMEM + TMA.
+def store_tile(tile_NJ, out_smem, dst_ref, first_row, row_range=None):
+    """Write the register tile [N, J] to rows first_row.. of `dst_ref` (a [rows, J] GMEM window) via SMEM + TMA.
 
-    out_smem: (slots, R, Ce) SMEM with C a multiple of Ce; the tile goes out in C/Ce column chunks, alternating
+    out_smem: [slots, N, j] SMEM with J a multiple of j; the tile goes out in J/j column chunks, alternating
     between the slots so a chunk's store overlaps the next chunk's SMEM write. row_range=(lo, hi) stores only
     those rows (out_smem must then be unswizzled, because the row offsets are arbitrary).
     """
     slots, _, chunk = out_smem.shape
-    rows, cols = tile_RC.shape
+    rows, cols = tile_NJ.shape
     for c in range(cols // chunk):
         slot = c % slots
         if c >= slots:
             plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-        out_smem[slot] = tile_RC[:, c * chunk:(c + 1) * chunk]
+        out_smem[slot] = tile_NJ[:, c * chunk:(c + 1) * chunk]
         plgpu.commit_smem()
         dst_c = dst_ref.at[:, pl.ds(c * chunk, chunk)]
         if row_range is None:

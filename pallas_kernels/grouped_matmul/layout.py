@@ -3,7 +3,7 @@
 The FP8 weight gradient contracts over rows in 128-row tiles with one scale per tile, so no tile may mix groups.
 `aligned_rows` places group g at a row offset that is a multiple of `align`, each group padded with zero rows to
 a multiple of `align`; `gather_rows` builds that layout from the contiguous one with one gather. Its row count is
-static: round_up(M + G·(align-1), align) bounds every routing of M rows into G groups.
+static: round_up(N + E·(align-1), align) bounds every routing of N rows into E groups.
 """
 
 from __future__ import annotations
@@ -17,39 +17,39 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def group_bounds(group_sizes_G, M: int):
-    """(starts_G, ends_G) int32 row ranges of the groups, clipped to the M rows (negative sizes count as 0)."""
-    ends_G = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes_G.astype(jnp.int32), 0)), M)
-    starts_G = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_G[:-1]])
-    return starts_G, ends_G
+def group_bounds(group_sizes_E, N: int):
+    """(starts_E, ends_E) int32 row ranges of the groups, clipped to the N rows (negative sizes count as 0)."""
+    ends_E = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes_E.astype(jnp.int32), 0)), N)
+    starts_E = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_E[:-1]])
+    return starts_E, ends_E
 
 
-def group_of_rows(group_sizes_G, M: int):
-    """int32 [M]: the group of each row, G for rows at or past sum(group_sizes_G)."""
-    _, ends_G = group_bounds(group_sizes_G, M)
-    return jnp.searchsorted(ends_G, jnp.arange(M, dtype=jnp.int32), side="right").astype(jnp.int32)
+def group_of_rows(group_sizes_E, N: int):
+    """int32 [N]: the group of each row, E for rows at or past sum(group_sizes_E)."""
+    _, ends_E = group_bounds(group_sizes_E, N)
+    return jnp.searchsorted(ends_E, jnp.arange(N, dtype=jnp.int32), side="right").astype(jnp.int32)
 
 
 class AlignedRows(NamedTuple):
-    source_P: jnp.ndarray         # int32 [P]: the row of the contiguous layout each aligned row copies; M = a zero row
-    group_sizes_G: jnp.ndarray    # int32 [G]: the padded group sizes, multiples of `align`
+    source_N: jnp.ndarray         # int32 [n_aligned]: the contiguous row each aligned row copies; N = a zero row
+    group_sizes_E: jnp.ndarray    # int32 [E]: the padded group sizes, multiples of `align`
 
 
-def aligned_rows(group_sizes_G, M: int, align: int = 128) -> AlignedRows:
+def aligned_rows(group_sizes_E, N: int, align: int = 128) -> AlignedRows:
     """The layout where group g starts at a multiple of `align` and is padded with zero rows to one."""
-    G = group_sizes_G.shape[0]
-    P = _cdiv(M + G * (align - 1), align) * align
-    starts_G, ends_G = group_bounds(group_sizes_G, M)
-    padded_G = (ends_G - starts_G + align - 1) // align * align
-    padded_ends_G = jnp.cumsum(padded_G)
-    rows_P = jnp.arange(P, dtype=jnp.int32)
-    g_P = jnp.minimum(jnp.searchsorted(padded_ends_G, rows_P, side="right"), G - 1)
-    offset_P = rows_P - (padded_ends_G[g_P] - padded_G[g_P])
-    real_P = (rows_P < padded_ends_G[-1]) & (offset_P < ends_G[g_P] - starts_G[g_P])
-    source_P = jnp.where(real_P, starts_G[g_P] + offset_P, M).astype(jnp.int32)
-    return AlignedRows(source_P, padded_G.astype(jnp.int32))
+    E = group_sizes_E.shape[0]
+    n_aligned = _cdiv(N + E * (align - 1), align) * align
+    starts_E, ends_E = group_bounds(group_sizes_E, N)
+    padded_E = (ends_E - starts_E + align - 1) // align * align
+    padded_ends_E = jnp.cumsum(padded_E)
+    rows_N = jnp.arange(n_aligned, dtype=jnp.int32)
+    g_N = jnp.minimum(jnp.searchsorted(padded_ends_E, rows_N, side="right"), E - 1)
+    offset_N = rows_N - (padded_ends_E[g_N] - padded_E[g_N])
+    real_N = (rows_N < padded_ends_E[-1]) & (offset_N < ends_E[g_N] - starts_E[g_N])
+    source_N = jnp.where(real_N, starts_E[g_N] + offset_N, N).astype(jnp.int32)
+    return AlignedRows(source_N, padded_E.astype(jnp.int32))
 
 
-def gather_rows(x_MK, layout: AlignedRows):
-    """x in the aligned layout: [P, K], zero rows where `layout.source_P` is M."""
-    return jnp.take(x_MK, layout.source_P, axis=0, mode="fill", fill_value=0)
+def gather_rows(x_NC, layout: AlignedRows):
+    """x in the aligned layout: [n_aligned, C], zero rows where `layout.source_N` is N."""
+    return jnp.take(x_NC, layout.source_N, axis=0, mode="fill", fill_value=0)

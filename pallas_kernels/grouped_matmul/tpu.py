@@ -2,18 +2,19 @@
 
 1. A visit list, built in jnp from group_sizes and handed to the kernels by scalar prefetch: one visit per
    (group, row tile it touches), in row order. A tile that straddles a group boundary is visited once per group
-   it holds, consecutively, so its output block stays in VMEM across those visits. At most T + G - 1 visits for
-   T row tiles and G groups: that static bound is the grid size, and the unused visits at the end do nothing.
-2. Row kernels (gmm, gmm_t, gmm_fp8) run over (N tiles, visits, contraction tiles): a float32 accumulator per
+   it holds, consecutively, so its output block stays in VMEM across those visits. At most n_tiles + E - 1 visits
+   for n_tiles row tiles and E groups: that static bound is the grid size, and the unused visits at the end do
+   nothing.
+2. Row kernels (gmm, gmm_t, gmm_fp8) run over (J tiles, visits, contraction tiles): a float32 accumulator per
    visit, then the rows of the visit's group are stored (the first visit of a tile zeroes the rest). Row tiles
    past the groups get a visit of their own that writes zeros.
-3. Weight kernels (tgmm, tgmm_fp8) run over (K tiles, N tiles, visits): every group is visited at least once, its
+3. Weight kernels (tgmm, tgmm_fp8) run over (C tiles, J tiles, visits): every group is visited at least once, its
    row tiles accumulate into one (bk, bn) accumulator (rows of other groups masked out), stored at the group's
    last visit, so empty groups get zeros.
 FP8 tiles are upcast to bf16 (exact) for the MXU; each 128 of the contraction is its own dot, scaled by its
 (rows, 1) and (1, cols) scale vectors before joining the float32 accumulator. The vectors are picked (one-hot
 sums) from lane-dense scale blocks: TPU memory pads an array whose last dim is 1 to 128 lanes. Operands are
-zero-padded to whole tiles and results sliced back, so any M, K, N work.
+zero-padded to whole tiles and results sliced back, so any N, C, J work.
 """
 
 from __future__ import annotations
@@ -68,11 +69,11 @@ def _block(size: int, preferred: int) -> int:
     return b
 
 
-def _row_block(M: int, preferred: int) -> int:
-    """Row tile: `preferred`, halved (down to 128) while half still covers M. Rows are padded to a multiple of it:
-    the row count is the routing's, often without useful factors, unlike the model dims K and N."""
+def _row_block(N: int, preferred: int) -> int:
+    """Row tile: `preferred`, halved (down to 128) while half still covers N. Rows are padded to a multiple of it:
+    the row count is the routing's, often without useful factors, unlike the model dims C and J."""
     b = preferred
-    while b > TILE and b // 2 >= M:
+    while b > TILE and b // 2 >= N:
         b //= 2
     return b
 
@@ -85,30 +86,30 @@ def _cdiv_traced(a, b: int):
     return (a + b - 1) // b
 
 
-def _visits(group_sizes_G, M: int, bm: int, T: int, *, tail_tiles: bool, empty_groups: bool):
-    """int32 [V] arrays (group, row tile, lo, hi) of V = T + G - 1 visits; rows [lo, hi) of the tile are the
+def _visits(group_sizes_E, N: int, bm: int, n_tiles: int, *, tail_tiles: bool, empty_groups: bool):
+    """int32 [Y] arrays (group, row tile, lo, hi) of Y = n_tiles + E - 1 visits; rows [lo, hi) of the tile are the
     group's (lo == hi: nothing to compute). `tail_tiles`: also visit tiles past the groups (row kernels zero
     them). `empty_groups`: visit every group at least once (weight kernels zero theirs)."""
-    G = group_sizes_G.shape[0]
-    starts_G, ends_G = group_bounds(group_sizes_G, M)
-    nonempty_G = ends_G > starts_G
-    first_G = jnp.minimum(starts_G // bm, T - 1)
-    last_G = jnp.maximum(ends_G - 1, 0) // bm
-    count_G = jnp.where(nonempty_G, last_G - first_G + 1, 1 if empty_groups else 0)
-    cum_G = jnp.cumsum(count_G)
-    real = cum_G[-1]
-    v_V = jnp.arange(T + G - 1, dtype=jnp.int32)
-    g_V = jnp.minimum(jnp.searchsorted(cum_G, v_V, side="right"), G - 1).astype(jnp.int32)
-    tile_V = first_G[g_V] + v_V - (cum_G[g_V] - count_G[g_V])
-    in_groups_V = v_V < real
-    lo_V = jnp.where(in_groups_V, jnp.maximum(starts_G[g_V], tile_V * bm), 0)
-    hi_V = jnp.where(in_groups_V, jnp.minimum(ends_G[g_V], (tile_V + 1) * bm), 0)
-    if tail_tiles:     # tiles no group reaches, then repeats of the last tile (T - 1), which do nothing
-        tail_V = _cdiv_traced(ends_G[-1], bm) + v_V - real
-        tile_V = jnp.where(in_groups_V, tile_V, jnp.minimum(tail_V, T - 1))
-    else:              # repeats of the last visit's tile (that of group G - 1)
-        tile_V = jnp.where(in_groups_V, tile_V, tile_V[jnp.maximum(real - 1, 0)])
-    return tuple(a.astype(jnp.int32) for a in (g_V, tile_V, lo_V, hi_V))
+    E = group_sizes_E.shape[0]
+    starts_E, ends_E = group_bounds(group_sizes_E, N)
+    nonempty_E = ends_E > starts_E
+    first_E = jnp.minimum(starts_E // bm, n_tiles - 1)
+    last_E = jnp.maximum(ends_E - 1, 0) // bm
+    count_E = jnp.where(nonempty_E, last_E - first_E + 1, 1 if empty_groups else 0)
+    cum_E = jnp.cumsum(count_E)
+    real = cum_E[-1]
+    v_Y = jnp.arange(n_tiles + E - 1, dtype=jnp.int32)
+    g_Y = jnp.minimum(jnp.searchsorted(cum_E, v_Y, side="right"), E - 1).astype(jnp.int32)
+    tile_Y = first_E[g_Y] + v_Y - (cum_E[g_Y] - count_E[g_Y])
+    in_groups_Y = v_Y < real
+    lo_Y = jnp.where(in_groups_Y, jnp.maximum(starts_E[g_Y], tile_Y * bm), 0)
+    hi_Y = jnp.where(in_groups_Y, jnp.minimum(ends_E[g_Y], (tile_Y + 1) * bm), 0)
+    if tail_tiles:     # tiles no group reaches, then repeats of the last tile (n_tiles - 1), which do nothing
+        tail_Y = _cdiv_traced(ends_E[-1], bm) + v_Y - real
+        tile_Y = jnp.where(in_groups_Y, tile_Y, jnp.minimum(tail_Y, n_tiles - 1))
+    else:              # repeats of the last visit's tile (that of group E - 1)
+        tile_Y = jnp.where(in_groups_Y, tile_Y, tile_Y[jnp.maximum(real - 1, 0)])
+    return tuple(a.astype(jnp.int32) for a in (g_Y, tile_Y, lo_Y, hi_Y))
 
 
 def _row_mask(tile, lo, hi, shape, bm: int):
@@ -137,7 +138,7 @@ def _row_kernel(group_ref, tile_ref, lo_ref, hi_ref, *refs, bm: int, dims, scale
                                                 dims, preferred_element_type=jnp.float32)
             return
         acc, sa, sb = acc_ref[...], sa_ref[...], sb_ref[...]
-        for s in range(lhs_ref.shape[1] // TILE):    # promotion: one scaled float32 partial per 128 of K
+        for s in range(lhs_ref.shape[1] // TILE):    # promotion: one scaled float32 partial per 128 of C
             cols, kb = slice(s * TILE, (s + 1) * TILE), k * (lhs_ref.shape[1] // TILE) + s
             partial = jax.lax.dot_general(lhs_ref[:, cols].astype(jnp.bfloat16),
                                           rhs_ref[:, cols].astype(jnp.bfloat16), _NT,
@@ -159,18 +160,18 @@ def _row_kernel(group_ref, tile_ref, lo_ref, hi_ref, *refs, bm: int, dims, scale
             out_ref[...] = jnp.where(mask, acc_ref[...], out_ref[...].astype(jnp.float32)).astype(out_ref.dtype)
 
 
-def _row_call(lhs_MC, rhs, group_sizes_G, scales, *, rhs_nc: bool, O: int, out_dtype, interpret: bool,
+def _row_call(lhs_NC, rhs, group_sizes_E, scales, *, rhs_nc: bool, J: int, out_dtype, interpret: bool,
               bs: BlockSizes):
-    """The row kernels. rhs is [G, C, O] (rhs_nc False) or [G, O, C]; scales None or (a_scale [M, Cb],
-    b_scale [G, Ob, Cb]) for FP8 operands."""
-    M, C = lhs_MC.shape
-    bm = _row_block(M, bs.m)
-    Mp, Cp, Op = _round_up(M, bm), _round_up(C, TILE), _round_up(O, TILE)
-    bc, bo = _block(Cp, bs.k), _block(Op, bs.n)
-    T = Mp // bm
-    visits = _visits(group_sizes_G, M, bm, T, tail_tiles=True, empty_groups=False)
-    lhs = _pad2(lhs_MC, Mp, Cp)
-    pads = ((0, 0), (0, Op - O), (0, Cp - C)) if rhs_nc else ((0, 0), (0, Cp - C), (0, Op - O))
+    """The row kernels. rhs is [E, C, J] (rhs_nc False) or [E, J, C]; scales None or (a_scale [N, Cb],
+    b_scale [E, Jb, Cb]) for FP8 operands."""
+    N, C = lhs_NC.shape
+    bm = _row_block(N, bs.m)
+    Np, Cp, Jp = _round_up(N, bm), _round_up(C, TILE), _round_up(J, TILE)
+    bc, bo = _block(Cp, bs.k), _block(Jp, bs.n)
+    n_tiles = Np // bm
+    visits = _visits(group_sizes_E, N, bm, n_tiles, tail_tiles=True, empty_groups=False)
+    lhs = _pad2(lhs_NC, Np, Cp)
+    pads = ((0, 0), (0, Jp - J), (0, Cp - C)) if rhs_nc else ((0, 0), (0, Cp - C), (0, Jp - J))
     rhs = jnp.pad(rhs, pads)
 
     def kk(v, k, lo, hi):      # idle visits keep the contraction index still: no refetch
@@ -183,13 +184,13 @@ def _row_call(lhs_MC, rhs, group_sizes_G, scales, *, rhs_nc: bool, O: int, out_d
     ]
     operands = [lhs, rhs]
     if scales is not None:
-        a_scale_MCb, b_scale_GObCb = scales
+        a_scale_NCb, b_scale_EJbCb = scales
         Cb, bcb = Cp // TILE, bc // TILE       # bcb (1, 2, 4 or 8) divides 8 and 128: a step's scales share a block
-        # a scales [Mp, Cb → 128k]: a (bm, 128) block holds the (bm, 1) columns of 128 K blocks. b scales
-        # repeated along N, [G, Cb → 8k, Op]: an (8, bo) block holds the (1, bo) rows of 8 K blocks. (Shapes
+        # a scales [Np, Cb → 128k]: a (bm, 128) block holds the (bm, 1) columns of 128 C blocks. b scales
+        # repeated along J, [E, Cb → 8k, Jp]: an (8, bo) block holds the (1, bo) rows of 8 C blocks. (Shapes
         # whose last dim is 1, or second-last 1, would be padded 128× / 8× in TPU memory.)
-        sa = _pad2(a_scale_MCb.astype(jnp.float32), Mp, _round_up(Cb, TILE))
-        sb = jnp.repeat(jnp.swapaxes(b_scale_GObCb.astype(jnp.float32), 1, 2), TILE, axis=2)
+        sa = _pad2(a_scale_NCb.astype(jnp.float32), Np, _round_up(Cb, TILE))
+        sb = jnp.repeat(jnp.swapaxes(b_scale_EJbCb.astype(jnp.float32), 1, 2), TILE, axis=2)
         sb = jnp.pad(sb, ((0, 0), (0, _round_up(Cb, 8) - Cb), (0, 0)))
         in_specs += [
             pl.BlockSpec((bm, TILE), lambda j, v, k, g, t, lo, hi: (t[v], div_nonneg(kk(v, k, lo, hi) * bcb, TILE))),
@@ -198,28 +199,28 @@ def _row_call(lhs_MC, rhs, group_sizes_G, scales, *, rhs_nc: bool, O: int, out_d
         operands += [sa, sb]
     kernel = functools.partial(_row_kernel, bm=bm, dims=_NT if rhs_nc else _NN, scaled=scales is not None,
                                compute_dtype=jnp.promote_types(lhs.dtype, rhs.dtype))
-    V, Cb = visits[0].shape[0], Cp // TILE
+    Y, Cb = visits[0].shape[0], Cp // TILE
     # From the row count, not per group: every row meets one weight matrix. Each visit streams its rows' tile
-    # for every N tile and one weight tile column (C x O) per visit; FP8 adds 3 flops per output and K block.
-    flops = 2 * M * Cp * Op + (3 * M * Op * Cb if scales is not None else 0)
-    traffic = (nbytes(lhs, *operands[2:3]) * (Op // bo) + V * Cp * Op * rhs.dtype.itemsize
-               + (V * nbytes(operands[3]) // rhs.shape[0] if scales is not None else 0)
-               + Mp * Op * jnp.dtype(out_dtype).itemsize)
+    # for every J tile and one weight tile column (C x J) per visit; FP8 adds 3 flops per output and C block.
+    flops = 2 * N * Cp * Jp + (3 * N * Jp * Cb if scales is not None else 0)
+    traffic = (nbytes(lhs, *operands[2:3]) * (Jp // bo) + Y * Cp * Jp * rhs.dtype.itemsize
+               + (Y * nbytes(operands[3]) // rhs.shape[0] if scales is not None else 0)
+               + Np * Jp * jnp.dtype(out_dtype).itemsize)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
-            grid=(Op // bo, visits[0].shape[0], Cp // bc),
+            grid=(Jp // bo, visits[0].shape[0], Cp // bc),
             in_specs=in_specs,
             out_specs=pl.BlockSpec((bm, bo), lambda j, v, k, g, t, lo, hi: (t[v], j)),
             scratch_shapes=[pltpu.VMEM((bm, bo), jnp.float32)],
         ),
-        out_shape=out_struct((Mp, Op), out_dtype, *visits, *operands),
+        out_shape=out_struct((Np, Jp), out_dtype, *visits, *operands),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         cost_estimate=cost_estimate(flops=flops, bytes_accessed=traffic),
         interpret=interpret,
     )(*visits, *operands)
-    return out[:M, :O]
+    return out[:N, :J]
 
 
 def _weight_kernel(group_ref, tile_ref, lo_ref, hi_ref, *refs, bm: int, scaled: bool, compute_dtype):
@@ -260,136 +261,136 @@ def _weight_kernel(group_ref, tile_ref, lo_ref, hi_ref, *refs, bm: int, scaled: 
         out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
-def _weight_call(a, b, group_sizes_G, scales, *, transposed: bool, out_dtype, interpret: bool, bs: BlockSizes):
-    """The weight kernels: a = x [M, K], b = dy [M, N] (transposed False) or a = xᵀ [K, M], b = dyᵀ [N, M] with
-    scales (a_scale [K, Mb], b_scale [N, Mb]) for FP8 operands. Result [G, K, N]."""
+def _weight_call(a, b, group_sizes_E, scales, *, transposed: bool, out_dtype, interpret: bool, bs: BlockSizes):
+    """The weight kernels: a = x [N, C], b = dy [N, J] (transposed False) or a = xᵀ [C, N], b = dyᵀ [J, N] with
+    scales (a_scale [C, Nb], b_scale [J, Nb]) for FP8 operands. Result [E, C, J]."""
     if transposed:
-        (K, M), N = a.shape, b.shape[0]
+        (C, N), J = a.shape, b.shape[0]
     else:
-        (M, K), N = a.shape, b.shape[1]
-    G = group_sizes_G.shape[0]
-    bm = _row_block(M, bs.m)
-    Mp, Kp, Np = _round_up(M, bm), _round_up(K, TILE), _round_up(N, TILE)
-    bk, bn = _block(Kp, bs.k), _block(Np, bs.n)
-    T = Mp // bm
-    visits = _visits(group_sizes_G, M, bm, T, tail_tiles=False, empty_groups=True)
+        (N, C), J = a.shape, b.shape[1]
+    E = group_sizes_E.shape[0]
+    bm = _row_block(N, bs.m)
+    Np, Cp, Jp = _round_up(N, bm), _round_up(C, TILE), _round_up(J, TILE)
+    bk, bn = _block(Cp, bs.k), _block(Jp, bs.n)
+    n_tiles = Np // bm
+    visits = _visits(group_sizes_E, N, bm, n_tiles, tail_tiles=False, empty_groups=True)
     if transposed:
-        operands = [_pad2(a, Kp, Mp), _pad2(b, Np, Mp)]
+        operands = [_pad2(a, Cp, Np), _pad2(b, Jp, Np)]
         in_specs = [pl.BlockSpec((bk, bm), lambda i, j, v, g, t, lo, hi: (i, t[v])),
                     pl.BlockSpec((bn, bm), lambda i, j, v, g, t, lo, hi: (j, t[v]))]
     else:
-        operands = [_pad2(a, Mp, Kp), _pad2(b, Mp, Np)]
+        operands = [_pad2(a, Np, Cp), _pad2(b, Np, Jp)]
         in_specs = [pl.BlockSpec((bm, bk), lambda i, j, v, g, t, lo, hi: (t[v], i)),
                     pl.BlockSpec((bm, bn), lambda i, j, v, g, t, lo, hi: (t[v], j))]
     if scales is not None:
-        a_scale_KMb, b_scale_NMb = scales
-        Mb, bmb = Mp // TILE, bm // TILE       # bmb (1, 2, 4 or 8) divides 8 and 128: a tile's scales share a block
-        # a scales [Kp, Mb → 128k]: a (bk, 128) block holds the (bk, 1) columns of 128 row blocks; b scales
-        # transposed, [Mb → 8k, Np]: an (8, bn) block holds the (1, bn) rows of 8 row blocks.
-        operands += [_pad2(a_scale_KMb.astype(jnp.float32), Kp, _round_up(Mb, TILE)),
-                     _pad2(b_scale_NMb.astype(jnp.float32).T, _round_up(Mb, 8), Np)]
+        a_scale_CNb, b_scale_JNb = scales
+        Nb, bmb = Np // TILE, bm // TILE       # bmb (1, 2, 4 or 8) divides 8 and 128: a tile's scales share a block
+        # a scales [Cp, Nb → 128k]: a (bk, 128) block holds the (bk, 1) columns of 128 row blocks; b scales
+        # transposed, [Nb → 8k, Jp]: an (8, bn) block holds the (1, bn) rows of 8 row blocks.
+        operands += [_pad2(a_scale_CNb.astype(jnp.float32), Cp, _round_up(Nb, TILE)),
+                     _pad2(b_scale_JNb.astype(jnp.float32).T, _round_up(Nb, 8), Jp)]
         in_specs += [pl.BlockSpec((bk, TILE), lambda i, j, v, g, t, lo, hi: (i, div_nonneg(t[v] * bmb, TILE))),
                      pl.BlockSpec((8, bn), lambda i, j, v, g, t, lo, hi: (div_nonneg(t[v] * bmb, 8), j))]
     kernel = functools.partial(_weight_kernel, bm=bm, scaled=scales is not None,
                                compute_dtype=jnp.promote_types(a.dtype, b.dtype))
-    # From the row count: each row adds its x row ⊗ dy row to its group's dW. a is streamed once per N tile,
-    # b once per K tile; FP8 adds 3 flops per output and 128-row block.
-    flops = 2 * M * Kp * Np + (3 * Kp * Np * (Mp // TILE) if scales is not None else 0)
-    traffic = (nbytes(operands[0], *operands[2:3]) * (Np // bn) + nbytes(operands[1], *operands[3:4]) * (Kp // bk)
-               + G * Kp * Np * jnp.dtype(out_dtype).itemsize)
+    # From the row count: each row adds its x row ⊗ dy row to its group's dW. a is streamed once per J tile,
+    # b once per C tile; FP8 adds 3 flops per output and 128-row block.
+    flops = 2 * N * Cp * Jp + (3 * Cp * Jp * (Np // TILE) if scales is not None else 0)
+    traffic = (nbytes(operands[0], *operands[2:3]) * (Jp // bn) + nbytes(operands[1], *operands[3:4]) * (Cp // bk)
+               + E * Cp * Jp * jnp.dtype(out_dtype).itemsize)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
-            grid=(Kp // bk, Np // bn, visits[0].shape[0]),
+            grid=(Cp // bk, Jp // bn, visits[0].shape[0]),
             in_specs=in_specs,
             out_specs=pl.BlockSpec((_SQUEEZED, bk, bn), lambda i, j, v, g, t, lo, hi: (g[v], i, j)),
             scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32)],
         ),
-        out_shape=out_struct((G, Kp, Np), out_dtype, *visits, *operands),
+        out_shape=out_struct((E, Cp, Jp), out_dtype, *visits, *operands),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=cost_estimate(flops=flops, bytes_accessed=traffic),
         interpret=interpret,
     )(*visits, *operands)
-    return out[:, :K, :N]
+    return out[:, :C, :J]
 
 
 _STATIC = ("out_dtype", "interpret", "bs")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _gmm(x_MK, w_GKN, group_sizes_G, *, out_dtype, interpret, bs):
-    return _row_call(x_MK, w_GKN, group_sizes_G, None, rhs_nc=False, O=w_GKN.shape[2], out_dtype=out_dtype,
+def _gmm(x_NC, w_ECJ, group_sizes_E, *, out_dtype, interpret, bs):
+    return _row_call(x_NC, w_ECJ, group_sizes_E, None, rhs_nc=False, J=w_ECJ.shape[2], out_dtype=out_dtype,
                      interpret=interpret, bs=bs)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _gmm_t(dy_MN, w_GKN, group_sizes_G, *, out_dtype, interpret, bs):
-    return _row_call(dy_MN, w_GKN, group_sizes_G, None, rhs_nc=True, O=w_GKN.shape[1], out_dtype=out_dtype,
+def _gmm_t(dy_NJ, w_ECJ, group_sizes_E, *, out_dtype, interpret, bs):
+    return _row_call(dy_NJ, w_ECJ, group_sizes_E, None, rhs_nc=True, J=w_ECJ.shape[1], out_dtype=out_dtype,
                      interpret=interpret, bs=bs)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _tgmm(x_MK, dy_MN, group_sizes_G, *, out_dtype, interpret, bs):
-    return _weight_call(x_MK, dy_MN, group_sizes_G, None, transposed=False, out_dtype=out_dtype,
+def _tgmm(x_NC, dy_NJ, group_sizes_E, *, out_dtype, interpret, bs):
+    return _weight_call(x_NC, dy_NJ, group_sizes_E, None, transposed=False, out_dtype=out_dtype,
                         interpret=interpret, bs=bs)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _gmm_fp8(a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, group_sizes_G, *, out_dtype, interpret, bs):
-    return _row_call(a_q_MK, b_q_GNK, group_sizes_G, (a_scale_MKb, b_scale_GNbKb), rhs_nc=True,
-                     O=b_q_GNK.shape[1], out_dtype=out_dtype, interpret=interpret, bs=bs)
+def _gmm_fp8(a_q_NC, a_scale_NCb, b_q_EJC, b_scale_EJbCb, group_sizes_E, *, out_dtype, interpret, bs):
+    return _row_call(a_q_NC, b_q_EJC, group_sizes_E, (a_scale_NCb, b_scale_EJbCb), rhs_nc=True,
+                     J=b_q_EJC.shape[1], out_dtype=out_dtype, interpret=interpret, bs=bs)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _tgmm_fp8(a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, group_sizes_G, *, out_dtype, interpret, bs):
-    return _weight_call(a_q_KM, b_q_NM, group_sizes_G, (a_scale_KMb, b_scale_NMb), transposed=True,
+def _tgmm_fp8(a_q_CN, a_scale_CNb, b_q_JN, b_scale_JNb, group_sizes_E, *, out_dtype, interpret, bs):
+    return _weight_call(a_q_CN, b_q_JN, group_sizes_E, (a_scale_CNb, b_scale_JNb), transposed=True,
                         out_dtype=out_dtype, interpret=interpret, bs=bs)
 
 
 # The protocol's functions: shapes checked eagerly (and tgmm_fp8's 128-multiple sizes when they are concrete),
 # then the jitted kernel; `block_sizes` picks the tiles (tests use 128 everywhere to exercise many tiles).
 
-def gmm(x_MK, w_GKN, group_sizes_G, *, out_dtype, interpret: bool = False, block_sizes: BlockSizes = BlockSizes()):
+def gmm(x_NC, w_ECJ, group_sizes_E, *, out_dtype, interpret: bool = False, block_sizes: BlockSizes = BlockSizes()):
     """y[rows of g] = x[rows of g] · w[g]; float32 accumulation."""
-    M, _, N, _ = reference.check_rows("gmm", x_MK, w_GKN, group_sizes_G, contract_axis=1)
-    if M == 0:
-        return jnp.zeros((0, N), out_dtype)
-    return _gmm(x_MK, w_GKN, group_sizes_G, out_dtype=jnp.dtype(out_dtype), interpret=interpret, bs=block_sizes)
+    N, _, J, _ = reference.check_rows("gmm", x_NC, w_ECJ, group_sizes_E, contract_axis=1)
+    if N == 0:
+        return jnp.zeros((0, J), out_dtype)
+    return _gmm(x_NC, w_ECJ, group_sizes_E, out_dtype=jnp.dtype(out_dtype), interpret=interpret, bs=block_sizes)
 
 
-def gmm_t(dy_MN, w_GKN, group_sizes_G, *, out_dtype, interpret: bool = False, block_sizes: BlockSizes = BlockSizes()):
+def gmm_t(dy_NJ, w_ECJ, group_sizes_E, *, out_dtype, interpret: bool = False, block_sizes: BlockSizes = BlockSizes()):
     """dx[rows of g] = dy[rows of g] · w[g]ᵀ; float32 accumulation."""
-    M, _, K, _ = reference.check_rows("gmm_t", dy_MN, w_GKN, group_sizes_G, contract_axis=2)
-    if M == 0:
-        return jnp.zeros((0, K), out_dtype)
-    return _gmm_t(dy_MN, w_GKN, group_sizes_G, out_dtype=jnp.dtype(out_dtype), interpret=interpret, bs=block_sizes)
+    N, _, C, _ = reference.check_rows("gmm_t", dy_NJ, w_ECJ, group_sizes_E, contract_axis=2)
+    if N == 0:
+        return jnp.zeros((0, C), out_dtype)
+    return _gmm_t(dy_NJ, w_ECJ, group_sizes_E, out_dtype=jnp.dtype(out_dtype), interpret=interpret, bs=block_sizes)
 
 
-def tgmm(x_MK, dy_MN, group_sizes_G, *, out_dtype, interpret: bool = False, block_sizes: BlockSizes = BlockSizes()):
-    """dw[g] = x[rows of g]ᵀ · dy[rows of g] -> [G, K, N]; zeros for empty groups; float32 accumulation."""
-    M, K, N, G = reference.check_tgmm("tgmm", x_MK, dy_MN, group_sizes_G)
-    if M == 0:
-        return jnp.zeros((G, K, N), out_dtype)
-    return _tgmm(x_MK, dy_MN, group_sizes_G, out_dtype=jnp.dtype(out_dtype), interpret=interpret, bs=block_sizes)
+def tgmm(x_NC, dy_NJ, group_sizes_E, *, out_dtype, interpret: bool = False, block_sizes: BlockSizes = BlockSizes()):
+    """dw[g] = x[rows of g]ᵀ · dy[rows of g] -> [E, C, J]; zeros for empty groups; float32 accumulation."""
+    N, C, J, E = reference.check_tgmm("tgmm", x_NC, dy_NJ, group_sizes_E)
+    if N == 0:
+        return jnp.zeros((E, C, J), out_dtype)
+    return _tgmm(x_NC, dy_NJ, group_sizes_E, out_dtype=jnp.dtype(out_dtype), interpret=interpret, bs=block_sizes)
 
 
-def gmm_fp8(a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, group_sizes_G, *, out_dtype, interpret: bool = False,
+def gmm_fp8(a_q_NC, a_scale_NCb, b_q_EJC, b_scale_EJbCb, group_sizes_E, *, out_dtype, interpret: bool = False,
             block_sizes: BlockSizes = BlockSizes()):
-    """y[rows of g] = dequant(a)[rows of g] · dequant(b[g])ᵀ, a in 1×128 tiles, b [G, N, K] in 128×128 blocks."""
-    M, _, N, _ = reference.check_gmm_fp8("gmm_fp8", a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, group_sizes_G)
-    if M == 0:
-        return jnp.zeros((0, N), out_dtype)
-    return _gmm_fp8(a_q_MK, a_scale_MKb, b_q_GNK, b_scale_GNbKb, group_sizes_G, out_dtype=jnp.dtype(out_dtype),
+    """y[rows of g] = dequant(a)[rows of g] · dequant(b[g])ᵀ, a in 1×128 tiles, b [E, J, C] in 128×128 blocks."""
+    N, _, J, _ = reference.check_gmm_fp8("gmm_fp8", a_q_NC, a_scale_NCb, b_q_EJC, b_scale_EJbCb, group_sizes_E)
+    if N == 0:
+        return jnp.zeros((0, J), out_dtype)
+    return _gmm_fp8(a_q_NC, a_scale_NCb, b_q_EJC, b_scale_EJbCb, group_sizes_E, out_dtype=jnp.dtype(out_dtype),
                     interpret=interpret, bs=block_sizes)
 
 
-def tgmm_fp8(a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, group_sizes_G, *, out_dtype, interpret: bool = False,
+def tgmm_fp8(a_q_CN, a_scale_CNb, b_q_JN, b_scale_JNb, group_sizes_E, *, out_dtype, interpret: bool = False,
              block_sizes: BlockSizes = BlockSizes()):
-    """dw[g] = dequant(a)[:, rows of g] · dequant(b)[:, rows of g]ᵀ -> [G, K, N]; a, b in 1×128 tiles along M.
+    """dw[g] = dequant(a)[:, rows of g] · dequant(b)[:, rows of g]ᵀ -> [E, C, J]; a, b in 1×128 tiles along N.
     Every group size must be a multiple of 128 (checked when the sizes are known at trace time)."""
-    M, K, N, G = reference.check_tgmm_fp8("tgmm_fp8", a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, group_sizes_G)
-    if M == 0:
-        return jnp.zeros((G, K, N), out_dtype)
-    return _tgmm_fp8(a_q_KM, a_scale_KMb, b_q_NM, b_scale_NMb, group_sizes_G, out_dtype=jnp.dtype(out_dtype),
+    N, C, J, E = reference.check_tgmm_fp8("tgmm_fp8", a_q_CN, a_scale_CNb, b_q_JN, b_scale_JNb, group_sizes_E)
+    if N == 0:
+        return jnp.zeros((E, C, J), out_dtype)
+    return _tgmm_fp8(a_q_CN, a_scale_CNb, b_q_JN, b_scale_JNb, group_sizes_E, out_dtype=jnp.dtype(out_dtype),
                      interpret=interpret, bs=block_sizes)

@@ -1,4 +1,4 @@
-"""ModelConfig: presets, parameter counts, validation messages, HF config round trip, --set overrides."""
+"""ModelConfig: presets, parameter counts, validation messages, HF config round trip."""
 
 from __future__ import annotations
 
@@ -191,43 +191,3 @@ def test_from_hf_errors(tmp_path):
         ModelConfig.from_hf({**hf, "rope_scaling": {"type": "linear", "factor": 2.0}})
     with pytest.raises(ConfigError, match=r"model\.n_group"):
         ModelConfig.from_hf({**hf, "n_group": 3})
-
-
-# ---- overrides -----------------------------------------------------------------------------------
-def test_with_overrides():
-    c = TINY.with_overrides("n_layers=4", "q_lora_rank=none", "rope_scaling.factor=8")
-    assert c.n_layers == 4 and c.q_lora_rank is None
-    assert c.rope_scaling == YarnConfig(factor=8.0)
-    assert isinstance(c.rope_scaling.factor, float)
-    assert c.replace(n_layers=3, q_lora_rank=32, rope_scaling=None) == TINY
-    c.validate()
-    c2 = c.with_overrides("q_lora_rank=16", "norm_topk_prob=false", "routed_scaling_factor=2", "dtype=bfloat16",
-                          "rope_scaling=none")
-    assert (c2.q_lora_rank, c2.norm_topk_prob, c2.routed_scaling_factor, c2.dtype, c2.rope_scaling) == \
-        (16, False, 2.0, "bfloat16", None)
-    c3 = TINY.with_overrides('rope_scaling={"factor": 4.0, "beta_fast": 16.0}')
-    assert c3.rope_scaling == YarnConfig(factor=4.0, beta_fast=16.0)
-    assert TINY.with_overrides() == TINY
-
-
-@pytest.mark.parametrize("assignment,field", [
-    ("n_layer=4", "model.n_layer"),
-    ("n_layers=four", "model.n_layers"),
-    ("n_layers=4.5", "model.n_layers"),
-    ("routed_scaling_factor=big", "model.routed_scaling_factor"),
-    ("norm_topk_prob=maybe", "model.norm_topk_prob"),
-    ("rope_scaling.fctor=8", "model.rope_scaling.fctor"),
-    ("rope_scaling.factor=x", "model.rope_scaling.factor"),
-    ("dim.size=3", "model.dim.size"),
-    ("n_layers", "model.n_layers"),
-])
-def test_bad_overrides_name_the_field(assignment, field):
-    with pytest.raises(ConfigError) as info:
-        TINY.with_overrides(assignment)
-    assert field in str(info.value), str(info.value)
-
-
-def test_override_to_impossible_value_fails_validation():
-    c = TINY.with_overrides("n_layers=-1")
-    with pytest.raises(ConfigError, match=r"model\.n_layers"):
-        c.validate()

@@ -103,6 +103,22 @@ def test_bfloat16_checkpoint_roundtrips(saved, tmp_path):
     assert_same_variables(loaded, variables)
 
 
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+def test_compute_dtype_follows_the_checkpoint(tmp_path, stored):
+    """dtype="auto" (the default) is config.json's torch_dtype, else the weights' dtype; an explicit dtype wins."""
+    config = CONFIG.replace(param_dtype=stored)
+    save_pretrained(config, random_variables(config, seed=1), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == stored
+    assert load_pretrained(tmp_path)[0].dtype == stored
+    assert load_pretrained(tmp_path, dtype="float16")[0].dtype == "float16"
+    config_json = json.loads((tmp_path / "config.json").read_text())
+    del config_json["torch_dtype"]
+    (tmp_path / "config.json").write_text(json.dumps({**config_json, "dtype": "float16"}))   # transformers 5's key
+    assert load_pretrained(tmp_path)[0].dtype == "float16"
+    (tmp_path / "config.json").write_text(json.dumps(config_json))
+    assert load_pretrained(tmp_path)[0].dtype == stored
+
+
 def test_fused_expert_names_load(saved, tmp_path):
     """transformers' in-memory layout: experts.gate_up_proj (E, 2F, D) gate first, experts.down_proj (E, D, F)."""
     variables, directory = saved
@@ -189,6 +205,10 @@ def test_fp8_checkpoint_is_dequantized(saved, tmp_path):
     name = "model.layers.0.mlp.down_proj.weight"
     q, s = quantize_blockwise(tensors[name])
     np.testing.assert_array_equal(dequantize_fp8(q, s), reference_dequantize(q, s))
+    # Without a dtype in config.json the weights decide, FP8 ones counting as bfloat16 (as transformers computes them).
+    del config_json["torch_dtype"]
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config_json))
+    assert load_pretrained(tmp_path / "fp8")[0].dtype == "bfloat16"
 
 
 # ---- errors -------------------------------------------------------------------------------------------

@@ -94,7 +94,8 @@ def assert_config_matches(config, hf_config, kind: str) -> None:
 def test_hf_checkpoint_gives_hf_logits(case, tmp_path):
     model = build_hf_model(case.kind, seed=1, weight_std=WEIGHT_STD, **case.kwargs())
     model.save_pretrained(tmp_path)
-    (config, variables), warned = load_quietly(load_pretrained, tmp_path, dtype="float32")
+    (config, variables), warned = load_quietly(load_pretrained, tmp_path)
+    assert config.dtype == "float32"   # the checkpoint's own dtype, as transformers' dtype="auto" would pick
     # HF's V3 config says num_nextn_predict_layers=1 but its save has no MTP tensors: dropped with a warning.
     assert config.num_mtp_modules == 0
     assert any("MTP" in w for w in warned) == (case.kind == "v3")

@@ -93,12 +93,12 @@ def test_outputs_shapes(perturbed_outputs):
     out = perturbed_outputs
     assert isinstance(out, ModelOutputs)
     assert out.logits_BTV.shape == (T + 1, T, TINY.vocab_size) and out.logits_BTV.dtype == np.float32
-    assert out.mtp_logits_DBTV.shape == (2, T + 1, T, TINY.vocab_size)
+    assert out.mtp_logits_ZBTV.shape == (2, T + 1, T, TINY.vocab_size)
     assert out.moe_stats.expert_counts_E.shape == (TINY.n_moe_layers, TINY.n_routed_experts)
     assert out.mtp_stats.balance_loss.shape == (2,)
     # Each MoE layer routes every (token, choice) pair: no dropping.
     np.testing.assert_array_equal(out.moe_stats.expert_counts_E.sum(-1), (T + 1) * T * TINY.num_experts_per_tok)
-    assert np.isfinite(out.logits_BTV).all() and np.isfinite(out.mtp_logits_DBTV).all()
+    assert np.isfinite(out.logits_BTV).all() and np.isfinite(out.mtp_logits_ZBTV).all()
 
 
 @pytest.mark.parametrize("head", ["main", "mtp_0", "mtp_1"])
@@ -109,7 +109,7 @@ def test_causality(perturbed_outputs, head):
         logits, reach = out.logits_BTV, 0
     else:
         d = int(head[-1])
-        logits, reach = out.mtp_logits_DBTV[d], d + 1
+        logits, reach = out.mtp_logits_ZBTV[d], d + 1
     for p in range(T):
         diff_T = np.abs(logits[p + 1] - logits[0]).max(-1)
         first_affected = max(p - reach, 0)
@@ -125,7 +125,7 @@ def test_batch_rows_are_independent(forward_mtp2, vars_mtp2, perturbed_outputs, 
     tokens[1:] = np.random.default_rng(5).integers(0, TINY.vocab_size, size=(T, T))
     out = forward_mtp2(vars_mtp2, jnp.asarray(tokens))
     np.testing.assert_allclose(np.asarray(out.logits_BTV[0]), perturbed_outputs.logits_BTV[0], atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out.mtp_logits_DBTV[:, 0]), perturbed_outputs.mtp_logits_DBTV[:, 0],
+    np.testing.assert_allclose(np.asarray(out.mtp_logits_ZBTV[:, 0]), perturbed_outputs.mtp_logits_ZBTV[:, 0],
                                atol=1e-5)
 
 
@@ -158,7 +158,7 @@ def test_segments_isolate_packed_documents(vars_mtp2, perturbed_outputs, base_to
         vars_mtp2, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
     alone = perturbed_outputs
     np.testing.assert_allclose(np.asarray(out.logits_BTV[0, n_a:]), alone.logits_BTV[0], atol=2e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(out.mtp_logits_DBTV[:, 0, n_a:]), alone.mtp_logits_DBTV[:, 0],
+    np.testing.assert_allclose(np.asarray(out.mtp_logits_ZBTV[:, 0, n_a:]), alone.mtp_logits_ZBTV[:, 0],
                                atol=2e-5, rtol=1e-5)
     assert np.abs(np.asarray(out.logits_BTV[1, n_a:]) - alone.logits_BTV[0]).max() > 1e-3
     # Doc A is unaffected by what follows it either way (causality).
@@ -181,8 +181,8 @@ def lm_loss_fn(config):
         out = model.apply(variables, tokens, return_aux=True)
         total = cross_entropy(out.logits_BTV[:, :-1], tokens[:, 1:])
         for d in range(config.num_mtp_modules):   # depth d predicts token i + d + 2
-            total += cross_entropy(out.mtp_logits_DBTV[d][:, : -(d + 2)], tokens[:, d + 2:])
-        return total, (out.logits_BTV, out.mtp_logits_DBTV)
+            total += cross_entropy(out.mtp_logits_ZBTV[d][:, : -(d + 2)], tokens[:, d + 2:])
+        return total, (out.logits_BTV, out.mtp_logits_ZBTV)
 
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
@@ -217,7 +217,7 @@ def test_unrolled_layers_match_scan(tiny_grads, vars_tiny):
     model = DeepSeekV3(TINY.replace(scan_layers=False))
     out = jax.jit(lambda v, t: model.apply(v, t, return_aux=True))(vars_tiny, jnp.asarray(GRAD_TOKENS))
     np.testing.assert_allclose(np.asarray(out.logits_BTV), logits, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(out.mtp_logits_DBTV), mtp_logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.mtp_logits_ZBTV), mtp_logits, atol=1e-5, rtol=1e-5)
 
 
 def test_tiny_is_the_first_depth_of_mtp2(tiny_grads, vars_mtp2):
@@ -227,8 +227,8 @@ def test_tiny_is_the_first_depth_of_mtp2(tiny_grads, vars_mtp2):
     out = jax.jit(lambda v, t: DeepSeekV3(MTP2).apply(v, t, return_aux=True))(vars_mtp2, jnp.asarray(GRAD_TOKENS))
     assert mtp_logits.shape[0] == 1
     np.testing.assert_allclose(np.asarray(out.logits_BTV), logits, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(out.mtp_logits_DBTV[:1]), mtp_logits, atol=1e-5, rtol=1e-5)
-    assert np.abs(np.asarray(out.mtp_logits_DBTV[1]) - mtp_logits[0]).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(out.mtp_logits_ZBTV[:1]), mtp_logits, atol=1e-5, rtol=1e-5)
+    assert np.abs(np.asarray(out.mtp_logits_ZBTV[1]) - mtp_logits[0]).max() > 1e-3
 
 
 def test_full_remat_matches(tiny_grads, vars_tiny):
@@ -247,7 +247,7 @@ def test_bf16_compute(tiny_grads, vars_tiny):
     (_, (logits, mtp_logits)), _ = tiny_grads
     model = DeepSeekV3(TINY.replace(dtype="bfloat16"))
     out = jax.jit(lambda v, t: model.apply(v, t, return_aux=True))(vars_tiny, jnp.asarray(GRAD_TOKENS))
-    for got, want in ((out.logits_BTV, logits), (out.mtp_logits_DBTV, mtp_logits)):
+    for got, want in ((out.logits_BTV, logits), (out.mtp_logits_ZBTV, mtp_logits)):
         assert got.dtype == jnp.float32
         got = np.asarray(got)
         assert np.isfinite(got).all()

@@ -34,6 +34,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
     (["--seq-len", "100000"], "--seq-len"),
     (["--set", "n_layerz=2"], "--set"),
     (["--timed-steps", "-1"], "--timed-steps"),
+    (["--cost-depths", "2,1"], "--cost-depths"),
     (["--meshes", "data=64", "--batch", "64"], "--meshes"),   # more devices than JAX has
     (["--frobnicate"], "--frobnicate"),
     (["--target", "v7x:2x2"], "--target"),
@@ -197,3 +198,32 @@ def test_tpu_cost_model_takes_out_the_calls_it_prices_at_minus_one_second():
     assert tpu_cost_model({"optimal_seconds": 0.001}, calls, row, True, tpu)["xla_cost_model_mfu"] is None   # one tick
     assert tpu_cost_model({"optimal_seconds": -3.0}, {}, row, False, tpu)["xla_cost_model_step_s"] is None
     assert set(tpu_cost_model({"optimal_seconds": 0.001}, {}, row, False, gpu).values()) == {None}
+
+
+def test_cost_depths_extrapolate_a_scanned_model_to_its_unrolled_cost(tmp_path):
+    # 1 dense + 3 MoE layers on a v5p slice: compiled unrolled, XLA's cost analysis sees every layer; compiled
+    # scanned it counts one, and --cost-depths 1,2 must recover the unrolled FLOPs and cost-model time from two
+    # shallow copies. Memory stays the scanned compile's own.
+    common = ("--target", "v5p:2x2x1", "--presets", "tiny", "--set", "n_layers=4", "--set", "num_mtp_modules=0",
+              "--set", "attention_impl=xla", "--meshes", "data=4", "--batch", "8", "--seq-len", "64")
+    run = lambda out, *argv: subprocess.run([sys.executable, "-m", "experiments.scaling", *common, "--out",
+                                             str(out), *argv], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                                            text=True, timeout=300)
+    unrolled, scanned = run(tmp_path / "u"), run(tmp_path / "s", "--set", "scan_layers=true", "--cost-depths", "1,2")
+    assert unrolled.returncode == scanned.returncode == 0, (unrolled.stderr + scanned.stderr)[-3000:]
+    (full,), (extrapolated,) = (list(csv.DictReader(open(tmp_path / d / "scaling.csv"))) for d in "us")
+    assert full["cost_depths"] == "" and extrapolated["cost_depths"] == "1,2"
+    assert float(extrapolated["cost_compile_s"]) > 0
+    flops = float(full["xla_flops_per_device"])
+    assert float(extrapolated["xla_flops_per_device"]) == pytest.approx(flops, rel=0.02)
+    step_s = float(full["xla_cost_model_step_s"])
+    assert float(extrapolated["xla_cost_model_step_s"]) == pytest.approx(step_s, rel=0.1)
+    assert float(extrapolated["xla_cost_model_mfu"]) == pytest.approx(float(full["xla_cost_model_mfu"]), rel=0.1)
+    assert int(extrapolated["peak_bytes_per_device"]) == _peak(extrapolated)
+
+
+def test_cost_depths_needs_a_tpu_target(capsys, tmp_path):
+    code = scaling.main(["--presets", "tiny", "--simulate-devices", "0", "--target", "h100x4", "--meshes", "data=4",
+                         "--cost-depths", "1,2", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--cost-depths" in err[0], err

@@ -20,22 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jax_compat
 from pallas_kernels.fp8.quantize import quantize_1x128, quantize_128x128
 from pallas_kernels.grouped_matmul import gpu
 from pallas_kernels.grouped_matmul.gpu import GpuTiling
 from pallas_kernels.grouped_matmul.gpu_schedule import row_tile_items
 
-try:
-    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks as _gpu_callbacks
-except ImportError:  # pragma: no cover
-    _gpu_callbacks = None
-
 
 @pytest.fixture(autouse=True)
 def _fresh_interpreter():
     # A failed interpreted kernel leaves the simulator's global state behind; start every test clean.
-    if _gpu_callbacks is not None:
-        _gpu_callbacks.reset_gpu_interpret_mode_state()
+    jax_compat.reset_gpu_interpreter()
     yield
 
 
@@ -182,7 +177,7 @@ def test_tiling_errors_name_the_field():
     with pytest.raises(ValueError, match="stages"):
         gpu.gmm(x, w, sizes, out_dtype=jnp.bfloat16,
                 tiling=GpuTiling(block_m=128, block_n=256, block_k=64, stages=8))
-    with pytest.raises(ValueError, match="x_MK must be bfloat16"):
+    with pytest.raises(ValueError, match="x_NC must be bfloat16"):
         gpu.gmm(x.astype(jnp.float32), w, sizes, out_dtype=jnp.float32)
 
 

@@ -159,8 +159,8 @@ def test_aligned_rows_start_every_group_at_a_multiple_of_128(sizes):
     M = 300
     layout = jax.jit(aligned_rows, static_argnums=1)(jnp.asarray(sizes, jnp.int32), M)
     padded = [-(-n // 128) * 128 for n in sizes]
-    assert np.asarray(layout.group_sizes_G).tolist() == padded
-    P = layout.source_P.shape[0]
+    assert np.asarray(layout.group_sizes_E).tolist() == padded
+    P = layout.source_N.shape[0]
     assert P % 128 == 0 and P >= sum(padded)
     x = np.arange(1, M + 1, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
     x_al = np.asarray(gather_rows(jnp.asarray(x), layout))

@@ -177,7 +177,7 @@ def test_bad_input_is_rejected_with_the_tensor_named():
     sizes = jnp.asarray([2, 2], jnp.int32)
     with pytest.raises(ValueError, match="the weight"):
         tpu.gmm(jnp.ones((4, 8)), jnp.ones((2, 9, 3)), sizes, out_dtype=jnp.float32)
-    with pytest.raises(ValueError, match="group_sizes_G"):
+    with pytest.raises(ValueError, match="group_sizes_E"):
         tpu.gmm(jnp.ones((4, 8)), jnp.ones((2, 8, 3)), jnp.ones((3,), jnp.int32), out_dtype=jnp.float32)
     with pytest.raises(ValueError, match="x and dy"):
         tpu.tgmm(jnp.ones((4, 8)), jnp.ones((5, 3)), sizes, out_dtype=jnp.float32)

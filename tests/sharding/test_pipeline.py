@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
                                                 ("1f1b", 8, 16, 8), ("dualpipe", 4, 8, 6), ("dualpipe", 8, 24, 10)])
 def test_plan_pools_and_messages(name, pp, m, n_act):
     plan = compile_plan(make_schedule(name, pp, m))
-    rows = plan.rows_DTC
+    rows = plan.rows_by_tick
     assert plan.n_act == n_act   # 1F1B holds PP stage inputs, GPipe M, DualPipe PP+2 (counting ones in flight)
     sends_right, sends_left = rows[:-1, :, SEND] == TO_RIGHT, rows[1:, :, SEND] == TO_LEFT
     assert np.array_equal(sends_right, rows[1:, :, LEFT_KIND] != NO_MESSAGE)

@@ -25,6 +25,8 @@ class FakeMesh:
      P(None, "expert", None, None)),
     ("fsdp", FakeMesh(fsdp=4, expert=2), ("layers", "expert", "embed", "mlp"), (3, 8, 64, 32),
      P(None, "expert", "fsdp", None)),
+    # FSDP splits the dense parts over fsdp × expert (an expert mesh's ranks hold different tokens too)
+    ("fsdp", FakeMesh(fsdp=4, expert=2), ("embed", "heads"), (64, 8), P(("fsdp", "expert"), None)),
     ("fsdp", FakeMesh(fsdp=4), ("vocab", "embed"), (100, 6), P(None, None)),          # 6 % 4: left whole
     ("replicated", FakeMesh(data=2, fsdp=2, expert=2), ("batch", "length", "embed"), (16, 8, 4),
      P(("data", "fsdp", "expert"), None, None)),

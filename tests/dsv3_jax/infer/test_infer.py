@@ -19,7 +19,7 @@ from dsv3_jax.config import YarnConfig
 from dsv3_jax.infer import (accept_drafts, attend_absorbed, attend_naive, decode_step, forward_with_cache,
                             generate, generate_speculative, init_cache, sample_tokens, token_probs, top_p_filter,
                             values_per_token_per_layer)
-from dsv3_jax.infer.cache import visible_slots
+from dsv3_jax.layers.mla import visible_slots
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.presets import PRESETS
 from experiments.bench.decode import all_accepting
@@ -63,7 +63,7 @@ def test_cache_holds_latent_and_rope_key_only():
     assert values_per_token_per_layer(CONFIG) == 32 + 8
     assert values_per_token_per_layer(PRESETS["v3-671b"]) == 576
     cache = init_cache(CONFIG, batch=2, max_len=CACHE_LEN)
-    assert cache.dense.latent_LBSC.shape == (1, 2, CACHE_LEN, 32) and cache.moe.rope_LBSR.shape == (2, 2, CACHE_LEN, 8)
+    assert cache.dense.latent_LBSW.shape == (1, 2, CACHE_LEN, 32) and cache.moe.rope_LBSR.shape == (2, 2, CACHE_LEN, 8)
     assert cache.mtp is None
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jax_compat
 from dsv3_jax import kernels
 from dsv3_jax.config import ConfigError, YarnConfig
 from dsv3_jax.layers import attention_core as core
@@ -109,9 +110,7 @@ def test_padded_jax_nn_core_equals_xla_core(cudnn_through_xla, packed):
 
 def fake_cudnn(query, key, value, bias=None, mask=None, *, scale, mask_type, qkv_layout):
     """cuDNN's attention as JAX documents it, in float32: a bool mask becomes an additive large-negative bias."""
-    from jax._src.cudnn.fused_attention_stablehlo import MaskType
-
-    assert qkv_layout == "BTNH" and bias is None and mask_type == MaskType.CAUSAL
+    assert qkv_layout == "BTNH" and bias is None and mask_type == jax_compat.cudnn_fused_attention().MaskType.CAUSAL
     assert value.shape[-1] == DV and key.shape[-1] == DN + DR   # MLA: v keeps its own head dim
     logits = jnp.einsum("bthk,bshk->bhts", query, key) * scale
     n = query.shape[1]
@@ -122,9 +121,7 @@ def fake_cudnn(query, key, value, bias=None, mask=None, *, scale, mask_type, qkv
 
 
 def test_cudnn_mla_call_passes_unpadded_v_scale_and_segments(monkeypatch):
-    from jax._src.cudnn import fused_attention_stablehlo
-
-    monkeypatch.setattr(fused_attention_stablehlo, "dot_product_attention", fake_cudnn)
+    monkeypatch.setattr(jax_compat.cudnn_fused_attention(), "dot_product_attention", fake_cudnn)
     args = inputs(1)
     segment_ids = jnp.asarray(SEGMENTS)
     run = jax.jit(lambda impl, *xs: core.attention_core(impl, *xs, SCALE, segment_ids), static_argnums=0)

@@ -320,3 +320,22 @@ def test_balance_loss_collapsed_routing():
     stats = router_stats(Routing(jnp.ones((T, 1)), jnp.zeros((T, 1), jnp.int32), jnp.asarray(scores)), 1, E)
     np.testing.assert_allclose(float(stats.balance_loss), E * 4 / 11, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(stats.expert_counts_E), [T] + [0] * (E - 1))
+
+
+def test_router_stats_leave_uncounted_tokens_out():
+    """Rows of 10, 6 and 3 counted tokens (the rest padding): the counts are those of the counted tokens, and each
+    row's balance loss is its counted prefix's, averaged over the rows."""
+    B, T, E = 3, 10, 16
+    c = make_config()
+    rng = np.random.default_rng(5)
+    r = route(jnp.asarray(rng.normal(size=(B * T, E)).astype(np.float32) * 2), jnp.zeros(E), c)
+    lengths = np.array([10, 6, 3])
+    counted = np.arange(T)[None, :] < lengths[:, None]
+    stats = router_stats(r, B, E, jnp.asarray(counted))
+    experts, scores = np.asarray(r.experts_TK).reshape(B, T, -1), np.asarray(r.scores_TE).reshape(B, T, E)
+    np.testing.assert_array_equal(np.asarray(stats.expert_counts_E), np.bincount(experts[counted].ravel(), minlength=E))
+    per_row = [np_balance_loss(experts[b, :n], scores[b, :n], 1, E) for b, n in enumerate(lengths)]
+    np.testing.assert_allclose(float(stats.balance_loss), np.mean(per_row), rtol=1e-5)
+    everything = router_stats(r, B, E)
+    assert float(np.asarray(everything.expert_counts_E).sum()) == B * T * c.num_experts_per_tok
+    assert abs(float(everything.balance_loss) - float(stats.balance_loss)) > 1e-3

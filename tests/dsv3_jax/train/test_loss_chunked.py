@@ -62,7 +62,7 @@ def reference_loss(config, params, moe_bias, tokens, segment_ids):
                                    return_aux=True)
     mean_ce = lambda logits, offset: (lambda t, v: reference_sums(logits, t, v.astype(jnp.float32))[0]
                                       / v.sum())(*shifted_targets(tokens, segment_ids, offset))
-    mtp = jnp.mean(jnp.stack([mean_ce(out.mtp_logits_DBTV[d], d + 2) for d in range(config.num_mtp_modules)]))
+    mtp = jnp.mean(jnp.stack([mean_ce(out.mtp_logits_ZBTV[d], d + 2) for d in range(config.num_mtp_modules)]))
     balance = out.moe_stats.balance_loss.sum() + out.mtp_stats.balance_loss.sum()
     return mean_ce(out.logits_BTV, 1) + MTP_WEIGHT * mtp + ALPHA * balance
 
@@ -71,9 +71,9 @@ def chunked_loss(config, chunk, params, moe_bias, tokens, segment_ids):
     """What the train step's loss_fn computes: the model with logits=False, then total_loss."""
     out = DeepSeekV3(config).apply({"params": params, "moe_bias": moe_bias}, tokens, None, segment_ids,
                                    return_aux=True, logits=False)
-    assert out.logits_BTV is None and out.mtp_logits_DBTV is None
+    assert out.logits_BTV is None and out.mtp_logits_ZBTV is None
     assert out.head_in_BTD.shape == (B, T, config.dim)
-    assert out.mtp_head_in_DBTD.shape == (config.num_mtp_modules, B, T, config.dim)
+    assert out.mtp_head_in_ZBTD.shape == (config.num_mtp_modules, B, T, config.dim)
     return total_loss(out, functools.partial(head_logits, config), head_weight(config, params), tokens, segment_ids,
                       MTP_WEIGHT, ALPHA, chunk=chunk)[0]
 

@@ -1,8 +1,9 @@
 """The pipeline-parallel train step equals the single-device train step (loss, metrics, params, moe_bias, optimizer
 state) on 8 simulated CPU devices with DualPipe and the stages' experts split over an `expert` axis (every schedule's
 loss and gradients, also over 4 stages with data parallelism, are held to the single-device ones in
-tests/sharding/test_pipeline.py; each step compile here costs a minute on 2 cores); a MoE stack that does not split
-into the stages is refused."""
+tests/sharding/test_pipeline.py; each step compile here costs a minute on 2 cores), with a MoE stack that does not
+split evenly into the stages (padding layers) and the first and last stages' parameters split over the batch axes; a
+MoE stack with fewer layers than stages is refused."""
 
 import os
 import subprocess
@@ -27,9 +28,12 @@ PIPELINED_SCRIPT = textwrap.dedent("""
     from dsv3_jax.train.step import BalanceConfig, create_train_state, make_train_step
     from sharding.mesh import build_mesh
 
-    # 1 dense + 4 MoE layers (2 or 4 stages), MTP on. eps well above float noise, so Adam's first step
+    # 1 dense + 3 MoE layers (2 stages: the first runs 2; the last, which also runs the MTP module and head, 1
+    # and a padding layer) or 1 dense + 4 MoE layers
+    # (4 stages), MTP on. eps well above float noise, so Adam's first step
     # g / (|g| + eps) is continuous in g and reduction-order differences stay small.
-    config = get_preset("tiny").replace(n_layers=5, first_k_dense_replace=1, vocab_size=128, dtype="float32")
+    config = get_preset("tiny").replace(n_layers=int(sys.argv[3]), first_k_dense_replace=1, vocab_size=128,
+                                        dtype="float32")
     configs = (LossConfig(), ScheduleConfig(peak_lr=1e-2, warmup=1), OptimizerConfig(eps=1e-3),
                BalanceConfig(gamma=0.01))
     M, B, T = 8, 4, 16
@@ -38,7 +42,8 @@ PIPELINED_SCRIPT = textwrap.dedent("""
     # Packed documents and padding, different in every row: batch shards hold different numbers of targets.
     starts = rng.integers(3, T - 3, (M, B, 1))
     segments = np.where(np.arange(T) < starts, 1, 2).astype(np.int32)
-    segments[:, 1, -rng.integers(1, 5):] = 0
+    for m in range(M):   # micro-batches of different real-token counts: the step averages over all tokens
+        segments[m, 1, -rng.integers(1, 9):] = 0
     positions = np.where(segments == 2, np.arange(T) - starts, np.arange(T)).astype(np.int32)
     batches = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(segments),
                "positions": jnp.asarray(positions)}
@@ -68,15 +73,16 @@ PIPELINED_SCRIPT = textwrap.dedent("""
                          (dict(pipeline=4, data=2), [n for n in sys.argv[2].split(",") if n])]:
         mesh = build_mesh(sizes)
         for name in names:
-            _, pipelined_step = make_pipelined_train_step(config, *configs, mesh, name, M)
+            # split_min_size=0: the first and last stages' parameters are split over the batch axes and gathered.
+            _, pipelined_step = make_pipelined_train_step(config, *configs, mesh, name, M, split_min_size=0)
             lowered = jax.jit(pipelined_step).lower(state, batches, *args)
             assert ("all_to_all" in lowered.as_text()) == (sizes.get("expert", 1) > 1), (sizes, name)
             check(*lowered.compile()(state, batches, *args))
             print(sizes, name, "ok", flush=True)
 
-    # 3 MoE layers do not split into 2 stages.
+    # 1 MoE layer does not fill 2 stages.
     try:
-        make_pipelined_train_step(config.replace(n_layers=4), *configs, build_mesh(dict(pipeline=2, data=4)),
+        make_pipelined_train_step(config.replace(n_layers=2), *configs, build_mesh(dict(pipeline=2, data=4)),
                                   "1f1b", M)
     except ValueError as error:
         print("error:", error)
@@ -86,9 +92,9 @@ PIPELINED_SCRIPT = textwrap.dedent("""
 
 def test_pipelined_step_equals_single_device_step():
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", PIPELINED_SCRIPT, "dualpipe", ""], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-c", PIPELINED_SCRIPT, "dualpipe", "", "4"], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr[-3000:]
     assert result.stdout.count(" ok\n") == 1, result.stdout
     errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "mesh.pipeline=2" in errors[0] and "model.n_layers=4" in errors[0], result.stdout
+    assert len(errors) == 1 and "mesh.pipeline=2" in errors[0] and "model.n_layers=2" in errors[0], result.stdout
