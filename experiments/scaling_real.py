@@ -43,6 +43,8 @@ RUNGS: dict[str, tuple[str, ...]] = {
     "small-v5p": ("--target", "v5p:1", "--presets", "small", "--meshes", "data=1", "--batch", "8", "--seq-len", "2048"),
     "small-v6e": ("--target", "v6e:1", "--presets", "small", "--meshes", "data=1", "--batch", "8", "--seq-len", "2048"),
 }
+# The committed rows of the last full run (BENCHMARKS.md says when and with what), drawn by scaling.ipynb.
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "scaling_real.csv")
 # MaxText's measured MFU for DeepSeek-V3 on TPU v5p, the number the cost-model figure is drawn against.
 MAXTEXT_V5P_MFU = 0.33
 NUMERIC = ("devices", "micro", "batch", "seq_len", "tokens_per_step", "params_total", "params_activated",
