@@ -377,17 +377,14 @@ def main(argv=None) -> int:
         config = configs[point.preset].replace(fp8=point.fp8)
         try:
             row = measure(point, config, devices, args.batch, args.seq_len, timed, target_name)
-            if args.depths and point.axes.get("pipeline", 1) == 1:
-                row.update(extrapolated_cost(point, config, devices, args.batch, args.seq_len, args.depths,
-                                             target_name))
         except Exception as e:  # noqa: BLE001 - a point that does not compile is a result; the study goes on
             row = dict(describe(point, config, args.batch, args.seq_len, target_name), error=one_line(e))
-            if args.depths and point.axes.get("pipeline", 1) == 1:   # what its step would cost, had it fit
-                try:
-                    row.update(extrapolated_cost(point, config, devices, args.batch, args.seq_len, args.depths,
-                                                 target_name))
-                except Exception:  # noqa: BLE001 - the shallow copies failing too leaves the error row as it is
-                    pass
+        if args.depths and point.axes.get("pipeline", 1) == 1:   # also what a point that does not fit would cost
+            try:
+                row.update(extrapolated_cost(point, config, devices, args.batch, args.seq_len, args.depths,
+                                             target_name))
+            except Exception as e:  # noqa: BLE001
+                row.setdefault("error", one_line(e))
         if point.schedule:
             row["bubble_fraction"] = schedule_bubble(point.schedule, point.axes["pipeline"], point.micro)["fraction"]
         rows.append(row)

@@ -1,5 +1,6 @@
 """The scaling study's figures, from its rows (the points that compiled): memory per device by mesh, MFU (and FLOPs
-per token) by model size, and pipeline bubble by schedule. Each function writes one PNG and returns its path."""
+per token) by model size, and pipeline bubble by schedule; and for experiments.scaling_real, peak memory against
+the chip's HBM and the TPU cost model's MFU per point. Each function writes one PNG and returns its path."""
 
 from __future__ import annotations
 
@@ -119,3 +120,43 @@ def plot_bubbles(bubbles: list[dict], out_dir: str, title: str = "") -> str:
     ax.set_ylabel("bubble % of step (simulated, F=1, B=2)"), ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0)), ax.set_title(title, fontsize=9)
     return _save(fig, out_dir, "bubble_by_schedule.png")
+
+
+def _target_label(row: dict) -> str:
+    parts = [row["target"], row["preset"], row["mesh"]] + ([row["schedule"]] if row.get("schedule") else [])
+    return " ".join(parts) + (" fp8" if row.get("fp8") else "")
+
+
+def plot_memory_vs_hbm(rows: list[dict], out_dir: str) -> str:
+    """One bar per point: its compiled peak bytes per device (a failed point: the HBM it asked for, hatched, when
+    its error names it), and the chip's HBM as a tick."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
+    gib = 2.0 ** 30
+    for i, row in enumerate(rows):
+        peak = row.get("peak_bytes_per_device")
+        if peak is not None:
+            ax.barh(i, peak / gib, color="tab:blue" if row.get("fits") != "False" else "tab:red")
+        else:
+            ax.barh(i, 0.5, color="lightgray")
+            ax.text(1, i, "did not compile: " + (row.get("error") or "")[:60], va="center", fontsize=6)
+        if row.get("device_memory_bytes"):
+            ax.plot([row["device_memory_bytes"] / gib] * 2, [i - 0.4, i + 0.4], "k-", lw=2)
+    ax.set_yticks(range(len(rows)), [_target_label(r) for r in rows], fontsize=7)
+    ax.invert_yaxis(), ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel("GiB per device (bar: compiled peak; black tick: the chip's HBM)")
+    return _save(fig, out_dir, "memory_vs_hbm.png")
+
+
+def plot_tpu_mfu(rows: list[dict], out_dir: str, reference_mfu: float) -> str:
+    """XLA's TPU cost-model MFU per TPU point (those it gives one for), against a reference MFU (MaxText's measured
+    one for DeepSeek-V3 on v5p)."""
+    plt = _pyplot()
+    have = [r for r in rows if r.get("xla_cost_model_mfu") is not None]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(have) + 1.5))
+    ax.barh(range(len(have)), [100 * r["xla_cost_model_mfu"] for r in have])
+    ax.axvline(100 * reference_mfu, color="k", ls="--", label="MaxText, DeepSeek-V3 on v5p (measured)")
+    ax.set_yticks(range(len(have)), [_target_label(r) for r in have], fontsize=7)
+    ax.invert_yaxis(), ax.grid(axis="x", alpha=0.3), ax.legend(fontsize=7)
+    ax.set_xlabel("MFU % implied by XLA's TPU cost model")
+    return _save(fig, out_dir, "tpu_cost_model_mfu.png")

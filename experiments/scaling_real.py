@@ -18,6 +18,7 @@ import os
 import sys
 
 from experiments import scaling
+from experiments.scaling_plots import plot_memory_vs_hbm, plot_tpu_mfu
 
 V3_BATCH = ("--seq-len", "4096")   # the report's 4K pre-training sequences
 # The report's layout: PP16 (DualPipe) × EP64 × ZeRO-1 DP over 2048 GPUs, one 4096-token sequence per data-parallel
@@ -64,47 +65,6 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
-def _label(row: dict) -> str:
-    parts = [row["target"], row["preset"], row["mesh"]] + ([row["schedule"]] if row.get("schedule") else [])
-    return " ".join(parts) + (" fp8" if row.get("fp8") else "")
-
-
-def plot_memory_vs_hbm(rows: list[dict], out_dir: str) -> str:
-    """One bar per point: its compiled peak bytes per device (a failed point: the HBM it asked for, hatched, when
-    its error names it), and the chip's HBM as a tick."""
-    from experiments.scaling_plots import _pyplot, _save
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
-    gib = 2.0 ** 30
-    for i, row in enumerate(rows):
-        peak = row.get("peak_bytes_per_device")
-        if peak is not None:
-            ax.barh(i, peak / gib, color="tab:blue" if row.get("fits") != "False" else "tab:red")
-        else:
-            ax.barh(i, 0.5, color="lightgray")
-            ax.text(1, i, "did not compile: " + (row.get("error") or "")[:60], va="center", fontsize=6)
-        if row.get("device_memory_bytes"):
-            ax.plot([row["device_memory_bytes"] / gib] * 2, [i - 0.4, i + 0.4], "k-", lw=2)
-    ax.set_yticks(range(len(rows)), [_label(r) for r in rows], fontsize=7)
-    ax.invert_yaxis(), ax.grid(axis="x", alpha=0.3)
-    ax.set_xlabel("GiB per device (bar: compiled peak; black tick: the chip's HBM)")
-    return _save(fig, out_dir, "memory_vs_hbm.png")
-
-
-def plot_tpu_mfu(rows: list[dict], out_dir: str) -> str:
-    """XLA's TPU cost-model MFU per TPU point (those it gives one for), against MaxText's measured 33%."""
-    from experiments.scaling_plots import _pyplot, _save
-    plt = _pyplot()
-    have = [r for r in rows if r.get("xla_cost_model_mfu") is not None]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(have) + 1.5))
-    ax.barh(range(len(have)), [100 * r["xla_cost_model_mfu"] for r in have])
-    ax.axvline(100 * MAXTEXT_V5P_MFU, color="k", ls="--", label="MaxText, DeepSeek-V3 on v5p (measured)")
-    ax.set_yticks(range(len(have)), [_label(r) for r in have], fontsize=7)
-    ax.invert_yaxis(), ax.grid(axis="x", alpha=0.3), ax.legend(fontsize=7)
-    ax.set_xlabel("MFU % implied by XLA's TPU cost model")
-    return _save(fig, out_dir, "tpu_cost_model_mfu.png")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.scaling_real", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,7 +88,7 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=["rung", *scaling.CSV_COLUMNS], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    plots = [plot_memory_vs_hbm(rows, args.out), plot_tpu_mfu(rows, args.out)]
+    plots = [plot_memory_vs_hbm(rows, args.out), plot_tpu_mfu(rows, args.out, MAXTEXT_V5P_MFU)]
     print("wrote " + ", ".join([path, *plots]))
     return worst
 

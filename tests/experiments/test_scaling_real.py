@@ -32,8 +32,8 @@ def test_joined_rows_draw_memory_against_hbm_and_cost_model_mfu(tmp_path):
     read = scaling_real.read_rows(str(path))
     assert read[0]["peak_bytes_per_device"] == 80 * 2**30 and read[1]["peak_bytes_per_device"] is None
     assert read[0]["xla_cost_model_mfu"] == pytest.approx(0.41) and read[0]["fp8"] is False
-    for plot in (scaling_real.plot_memory_vs_hbm, scaling_real.plot_tpu_mfu):
-        png = plot(read, str(tmp_path))
+    for png in (scaling_real.plot_memory_vs_hbm(read, str(tmp_path)),
+                scaling_real.plot_tpu_mfu(read, str(tmp_path), scaling_real.MAXTEXT_V5P_MFU)):
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
