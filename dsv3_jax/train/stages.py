@@ -161,11 +161,11 @@ def end_specs(tree, mesh, expert_axis: str | None, batch_axes: tuple[str, ...], 
     return jax.tree_util.tree_map_with_path(spec, tree)
 
 
-def gather_whole(tree, specs):
+def gather_whole(tree, specs, expert_axis: str | None):
     """Inside the executor: every leaf split by end_specs over batch axes, all-gathered whole (its gradient comes
-    back reduce-scattered); routed experts stay split."""
+    back reduce-scattered); routed experts split over `expert_axis` stay split."""
     def gather(path, leaf, spec):
-        if getattr(path[-1], "key", None) in EXPERT_WEIGHTS:
+        if expert_axis and getattr(path[-1], "key", None) in EXPERT_WEIGHTS:
             return leaf
         for dim, entry in enumerate(spec):
             if entry is not None:
@@ -252,8 +252,9 @@ class StageFns:
 
     def first(self, specs, first_params, tokens_BT, side):
         """The embedding and dense blocks; `specs`: end_specs of first_params."""
-        x_BTD = FirstStage(self.config).apply({"params": gather_whole(first_params, specs)}, tokens_BT,
-                                              (side["cos"], side["sin"]), side.get("segment_ids"))
+        params = gather_whole(first_params, specs, self.expert_axis)
+        x_BTD = FirstStage(self.config).apply({"params": params}, tokens_BT, (side["cos"], side["sin"]),
+                                              side.get("segment_ids"))
         return x_BTD, jnp.zeros((), jnp.float32)
 
     def stage(self, stage_vars, carried, side):
@@ -270,7 +271,7 @@ class StageFns:
         `specs`: end_specs of last_vars."""
         x_BTD, balance = carried
         c, cfg = self.config, self.loss_config
-        last_vars = gather_whole(last_vars, specs)
+        last_vars = gather_whole(last_vars, specs, self.expert_axis)
         tokens_BT, weights_BOT = targets["tokens"], targets["weights"]
         variables = {"params": last_vars["params"], "moe_bias": last_vars["moe_bias"]}
         with expert_parallel_local(self.expert_axis) if self.expert_axis else contextlib.nullcontext():
