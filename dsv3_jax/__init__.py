@@ -22,11 +22,11 @@ order (`logits_BTV`: batch, tokens, vocabulary). One letter, one meaning:
   e: some of the experts, a rank's or a group's); `b` after a capital counts that axis in blocks (Cb = C / 128).
 """
 
-from dsv3_jax import hf
+from dsv3_jax.io import hf
 from dsv3_jax.config import ConfigError, ModelConfig, YarnConfig
-from dsv3_jax.counting import ParamCount, count_params
+from dsv3_jax.model.counting import ParamCount, count_params
 from dsv3_jax.model import DeepSeekV3, ModelOutputs, init_variables, logical_axes
-from dsv3_jax.presets import PRESETS, get_preset
+from dsv3_jax.config.presets import PRESETS, get_preset
 
 __all__ = [
     "ConfigError", "ModelConfig", "YarnConfig", "ParamCount", "count_params", "DeepSeekV3", "ModelOutputs",

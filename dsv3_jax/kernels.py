@@ -105,12 +105,12 @@ class KernelSet:
     grouped_matmul: str = "reference"    # pallas_kernels.grouped_matmul: reference | tpu | gpu
     dispatch: str = "reference"          # pallas_kernels.dispatch: reference | tpu | gpu
     exchange: str = "lax"                # expert-parallel all-to-all: lax | pallas (Pallas TPU remote DMA)
-    attention: str = "xla"               # dsv3_jax.layers.attention_core impl
+    attention: str = "xla"               # dsv3_jax.model.layers.attention_core impl
     interpret: bool = False              # run the Pallas kernels in their CPU interpreters
 
     def moe(self):
-        """The MoE layer's bundle of routed-expert ops (dsv3_jax.moe.backend.MoEKernels)."""
-        from dsv3_jax.moe.backend import MoEKernels
+        """The MoE layer's bundle of routed-expert ops (dsv3_jax.model.moe.backend.MoEKernels)."""
+        from dsv3_jax.model.moe.backend import MoEKernels
         exchange = None
         if self.exchange == "pallas":
             from pallas_kernels.all_to_all import all_to_all
@@ -151,7 +151,7 @@ def _attention(impl: str, target: Target, dtype: str, qk_head_dim: int, v_head_d
         return impl
     if target.interpret:   # fused attention libraries have no CPU interpreter: the interpreted targets use xla
         return "xla"
-    from dsv3_jax.layers import attention_core
+    from dsv3_jax.model.layers import attention_core
     platform = "gpu" if target.platform in ("gpu", "hopper") else target.platform
     return attention_core.auto_impl(platform, target.platform == "hopper", dtype, qk_head_dim, v_head_dim)
 

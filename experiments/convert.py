@@ -9,7 +9,7 @@
     python -m experiments.convert --export --ckpt WORKDIR --out-hf DIR [--step N]
         a pre-training checkpoint's params and routing biases -> HF layout (config.json + safetensors).
 
-Tensors are read, converted and written one at a time (see dsv3_jax/convert.py). Bad input (missing,
+Tensors are read, converted and written one at a time (see dsv3_jax/io/convert.py). Bad input (missing,
 mis-shaped or truncated tensors, an --out that already holds a checkpoint) exits with code 2 and one line
 on stderr, leaving no output behind.
 """
@@ -60,9 +60,9 @@ def main(argv=None) -> int:
     if not export and not (args.hf_dir and args.out):
         parser.error("import needs --hf-dir and --out (or --export --ckpt CKPT --out-hf DIR)")
 
-    from dsv3_jax import convert
+    from dsv3_jax.io import convert
     from dsv3_jax.config import ConfigError
-    from dsv3_jax.hf import CheckpointError
+    from dsv3_jax.io.hf import CheckpointError
     try:
         if export:
             config = convert.export_hf(args.ckpt, args.out_hf, args.step)

@@ -14,7 +14,7 @@ import dataclasses
 import sys
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.counting import attention_params, count_params, mlp_params, moe_params, train_flops_per_token
+from dsv3_jax.model.counting import attention_params, count_params, mlp_params, moe_params, train_flops_per_token
 from sharding.pipeline_schedules import Costs, ScheduleError, bubble_formula, make_schedule, simulate
 
 GB = 1e9
@@ -365,7 +365,7 @@ def format_report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from dsv3_jax.presets import get_preset
+    from dsv3_jax.config.presets import get_preset
 
     p = argparse.ArgumentParser(prog="python -m experiments.cost_model", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="v3-671b")

@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from dsv3_jax import fp8_weights
+from dsv3_jax.model import fp8_weights
 from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.data import DataConfig, DataError, Tokenizer
 from dsv3_jax.data import load_tokenizer as load_data_tokenizer
@@ -60,7 +60,7 @@ def load_train_checkpoint(path: str, dtype: str) -> tuple[ModelConfig, dict]:
     the optimizer state is not read. FP8 weights kept by `experiments.convert --fp8` come with their scales."""
     import numpy as np
 
-    from dsv3_jax import convert
+    from dsv3_jax.io import convert
 
     try:
         opened = convert.open_checkpoint(path)
@@ -75,7 +75,7 @@ def load_train_checkpoint(path: str, dtype: str) -> tuple[ModelConfig, dict]:
 def load_model(args) -> tuple[ModelConfig, dict]:
     if args.ckpt is not None:
         return load_train_checkpoint(args.ckpt, args.dtype)
-    from dsv3_jax.hf import load_pretrained
+    from dsv3_jax.io.hf import load_pretrained
 
     return load_pretrained(args.hf_dir, dtype=args.dtype)
 

@@ -17,9 +17,9 @@ import os
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from dsv3_jax.checkpoint import Checkpointer, CheckpointMismatch, model_signature
+from dsv3_jax.io.checkpoint import Checkpointer, CheckpointMismatch, model_signature
 from dsv3_jax.config import ConfigError, ModelConfig
-from dsv3_jax.convert import checkpoints_dir
+from dsv3_jax.io.convert import checkpoints_dir
 
 POSITION_FIELDS = frozenset({"rope_theta", "rope_scaling", "max_position_embeddings"})
 

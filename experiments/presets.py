@@ -9,8 +9,8 @@ import dataclasses
 
 from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.data import DataConfig
-from dsv3_jax.overrides import apply_overrides
-from dsv3_jax.presets import PRESETS as MODEL_PRESETS
+from dsv3_jax.config.overrides import apply_overrides
+from dsv3_jax.config.presets import PRESETS as MODEL_PRESETS
 from dsv3_jax.train.loss import LossConfig
 from dsv3_jax.train.optimizer import OptimizerConfig
 from dsv3_jax.train.schedule import ScheduleConfig

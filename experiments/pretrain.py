@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax.checkpoint import FRESH_DATA_KEY, Checkpointer, CheckpointMismatch, model_signature
+from dsv3_jax.io.checkpoint import FRESH_DATA_KEY, Checkpointer, CheckpointMismatch, model_signature
 from dsv3_jax import kernels
 from dsv3_jax.config import ConfigError, ModelConfig
-from dsv3_jax.counting import count_params, train_flops_per_token
+from dsv3_jax.model.counting import count_params, train_flops_per_token
 import dsv3_jax.data
 from dsv3_jax.data import DataError, load_tokenizer
 from dsv3_jax.train.metrics_log import MetricsLog

@@ -142,7 +142,7 @@ def parse_meshes(texts: list[str]) -> list[tuple[tuple[tuple[str, int], ...], st
 def resolve(args, meshes) -> tuple[dict, list]:
     """Model configs per preset and the study's points, every argument checked; UsageError names the bad one."""
     from dsv3_jax.config import ConfigError
-    from dsv3_jax.presets import PRESETS
+    from dsv3_jax.config.presets import PRESETS
     from dsv3_jax.train.stages import StageLayout
     from sharding.mesh import MESH_AXES
     from sharding.pipeline_schedules import SCHEDULE_NAMES, ScheduleError, make_schedule

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsv3_jax.aot import step_arguments
+from dsv3_jax.train.aot import step_arguments
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.counting import count_params
+from dsv3_jax.model.counting import count_params
 from dsv3_jax.kernels import for_devices
 from dsv3_jax.train.loss import LossConfig
 from dsv3_jax.train.mfu import mfu, peak_flops_per_device

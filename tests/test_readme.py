@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from dsv3_jax.hf import save_pretrained
-from dsv3_jax.presets import get_preset
+from dsv3_jax.io.hf import save_pretrained
+from dsv3_jax.config.presets import get_preset
 from tests.fast_compile import cheap_compiles  # noqa: F401  (an autouse fixture: XLA's cheapest compiles)
 from tests.hf_oracle import random_variables
 

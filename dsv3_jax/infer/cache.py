@@ -7,7 +7,7 @@ Slots are token positions: row b's token at position p lives in slot p (prompts 
 rows of different lengths advance independently. A query at position p sees slots 0..p, which always
 hold that row's real tokens: every step writes its new tokens before attending, and whatever lies beyond
 (prompt padding, rejected speculative drafts) is overwritten before any later query can see it. MLA's cache path
-(dsv3_jax.layers.mla: write_slots, visible_slots) writes and reads the slots.
+(dsv3_jax.model.layers.mla: write_slots, visible_slots) writes and reads the slots.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The model's parameters are read straight from its variables tree ({'params', 'mo
 on a leading axis) and run through the model's own modules: every layer is the model's DecoderBlock, whose MLA
 attends over the layer's latent cache (`layers.mla.CacheStep`), plus Linear and RMSNorm for the embedding, head
 and MTP input, in `config.dtype` (an FP8-trained model is served from its master weights; FP8 weights kept by an
-FP8 import run as FP8 matmuls with their stored scales, see dsv3_jax.fp8_weights).
+FP8 import run as FP8 matmuls with their stored scales, see dsv3_jax.model.fp8_weights).
 
     forward_with_cache(config, variables, tokens_BT, positions_BT, cache, absorbed)
         1. embed the new tokens; per layer (a lax.scan over each stacked stack):
@@ -23,16 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax import fp8_weights
-from dsv3_jax.block import DecoderBlock
+from dsv3_jax.model import fp8_weights
+from dsv3_jax.model.block import DecoderBlock
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer.cache import DecodeCache, LatentCache, init_cache
 from dsv3_jax.infer.sampling import sample_tokens
-from dsv3_jax.layers.linear import make_linear
-from dsv3_jax.layers.mla import CacheStep
-from dsv3_jax.layers.norm import RMSNorm
-from dsv3_jax.layers.rope import rope_tables
-from dsv3_jax.moe.router import BIAS_COLLECTION
+from dsv3_jax.model.layers.linear import make_linear
+from dsv3_jax.model.layers.mla import CacheStep
+from dsv3_jax.model.layers.norm import RMSNorm
+from dsv3_jax.model.layers.rope import rope_tables
+from dsv3_jax.model.moe.router import BIAS_COLLECTION
 
 
 def _linear(c: ModelConfig, p: dict, x, out_dtype=None):
@@ -46,7 +46,7 @@ def _norm(c: ModelConfig, p: dict, x):
 
 def serving_config(config: ModelConfig) -> ModelConfig:
     """Decoding computes in `dtype` from the stored weights: an FP8-trained model (model.fp8) is served from its
-    master weights, an FP8-imported one through its FP8 kernels and scales (dsv3_jax.fp8_weights)."""
+    master weights, an FP8-imported one through its FP8 kernels and scales (dsv3_jax.model.fp8_weights)."""
     return config.replace(fp8=False) if config.fp8 else config
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.model import ModelOutputs
-from dsv3_jax.segments import same_segment
+from dsv3_jax.model.segments import same_segment
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import ModelOutputs
-from dsv3_jax.moe.router import RouterStats
+from dsv3_jax.model.moe.router import RouterStats
 from dsv3_jax.train.loss import LossConfig
 from dsv3_jax.train.optimizer import OptimizerConfig, make_optimizer
 from dsv3_jax.train.schedule import ScheduleConfig

@@ -10,7 +10,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import logical_axes
-from dsv3_jax.moe.backend import expert_parallel
+from dsv3_jax.model.moe.backend import expert_parallel
 from dsv3_jax.train.step import TrainState
 from sharding.mesh import BATCH_AXES, batch_sharding
 from sharding.rules import logical_rules, tree_shardings

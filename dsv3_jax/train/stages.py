@@ -29,12 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from dsv3_jax.block import block_stack
+from dsv3_jax.model.block import block_stack
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers.rope import rope_tables
+from dsv3_jax.model.layers.rope import rope_tables
 from dsv3_jax.model import embedding, final_norm, head_logits, head_weight, mtp_outputs
-from dsv3_jax.moe.backend import expert_parallel_local
-from dsv3_jax.moe.layer import EXPERT_WEIGHTS
+from dsv3_jax.model.moe.backend import expert_parallel_local
+from dsv3_jax.model.moe.layer import EXPERT_WEIGHTS
 from dsv3_jax.train.loss import LossConfig, prediction_loss, valid_targets
 from sharding.rules import mesh_spec
 

@@ -18,7 +18,7 @@ import optax
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, ModelOutputs, head_logits, head_weight, init_variables
-from dsv3_jax.moe.router import RouterStats
+from dsv3_jax.model.moe.router import RouterStats
 from dsv3_jax.train.balance import update_routing_bias
 from dsv3_jax.train.loss import LossConfig, target_counts, total_loss
 from dsv3_jax.train.optimizer import OptimizerConfig, make_optimizer

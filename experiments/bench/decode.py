@@ -136,7 +136,7 @@ def _hf_model(config, variables, dtype: str, directory: str):
     import torch
     import transformers
 
-    from dsv3_jax.hf import save_pretrained
+    from dsv3_jax.io.hf import save_pretrained
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -190,11 +190,11 @@ def run(args) -> dict:
     import numpy as np
 
     from dsv3_jax.infer import generate, generate_speculative
-    from dsv3_jax.presets import get_preset
+    from dsv3_jax.config.presets import get_preset
 
     dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     if args.hf_dir:
-        from dsv3_jax.hf import load_pretrained
+        from dsv3_jax.io.hf import load_pretrained
         config, variables = load_pretrained(args.hf_dir, dtype=dtype, param_dtype=dtype)
     else:
         config = get_preset(args.config).replace(dtype=dtype, param_dtype=dtype)

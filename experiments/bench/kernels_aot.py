@@ -56,7 +56,7 @@ class LayerShapes:
 
 
 def preset_shapes(preset: str, tokens: int | None = None) -> LayerShapes:
-    from dsv3_jax.presets import get_preset
+    from dsv3_jax.config.presets import get_preset
 
     c = get_preset(preset)
     return LayerShapes(preset, tokens or PRESET_TOKENS.get(preset, 4096), c.dim, c.moe_intermediate_size,

@@ -241,8 +241,8 @@ def layer_rows(args) -> list[dict]:
     import jax.numpy as jnp
 
     from dsv3_jax import kernels as kernel_registry
-    from dsv3_jax.moe.layer import MoE
-    from dsv3_jax.presets import PRESETS
+    from dsv3_jax.model.moe.layer import MoE
+    from dsv3_jax.config.presets import PRESETS
     from experiments.bench.timing import median_seconds
 
     if args.layer_config not in PRESETS:

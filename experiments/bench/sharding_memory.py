@@ -58,7 +58,7 @@ def parse_mesh(text: str) -> tuple[dict[str, int], str]:
 
 
 def model_config(args):
-    from dsv3_jax.presets import get_preset
+    from dsv3_jax.config.presets import get_preset
 
     return get_preset(args.preset).with_overrides(*SCALED, *args.overrides).validate()
 

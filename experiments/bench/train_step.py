@@ -5,7 +5,7 @@ norms, clipping), once per `experts_implementation` (grouped_mm, eager per-exper
 
 Random tokens; warm-up steps, then the median of timed steps (a JAX step is synchronised on its whole output, a
 PyTorch CUDA step timed with CUDA events). Tokens/s; MFU with the pre-training job's FLOP count
-(dsv3_jax.counting.train_flops_per_token; transformers has no MTP, so its rows count FLOPs without it); peak device
+(dsv3_jax.model.counting.train_flops_per_token; transformers has no MTP, so its rows count FLOPs without it); peak device
 memory (the allocator's peak where the device reports one, else XLA's compiled memory analysis). PyTorch runs first
 and frees its cache; JAX does not preallocate (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set), so each side finds
 the GPU free. A variant that fails leaves its error in its row.
@@ -121,7 +121,7 @@ def run_ours(cfg, batch_np: dict, args) -> dict:
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from dsv3_jax.counting import train_flops_per_token
+    from dsv3_jax.model.counting import train_flops_per_token
     from dsv3_jax.train.mfu import peak_flops_per_device
     from dsv3_jax.train.sharded import jit_sharded_step, state_shardings
     from dsv3_jax.train.step import create_train_state, make_train_step
@@ -258,7 +258,7 @@ def _train_torch(cfg, batch_np: dict, experts: str, args, row: dict) -> None:
     import torch
     import transformers
 
-    from dsv3_jax.counting import train_flops_per_token
+    from dsv3_jax.model.counting import train_flops_per_token
     from dsv3_jax.train.mfu import peak_flops_per_device
     from experiments.bench.timing import median_seconds, torch_median_seconds
 
@@ -309,7 +309,7 @@ def _train_torch(cfg, batch_np: dict, experts: str, args, row: dict) -> None:
 
 # ---- the benchmark -------------------------------------------------------------------------------------
 def run(args) -> dict:
-    from dsv3_jax.counting import count_params
+    from dsv3_jax.model.counting import count_params
     import jax
 
     from dsv3_jax import kernels as kernel_registry

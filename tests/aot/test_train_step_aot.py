@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from dsv3_jax.aot import compile_generate, compile_train_step
-from dsv3_jax.presets import get_preset
+from dsv3_jax.train.aot import compile_generate, compile_train_step
+from dsv3_jax.config.presets import get_preset
 from sharding import targets
 from sharding.mesh import build_mesh
 

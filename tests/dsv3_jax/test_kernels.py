@@ -9,7 +9,7 @@ import pytest
 
 from dsv3_jax import kernels
 from dsv3_jax.config import ConfigError
-from dsv3_jax.presets import PRESETS
+from dsv3_jax.config.presets import PRESETS
 from sharding import targets
 
 BF16 = PRESETS["tiny"].replace(dtype="bfloat16", attention_impl="xla")

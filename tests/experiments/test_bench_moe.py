@@ -1,6 +1,6 @@
 """`python -m experiments.bench moe`: refuses to time without a Hopper GPU; an interpreted dispatch/combine run
 checks the GPU kernels (Pallas GPU, interpret mode) against the reference; bad flags are one line.
-(The grouped-GEMM and layer sections run the kernels tests/pallas_kernels and tests/dsv3_jax/moe cover.)"""
+(The grouped-GEMM and layer sections run the kernels tests/pallas_kernels and tests/dsv3_jax/model/moe cover.)"""
 
 import json
 

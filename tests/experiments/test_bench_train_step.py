@@ -32,7 +32,7 @@ def bench_run(tmp_path_factory):
 
 
 def test_ours_and_transformers_side_by_side(bench_run):
-    from dsv3_jax.counting import train_flops_per_token
+    from dsv3_jax.model.counting import train_flops_per_token
 
     data, printed, _ = bench_run
     assert "train_step" in BENCHMARKS and data["benchmark"] == "train_step"

@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax import convert, fp8_weights, hf
-from dsv3_jax.checkpoint import Checkpointer
-from dsv3_jax.presets import PRESETS
+from dsv3_jax.io import convert
+from dsv3_jax.io import hf
+from dsv3_jax.model import fp8_weights
+from dsv3_jax.io.checkpoint import Checkpointer
+from dsv3_jax.config.presets import PRESETS
 from dsv3_jax.train.optimizer import OptimizerConfig, make_optimizer
 from dsv3_jax.train.step import create_train_state
 from pallas_kernels.fp8 import quantize_128x128

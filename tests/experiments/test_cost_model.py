@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from dsv3_jax.counting import count_params
-from dsv3_jax.presets import get_preset
+from dsv3_jax.model.counting import count_params
+from dsv3_jax.config.presets import get_preset
 from experiments import cost_model
 from experiments.cost_model import Cluster, Recipe
 from tests.fast_compile import ROOT, subprocess_env

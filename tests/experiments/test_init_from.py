@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax import get_preset
-from dsv3_jax.checkpoint import Checkpointer, CheckpointMismatch, model_signature
+from dsv3_jax.io.checkpoint import Checkpointer, CheckpointMismatch, model_signature
 from dsv3_jax.config import ConfigError
 from dsv3_jax.train.optimizer import OptimizerConfig, make_optimizer
 from dsv3_jax.train.step import create_train_state

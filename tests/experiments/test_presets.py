@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax.checkpoint import model_signature
-from dsv3_jax.layers.rope import inverse_frequencies, rope_amplitude, rope_tables
+from dsv3_jax.io.checkpoint import model_signature
+from dsv3_jax.model.layers.rope import inverse_frequencies, rope_amplitude, rope_tables
 from dsv3_jax.train.schedule import learning_rate
 from experiments.init_from import check_same_parameters
 from experiments.presets import get_run_preset
 from experiments.pretrain import validate_run
-from tests.dsv3_jax.layers.test_rope import np_plain_freqs, np_yarn_freqs
+from tests.dsv3_jax.model.layers.test_rope import np_plain_freqs, np_yarn_freqs
 
 STAGES = ("v3-671b", "v3-671b-ext32k", "v3-671b-ext128k")
 QK_HEAD_DIM, ROPE_DIM, THETA = 192, 64, 10000.0

@@ -15,8 +15,8 @@ SCRIPT = textwrap.dedent("""
     import dataclasses
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from dsv3_jax.moe.layer import MoE
-    from dsv3_jax.presets import PRESETS
+    from dsv3_jax.model.moe.layer import MoE
+    from dsv3_jax.config.presets import PRESETS
     from sharding.mesh import build_mesh
     from sharding.per_shard import on_batch_shards
 

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax import fp8_weights
+from dsv3_jax.model import fp8_weights
 from dsv3_jax.infer import forward_with_cache, init_cache
-from dsv3_jax.layers.linear import Linear, make_linear
-from dsv3_jax.moe.layer import EXPERT_WEIGHTS
+from dsv3_jax.model.layers.linear import Linear, make_linear
+from dsv3_jax.model.moe.layer import EXPERT_WEIGHTS
 from pallas_kernels.fp8 import dequantize, quantize_1x128, quantize_128x128
 from tests.dsv3_jax.infer.test_infer import CACHE_LEN, CONFIG, random_variables
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import pytest
 import tokenizers
 
-from dsv3_jax.checkpoint import Checkpointer, model_signature
-from dsv3_jax.hf import save_pretrained
+from dsv3_jax.io.checkpoint import Checkpointer, model_signature
+from dsv3_jax.io.hf import save_pretrained
 from dsv3_jax.infer import generate
 from dsv3_jax.train.step import TrainState
 from experiments.generate import main

@@ -19,9 +19,9 @@ from dsv3_jax.config import YarnConfig
 from dsv3_jax.infer import (accept_drafts, attend_absorbed, attend_naive, decode_step, forward_with_cache,
                             generate, generate_speculative, init_cache, sample_tokens, token_probs, top_p_filter,
                             values_per_token_per_layer)
-from dsv3_jax.layers.mla import visible_slots
+from dsv3_jax.model.layers.mla import visible_slots
 from dsv3_jax.model import DeepSeekV3
-from dsv3_jax.presets import PRESETS
+from dsv3_jax.config.presets import PRESETS
 from experiments.bench.decode import all_accepting
 
 CONFIG = PRESETS["tiny"].replace(vocab_size=512, rope_scaling=YarnConfig(

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax import get_preset
-from dsv3_jax.moe.router import route
+from dsv3_jax.model.moe.router import route
 from dsv3_jax.train.balance import bias_step
 
 CONFIG = get_preset("tiny").replace(n_routed_experts=16, num_experts_per_tok=2, n_group=4, topk_group=2)

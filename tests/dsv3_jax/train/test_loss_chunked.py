@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.model import DeepSeekV3, head_logits, head_weight
-from dsv3_jax.presets import PRESETS
+from dsv3_jax.config.presets import PRESETS
 from dsv3_jax.train.loss import head_cross_entropy, shifted_targets, total_loss
 from tests.fast_compile import cheap_compiles  # noqa: F401 - autouse fixture
 from tests.hf_oracle import random_variables
