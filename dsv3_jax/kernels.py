@@ -1,34 +1,23 @@
-"""The one place that picks every kernel the model runs: FP8 matmul, grouped matmul, dispatch/combine, the
-expert-parallel exchange and the attention core, from two explicit config fields.
-
-    model.kernels        auto       what a real chip of the target runs (below)
-                         reference  the jnp / XLA references everywhere (any platform)
-                         pallas     the target's Pallas kernels, an error where it has none
-    model.kernel_target  ""         the default device's platform (what a plain `jax.jit` runs on)
-                         cpu | gpu | hopper | tpu, optionally with ":interpret" (that platform's Pallas kernels in
-                         their CPU interpreters: how the tests run them here)
-
-`for_devices(config, devices)` fills an empty `kernel_target` from the devices a computation is placed on (a mesh's),
-so that a step compiled for compile-only H100s or TPUs (sharding.targets) picks exactly what the chips would:
-
-    target   FP8 matmul  grouped matmul              dispatch/combine   EP exchange       attention (auto)
-    tpu      Pallas TPU  Pallas TPU                  Pallas TPU         Pallas all-to-all  attention_core.auto_impl
-    hopper   Mosaic GPU  Mosaic GPU (bf16/fp16 compute; reference otherwise)
-                                                     Pallas GPU         lax all_to_all     attention_core.auto_impl
-    gpu/cpu  reference   reference                   reference          lax all_to_all     xla
-"""
+"""Which kernels a model runs: resolved once, before tracing, from the config and the devices a step is placed on,
+into one frozen KernelSet that every layer receives as configuration (layers never choose)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.config.errors import ConfigError
+from sharding.targets import PLATFORMS as TARGET_PLATFORMS
+from sharding.targets import platform_of
+
 KERNEL_MODES = ("auto", "reference", "pallas")
-TARGET_PLATFORMS = ("cpu", "gpu", "hopper", "tpu")
 INTERPRET_SUFFIX = ":interpret"
-_PALLAS_PLATFORMS = ("hopper", "tpu")
+PALLAS_PLATFORMS = ("hopper", "tpu")
+ATTENTION_IMPLS = ("xla", "blockwise", "splash", "cudnn", "cudnn_mla")   # what `auto` resolves among
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,41 +32,37 @@ class Target:
 
 
 def parse_target(text: str) -> Target | None:
-    """'tpu:interpret' -> Target('tpu', True); '' -> None. ValueError (one line) for anything else."""
+    """'tpu:interpret' -> Target('tpu', True); '' -> None. ConfigError (one line) for anything else."""
     if not text:
         return None
     platform, interpret = (text[: -len(INTERPRET_SUFFIX)], True) if text.endswith(INTERPRET_SUFFIX) else (text, False)
     if platform not in TARGET_PLATFORMS:
-        raise ValueError(f"model.kernel_target must be empty or one of {', '.join(TARGET_PLATFORMS)} (optionally "
-                         f"with '{INTERPRET_SUFFIX}'), got {text!r}")
-    if interpret and platform not in _PALLAS_PLATFORMS:
-        raise ValueError(f"model.kernel_target={text!r}: only {' and '.join(_PALLAS_PLATFORMS)} have Pallas kernels "
-                         f"to interpret")
+        raise ConfigError(f"model.kernel_target must be empty or one of {', '.join(TARGET_PLATFORMS)} (optionally "
+                          f"with '{INTERPRET_SUFFIX}'), got {text!r}")
+    if interpret and platform not in PALLAS_PLATFORMS:
+        raise ConfigError(f"model.kernel_target={text!r}: only {' and '.join(PALLAS_PLATFORMS)} have Pallas kernels "
+                          f"to interpret")
     return Target(platform, interpret)
 
 
 def check(kernels: str, kernel_target: str) -> None:
-    """ValueError naming the field when the pair cannot select kernels (run by ModelConfig.validate)."""
+    """ConfigError naming the field when the pair cannot select kernels (run by ModelConfig.validate)."""
     if kernels not in KERNEL_MODES:
-        raise ValueError(f"model.kernels must be one of {', '.join(KERNEL_MODES)}, got {kernels!r}")
+        raise ConfigError(f"model.kernels must be one of {', '.join(KERNEL_MODES)}, got {kernels!r}")
     target = parse_target(kernel_target)
-    if kernels == "pallas" and target is not None and target.platform not in _PALLAS_PLATFORMS:
-        raise ValueError(f"model.kernels='pallas': target {target.name!r} has no Pallas kernels; use a TPU or a "
-                         f"Hopper GPU, or model.kernel_target=tpu{INTERPRET_SUFFIX} / hopper{INTERPRET_SUFFIX} to "
-                         f"run them in the CPU interpreters")
+    if kernels == "pallas" and target is not None:
+        _check_pallas_target(target)
 
 
-def platform_of(device) -> str:
-    """'tpu', 'hopper' (an NVIDIA GPU of compute capability 9.x: H100 / H200 / H800), 'gpu' or 'cpu' for a JAX device,
-    compile-only devices included."""
-    if device.platform == "tpu":
-        return "tpu"
-    if device.platform in ("gpu", "cuda", "rocm"):
-        return "hopper" if str(getattr(device, "compute_capability", "")).startswith("9") else "gpu"
-    return "cpu"
+def _check_pallas_target(target: Target) -> None:
+    if target.platform not in PALLAS_PLATFORMS:
+        raise ConfigError(f"model.kernels='pallas': target {target.name!r} has no Pallas kernels; use a TPU or a "
+                          f"Hopper GPU, or model.kernel_target=tpu{INTERPRET_SUFFIX} / hopper{INTERPRET_SUFFIX} to "
+                          f"run them in the CPU interpreters")
 
 
-def _first_device(devices):
+def first_device(devices):
+    """The first device of a Mesh, a device, or a sequence of devices."""
     if hasattr(devices, "devices"):            # a Mesh
         return devices.devices.flat[0]
     if hasattr(devices, "platform"):           # one device
@@ -87,71 +72,104 @@ def _first_device(devices):
 
 def target_of(devices) -> Target:
     """The target of a mesh, a device or a sequence of devices (all of one kind)."""
-    return Target(platform_of(_first_device(devices)))
+    return Target(platform_of(first_device(devices)))
 
 
-def for_devices(config, devices):
-    """`config` with an empty `kernel_target` set from `devices` (a Mesh, a device, or a sequence of devices); a
-    target the config already names is kept (e.g. 'tpu:interpret' in tests)."""
-    if config.kernel_target:
-        return config
-    return config.replace(kernel_target=target_of(devices).name)
+@dataclasses.dataclass(frozen=True)
+class ExpertSplit:
+    """The routed experts split over mesh axis `axis` (expert parallelism): with a `mesh`, the MoE layer opens its own
+    shard_map over it; without, it already runs inside a shard_map where `axis` is manual and holds E/EP experts."""
+    axis: str = "expert"
+    mesh: Any = None
+    capacity_factor: float = 1.25
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelSet:
-    """Implementation names per op, as the pallas_kernels entry points take them."""
+    """Implementation names per op, as the pallas_kernels entry points take them, and where the routed experts run."""
+    target: str = "cpu"                  # the kernel target they were resolved for (Target.name)
     fp8_matmul: str = "reference"        # pallas_kernels.fp8: reference | tpu | gpu
     grouped_matmul: str = "reference"    # pallas_kernels.grouped_matmul: reference | tpu | gpu
     dispatch: str = "reference"          # pallas_kernels.dispatch: reference | tpu | gpu
     exchange: str = "lax"                # expert-parallel all-to-all: lax | pallas (Pallas TPU remote DMA)
-    attention: str = "xla"               # dsv3_jax.model.layers.attention_core impl
+    attention: str = "xla"               # the MLA attention core (dsv3_jax.model.layers.attention_core)
     interpret: bool = False              # run the Pallas kernels in their CPU interpreters
+    experts: ExpertSplit | None = None   # expert parallelism; None: every expert local
 
-    def moe(self):
-        """The MoE layer's bundle of routed-expert ops (dsv3_jax.model.moe.backend.MoEKernels)."""
-        from dsv3_jax.model.moe.backend import MoEKernels
-        exchange = None
-        if self.exchange == "pallas":
-            from pallas_kernels.all_to_all import all_to_all
-            exchange = all_to_all
-        return MoEKernels(self.dispatch, self.grouped_matmul, self.interpret, exchange)
+    def split_experts(self, split: ExpertSplit | None) -> "KernelSet":
+        return dataclasses.replace(self, experts=split)
+
+    def describe(self) -> dict:
+        """The choices as plain values (a run's config dump)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "experts"}
+        split = self.experts
+        out["experts"] = None if split is None else {
+            "axis": split.axis, "capacity_factor": split.capacity_factor,
+            "mesh": None if split.mesh is None else dict(split.mesh.shape)}
+        return out
 
 
-def _low_precision(dtype: str) -> bool:
-    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+REFERENCE = KernelSet()   # the jnp / XLA references: any platform, exact
 
 
-def select(config) -> KernelSet:
-    """The kernels `config` runs (see the module docstring). Pure in the config, except that an empty
-    kernel_target reads the default device."""
-    return _select(config.kernels, config.kernel_target, config.attention_impl, config.dtype, config.qk_head_dim,
-                   config.v_head_dim)
+def resolve(config, devices) -> KernelSet:
+    """The kernels `config` (a ModelConfig) runs on `devices` (a Mesh, a device or a sequence of them): model.kernels
+    auto picks what a real chip of the target runs, reference the references, pallas the target's Pallas kernels (a
+    ConfigError naming the op and target where one does not exist). model.kernel_target, when set, overrides the
+    devices' platform. Every expert local; the step builder adds expert parallelism (KernelSet.split_experts).
+
+        target   FP8 matmul  grouped matmul / dispatch          EP exchange        attention (auto)
+        tpu      Pallas TPU  Pallas TPU                         Pallas all-to-all  splash
+        hopper   Mosaic GPU  Mosaic GPU / Pallas GPU (bf16/fp16 lax all_to_all      cudnn or blockwise
+                             compute; float32: the references)
+        gpu/cpu  reference   reference                          lax all_to_all     blockwise (gpu) / xla (cpu)
+    """
+    check(config.kernels, config.kernel_target)
+    target = parse_target(config.kernel_target) or target_of(devices)
+    return _resolve(config.kernels, target, config.attention_impl, config.dtype, config.qk_head_dim,
+                    config.v_head_dim)
 
 
 @functools.lru_cache(maxsize=256)
-def _select(kernels: str, kernel_target: str, attention_impl: str, dtype: str, qk_head_dim: int,
-            v_head_dim: int) -> KernelSet:
-    check(kernels, kernel_target)
-    target = parse_target(kernel_target) or target_of(jax.devices())
-    attention = _attention(attention_impl, target, dtype, qk_head_dim, v_head_dim)
-    if kernels == "reference" or target.platform not in _PALLAS_PLATFORMS:
-        return KernelSet(attention=attention)
+def _resolve(mode: str, target: Target, attention_impl: str, dtype: str, qk_head_dim: int,
+             v_head_dim: int) -> KernelSet:
+    attention = attention_for(attention_impl, target, dtype, qk_head_dim, v_head_dim)
+    if mode == "pallas":
+        _check_pallas_target(target)
+    if mode == "reference" or target.platform not in PALLAS_PLATFORMS:
+        return KernelSet(target.name, attention=attention)
     if target.platform == "tpu":
         # The Pallas all-to-all is a TPU remote-DMA kernel; interpreted, the exchange stays lax's.
-        return KernelSet("tpu", "tpu", "tpu", "lax" if target.interpret else "pallas", attention, target.interpret)
-    # Hopper: the Mosaic GPU grouped matmul takes bf16/fp16 operands; float32 compute keeps the reference there.
-    grouped = "gpu" if _low_precision(dtype) else "reference"
-    return KernelSet("gpu", grouped, "gpu" if _low_precision(dtype) else "reference", "lax", attention,
-                     target.interpret)
+        return KernelSet(target.name, "tpu", "tpu", "tpu", "lax" if target.interpret else "pallas", attention,
+                         target.interpret)
+    # Hopper: the Mosaic GPU grouped matmul and the Pallas GPU dispatch take bf16/fp16 operands.
+    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if mode == "pallas" and not low_precision:
+        raise ConfigError(f"model.kernels='pallas': {target.name} has no Pallas grouped matmul or dispatch for "
+                          f"model.dtype={dtype} (they compute in bfloat16 or float16); use model.kernels=auto (the "
+                          f"references there) or model.dtype=bfloat16")
+    moe = "gpu" if low_precision else "reference"
+    return KernelSet(target.name, "gpu", moe, moe, "lax", attention, target.interpret)
 
 
-def _attention(impl: str, target: Target, dtype: str, qk_head_dim: int, v_head_dim: int) -> str:
+def attention_for(impl: str, target: Target, dtype: str, qk_head_dim: int, v_head_dim: int) -> str:
+    """model.attention_impl for `target`: `impl` itself unless it is auto, which picks what a real chip runs: xla on
+    CPUs (exact, and the fastest there), splash on TPUs, on GPUs cudnn where it takes the shapes (bf16/fp16, head dims
+    multiples of 8 up to 256 on Hopper or 128 before, v no wider than q/k) and JAX no longer asks it for the packed-
+    document mask's gradient (0.11+), blockwise otherwise. The interpreted targets use xla (fused attention libraries
+    have no CPU interpreter)."""
     if impl != "auto":
         return impl
-    if target.interpret:   # fused attention libraries have no CPU interpreter: the interpreted targets use xla
+    if target.interpret or target.platform == "cpu":
         return "xla"
-    from dsv3_jax.model.layers import attention_core
-    platform = "gpu" if target.platform in ("gpu", "hopper") else target.platform
-    return attention_core.auto_impl(platform, target.platform == "hopper", dtype, qk_head_dim, v_head_dim)
+    if target.platform == "tpu":
+        return "splash"
+    hopper = target.platform == "hopper"
+    fits = (dtype in ("bfloat16", "float16") and qk_head_dim % 8 == 0 and qk_head_dim <= (256 if hopper else 128)
+            and v_head_dim <= qk_head_dim)
+    return "cudnn" if fits and _cudnn_skips_mask_gradient() else "blockwise"
 
+
+def _cudnn_skips_mask_gradient() -> bool:
+    major, minor = (int(part) for part in jax.__version__.split(".")[:2])
+    return (major, minor) >= (0, 11)

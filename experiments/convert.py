@@ -60,10 +60,14 @@ def main(argv=None) -> int:
     if not export and not (args.hf_dir and args.out):
         parser.error("import needs --hf-dir and --out (or --export --ckpt CKPT --out-hf DIR)")
 
-    from dsv3_jax.io import convert
     from dsv3_jax.config import ConfigError
+    from dsv3_jax.io import convert
     from dsv3_jax.io.hf import CheckpointError
+    from jax_compat.platforms import PlatformError, choose_platforms
     try:
+        note = choose_platforms()   # the accelerators this machine has; a broken plugin in one line
+        if note:
+            print(note, file=sys.stderr)
         if export:
             config = convert.export_hf(args.ckpt, args.out_hf, args.step)
             print(f"wrote {args.out_hf} ({config.n_layers} layers, {config.num_mtp_modules} MTP module(s))")
@@ -74,7 +78,7 @@ def main(argv=None) -> int:
                   f"(params {report.params_bytes / 2**20:,.1f} MiB, largest array "
                   f"{report.largest_leaf_bytes / 2**20:,.1f} MiB){kept}; continue training with\n"
                   f"  {resume_command(args.hf_dir, args.out, report.config)}")
-    except (CheckpointError, convert.ConvertError, ConfigError) as e:
+    except (CheckpointError, convert.ConvertError, ConfigError, PlatformError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

@@ -23,6 +23,7 @@ from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.data import DataConfig, DataError, Tokenizer
 from dsv3_jax.data import load_tokenizer as load_data_tokenizer
 from dsv3_jax.infer import generate, generate_speculative
+from jax_compat.platforms import PlatformError, choose_platforms
 
 EXIT_BAD_INPUT = 2
 
@@ -162,8 +163,11 @@ def run(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        note = choose_platforms()   # the accelerators this machine has; a broken plugin in one line
+        if note:
+            print(note, file=sys.stderr)
         return run(args)
-    except (UsageError, ConfigError, DataError, ValueError) as e:
+    except (UsageError, ConfigError, DataError, ValueError, PlatformError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

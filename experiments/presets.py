@@ -1,77 +1,17 @@
-"""Run presets: a model plus data, optimizer, schedule, loss, balancing, checkpointing, logging and mesh.
-
-Every field can be changed from the command line with `--set section.field=value`.
-"""
+"""Run presets: a model plus data, optimizer, schedule, loss, balancing, checkpointing, logging and mesh
+(dsv3_jax.train.run_config); every field can be changed from the command line with `--set section.field=value`."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from dsv3_jax.config import ConfigError, ModelConfig
-from dsv3_jax.data import DataConfig
-from dsv3_jax.config.overrides import apply_overrides
 from dsv3_jax.config.presets import PRESETS as MODEL_PRESETS
+from dsv3_jax.data import DataConfig
 from dsv3_jax.train.loss import LossConfig
-from dsv3_jax.train.optimizer import OptimizerConfig
+from dsv3_jax.train.run_config import CheckpointConfig, LoggingConfig, RunConfig, TrainConfig
 from dsv3_jax.train.schedule import ScheduleConfig
 from dsv3_jax.train.step import BalanceConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 1000
-    seed: int = 0
-    grad_accum: int = 1              # micro-batches (of data.batch_size rows) per update
-    ramp_from: int = 0               # batch-size ramp: micro-batches per update at the start (0: no ramp)
-    ramp_tokens: float = 0           # ...rising linearly to grad_accum over this many tokens
-    on_nonfinite: str = "skip"       # a NaN/Inf loss or gradient, or a spike: "skip" the update or "stop"
-    spike_factor: float = 0.0        # a loss above spike_factor × its running mean is a spike (0: off)
-    spike_ema: float = 0.98
-    pipeline_schedule: str = "1f1b"  # with mesh.pipeline > 1: gpipe | 1f1b | dualpipe (grad_accum micro-batches)
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-    every: int = 100
-    keep: int = 3
-    use_async: bool = True
-    init_from: str = ""              # another run's workdir: start from its weights when this workdir has no
-                                     # checkpoint (experiments.init_from says what carries over)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoggingConfig:
-    every: int = 10
-    tensorboard: bool = True
-    progress: bool = True            # tqdm bar
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Device-mesh axis sizes (-1 takes all remaining devices) and how parameters are placed on them."""
-    data: int = -1
-    fsdp: int = 1
-    expert: int = 1
-    pipeline: int = 1
-    tensor: int = 1
-    strategy: str = "zero1"          # replicated | zero1 (moments split over data) | fsdp (params too)
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    model: ModelConfig
-    data: DataConfig = DataConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
-    loss: LossConfig = LossConfig()
-    balance: BalanceConfig = BalanceConfig()
-    train: TrainConfig = TrainConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    logging: LoggingConfig = LoggingConfig()
-    mesh: MeshConfig = MeshConfig()
-
-    def with_overrides(self, *assignments: str) -> "RunConfig":
-        return apply_overrides(self, assignments, prefix="")
 
 
 def _deepseek_v3_recipe(model: ModelConfig) -> RunConfig:

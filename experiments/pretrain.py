@@ -18,25 +18,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax.io.checkpoint import FRESH_DATA_KEY, Checkpointer, CheckpointMismatch, model_signature
-from dsv3_jax import kernels
-from dsv3_jax.config import ConfigError, ModelConfig
-from dsv3_jax.model.counting import count_params, train_flops_per_token
 import dsv3_jax.data
+from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.data import DataError, load_tokenizer
+from dsv3_jax.io.checkpoint import FRESH_DATA_KEY, Checkpointer, CheckpointMismatch, model_signature
+from dsv3_jax.model.counting import count_params, train_flops_per_token
+from dsv3_jax.train.build import build_step
 from dsv3_jax.train.metrics_log import MetricsLog
 from dsv3_jax.train.mfu import mfu, peak_flops_per_device
-from dsv3_jax.train.step import create_train_state, make_train_step
-from dsv3_jax.train.pipelined import make_pipelined_train_step
-from dsv3_jax.train.sharded import jit_sharded_step, state_shardings
-from dsv3_jax.train.stages import StageLayout
+from dsv3_jax.train.run_config import RunConfig, mesh_axes, micro_batches_at, validate_run
 from experiments.init_from import InitSource
-from experiments.presets import RUN_PRESETS, RunConfig, describe_fields, get_run_preset
+from jax_compat.platforms import PlatformError, choose_platforms
+from experiments.presets import RUN_PRESETS, describe_fields, get_run_preset
 from sharding.distributed import DistributedError
 from sharding.distributed import initialize as initialize_distributed
-from sharding.mesh import MESH_AXES, MeshError, build_mesh, put_batch, resolve_axis_sizes
-from sharding.pipeline_schedules import ScheduleError, make_schedule
-from sharding.rules import STRATEGIES
+from sharding.mesh import build_mesh, put_batch
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3   # the non-finite/spike policy "stop" fired
@@ -80,63 +76,6 @@ def resolve_config(args) -> RunConfig:
     return cfg
 
 
-def validate_run(cfg: RunConfig) -> None:
-    cfg.model.validate()
-    try:
-        cfg.schedule.validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    t = cfg.train
-    if t.steps < 0:
-        raise ConfigError(f"train.steps must be >= 0, got {t.steps}")
-    if t.on_nonfinite not in ("skip", "stop"):
-        raise ConfigError(f"train.on_nonfinite must be 'skip' or 'stop', got {t.on_nonfinite!r}")
-    if t.grad_accum < 1 or not 0 <= t.ramp_from <= t.grad_accum:
-        raise ConfigError(f"train.grad_accum must be >= 1 and train.ramp_from in [0, grad_accum], "
-                          f"got {t.grad_accum} and {t.ramp_from}")
-    if cfg.data.seq_len > cfg.model.max_position_embeddings:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
-                          f"{cfg.model.max_position_embeddings}")
-    if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
-        raise ConfigError("checkpoint.every and checkpoint.keep must be >= 1")
-    if cfg.mesh.pipeline > 1:
-        if t.ramp_from:
-            raise ConfigError("train.ramp_from: the batch-size ramp is not available with mesh.pipeline > 1 "
-                              "(the schedule is built for train.grad_accum micro-batches)")
-        try:
-            make_schedule(t.pipeline_schedule, cfg.mesh.pipeline, t.grad_accum)
-            StageLayout.balanced(cfg.model, cfg.mesh.pipeline)
-        except ValueError as e:
-            raise ConfigError(f"train.pipeline_schedule / train.grad_accum: {e}" if isinstance(e, ScheduleError)
-                              else str(e)) from None
-    if cfg.mesh.strategy not in STRATEGIES:
-        raise ConfigError(f"mesh.strategy={cfg.mesh.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    try:
-        sizes = resolve_axis_sizes(mesh_axes(cfg), jax.device_count())
-    except MeshError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.model.n_routed_experts % sizes["expert"]:
-        raise ConfigError(f"mesh.expert={sizes['expert']} does not divide model.n_routed_experts="
-                          f"{cfg.model.n_routed_experts}")
-    replicas = sizes["data"] * sizes["fsdp"] * sizes["expert"]
-    if cfg.data.batch_size % replicas:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {replicas} data-parallel "
-                          f"ranks of the mesh (data × fsdp × expert)")
-
-
-def mesh_axes(cfg: RunConfig) -> dict[str, int]:
-    return {axis: getattr(cfg.mesh, axis) for axis in MESH_AXES}
-
-
-def micro_batches_at(cfg: RunConfig, tokens_seen: int) -> int:
-    """Micro-batches per update under the batch-size ramp."""
-    t = cfg.train
-    if t.ramp_from == 0 or t.ramp_tokens <= 0:
-        return t.grad_accum
-    fraction = min(tokens_seen / t.ramp_tokens, 1.0)
-    return max(1, min(t.grad_accum, int(t.ramp_from + (t.grad_accum - t.ramp_from) * fraction)))
-
-
 def check_token_ids(batch: dict, vocab_size: int) -> None:
     top = int(batch["tokens"].max())
     if top >= vocab_size:
@@ -175,21 +114,14 @@ def prepare(args):
 def train(cfg: RunConfig, workdir: str, data_iter, ckpt: Checkpointer, latest, meta,
           source: InitSource | None = None) -> int:
     mesh = build_mesh(mesh_axes(cfg))
-    model = kernels.for_devices(cfg.model, mesh)   # model.kernels=auto picks the mesh's chips' kernels
-    if cfg.mesh.pipeline > 1:
-        tx, step_fn = make_pipelined_train_step(model, cfg.loss, cfg.schedule, cfg.optimizer, cfg.balance, mesh,
-                                                cfg.train.pipeline_schedule, cfg.train.grad_accum)
-    else:
-        tx, step_fn = make_train_step(model, cfg.loss, cfg.schedule, cfg.optimizer, cfg.balance)
-    init = lambda: create_train_state(model, tx, jax.random.PRNGKey(cfg.train.seed))
+    built = build_step(cfg, mesh)   # kernels resolved for the mesh's chips, once (built.kernels)
+    model = built.model
     log = MetricsLog(workdir, cfg.logging.tensorboard, enabled=jax.process_index() == 0)
-    abstract = jax.eval_shape(init)
-    shardings = state_shardings(model, tx, abstract, mesh, cfg.mesh.strategy)
-    placed = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                          abstract, shardings)
+    log.write_run_config(cfg, built.kernels, built.compiler_options)
+    placed = built.placed_state()
     if latest is None:
         if source is None:
-            state = jax.jit(init, out_shardings=shardings)()
+            state = built.init_state()
         else:   # another run's weights, optimizer state and routing biases; this run's step 0
             state = source.restore(placed)
             print(f"initialised from {source.where} (checkpoint.init_from)", flush=True)
@@ -209,8 +141,12 @@ def train(cfg: RunConfig, workdir: str, data_iter, ckpt: Checkpointer, latest, m
     print(f"model: {counts.total / 1e6:,.2f}M params ({counts.activated / 1e6:,.2f}M activated, "
           f"MTP {counts.mtp_unique / 1e6:,.2f}M); {jax.device_count()} × {jax.devices()[0].device_kind}; "
           f"workdir {workdir}", flush=True)
+    k = built.kernels
+    print(f"kernels ({k.target}): attention {k.attention}, FP8 matmul {k.fp8_matmul}, grouped matmul "
+          f"{k.grouped_matmul}, dispatch {k.dispatch}" + (f", experts split over {k.experts.axis}" if k.experts else "")
+          + "; run_config.json in the workdir", flush=True)
 
-    jitted = jit_sharded_step(step_fn, shardings, mesh, manual=cfg.mesh.pipeline > 1)
+    jitted = built.jitted
     stop = StopRequest()
     from tqdm import tqdm
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.logging.progress or jax.process_index() != 0,
@@ -297,8 +233,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        note = choose_platforms()   # the accelerators this machine has; a broken plugin in one line
+        if note:
+            print(note, file=sys.stderr)
         prepared = prepare(args)
-    except (ConfigError, DataError, CheckpointMismatch, DistributedError) as e:
+    except (ConfigError, DataError, CheckpointMismatch, DistributedError, PlatformError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     cfg, workdir, _, data_iter, ckpt, latest, meta, source = prepared

@@ -10,7 +10,7 @@ tokens/s and MFU.
 --target: omitted, the devices JAX has (simulated CPU devices on a CPU host, as many as the largest mesh); `cpu`,
 this host's CPU devices; any other sharding.targets name (h100, h100xN, v5e:2x2, v5p:2x2x1, v6e:2x4, ...) compiles
 for compile-only devices of that chip, every mesh using all of them, and never runs a step. The model's kernels are
-what the target's chips would run (dsv3_jax.kernels.for_devices).
+what the target's chips would run (dsv3_jax.kernels.resolve, through dsv3_jax.train.build).
 
 A mesh is `axis=size[,axis=size...][/strategy]` over the axes data, fsdp, expert, pipeline, tensor; the strategy
 (replicated | zero1 | fsdp) defaults to fsdp when the mesh has an fsdp axis, else zero1. Schedules apply to meshes
@@ -51,7 +51,8 @@ CSV_COLUMNS = ("target", "device_kind", "preset", "mesh", "strategy", "schedule"
                "xla_bytes_accessed_per_device", "xla_cost_model_raw_s", "xla_cost_model_unpriced",
                "xla_cost_model_step_s", "xla_cost_model_mfu",
                "n_all_reduce", "n_all_gather", "n_reduce_scatter", "n_all_to_all", "n_collective_permute",
-               "n_ragged_all_to_all", "collectives", "custom_calls", "bubble_fraction", "compile_s", "cost_depths",
+               "n_ragged_all_to_all", "collectives", "custom_calls", "kernels", "bubble_fraction", "compile_s",
+               "cost_depths",
                "cost_compile_s", "step_s",
                "tokens_per_s", "mfu", "error")
 
@@ -349,8 +350,8 @@ def main(argv=None) -> int:
             simulate_devices(largest if args.simulate_devices is None else args.simulate_devices)
         target = check_target(args, meshes)
         configs, points = resolve(args, meshes)
-        from sharding.targets import platform_of
-        if args.depths and (target is None or platform_of(target) != "tpu"):
+        from sharding.targets import target_platform
+        if args.depths and (target is None or target_platform(target) != "tpu"):
             raise UsageError(f"--cost-depths: only for a TPU --target (XLA's cost model), not {target or 'local'}")
         devices = target_devices(target)
         if len(devices) < largest:

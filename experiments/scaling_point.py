@@ -19,18 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsv3_jax.train.aot import step_arguments
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.counting import count_params
-from dsv3_jax.kernels import for_devices
-from dsv3_jax.train.loss import LossConfig
+from dsv3_jax.train.build import build_step, compiled_memory
 from dsv3_jax.train.mfu import mfu, peak_flops_per_device
-from dsv3_jax.train.optimizer import OptimizerConfig
-from dsv3_jax.train.pipelined import make_pipelined_train_step
-from dsv3_jax.train.schedule import ScheduleConfig
-from dsv3_jax.train.sharded import jit_sharded_step, state_shardings
-from dsv3_jax.train.step import BalanceConfig, create_train_state, make_train_step
-from experiments.bench.sharding_memory import memory, state_bytes
+from dsv3_jax.train.run_config import compile_run
+from experiments.bench.sharding_memory import state_bytes
 from experiments.cost_model import executed_flops_per_token, model_flops_per_token
 from sharding import build_mesh, put_batch, targets
 
@@ -74,9 +68,10 @@ def device_memory_bytes(device) -> int | None:
         stats = None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
-    if device.platform in ("gpu", "cuda") and device.device_kind == targets.H100_SXM["description"]:
+    platform = targets.platform_of(device)
+    if platform in ("gpu", "hopper") and device.device_kind == targets.H100_SXM["description"]:
         return targets.H100_SXM["memory_bytes"]
-    if device.platform == "tpu":
+    if platform == "tpu":
         return targets.TPU_HBM_BYTES.get(device.device_kind)
     return None
 
@@ -96,28 +91,21 @@ def measure(point, config: ModelConfig, devices: list, batch: int, seq_len: int,
     """Compile the step for `point` (an experiments.scaling.Point) on `devices[:point.n_devices]` and measure it;
     `timed_steps` > 0 also runs it (the devices must be real). Exceptions propagate: the caller records them."""
     mesh = build_mesh(point.axes, devices[:point.n_devices])
-    config = for_devices(config, mesh)   # the kernels the target's chips would run
     row = describe(point, config, batch, seq_len, target)
-    parts = (config, LossConfig(), ScheduleConfig(), OptimizerConfig(), BalanceConfig())
-    pipelined = point.axes.get("pipeline", 1) > 1
-    if pipelined:
-        tx, step_fn = make_pipelined_train_step(*parts, mesh, point.schedule, point.micro)
-    else:
-        tx, step_fn = make_train_step(*parts)
-    init = lambda: create_train_state(config, tx, jax.random.PRNGKey(0))
-    abstract = jax.eval_shape(init)
-    shardings = state_shardings(config, tx, abstract, mesh, point.strategy)
-    step = jit_sharded_step(step_fn, shardings, mesh, manual=pipelined)
-
-    start = time.perf_counter()
-    compiled = step.lower(*step_arguments(abstract, shardings, mesh, point.micro, batch, seq_len)).compile()
-    row["compile_s"] = time.perf_counter() - start
+    step = build_step(compile_run(config, batch=batch, seq_len=seq_len, micro=point.micro, strategy=point.strategy,
+                                  schedule=point.schedule or "1f1b"), mesh)   # the kernels the target's chips run
+    pipelined = step.pipeline is not None
+    built = step.compile()
+    compiled = built.compiled
+    row["compile_s"] = built.lower_s + built.compile_s
+    row["kernels"] = f"{step.kernels.attention}/{step.kernels.grouped_matmul}"
 
     device = mesh.devices.flat[0]
     row["device_kind"] = device.device_kind
-    row.update(state_bytes(abstract, shardings, device))
-    row.update(memory(compiled))
-    row["peak_bytes_per_device"] = row.pop("total_bytes", None)
+    row.update(state_bytes(step.abstract_state, step.shardings, device))
+    memory = compiled_memory(compiled)
+    row.update({f"{k}_size_in_bytes": v for k, v in memory.items() if k != "peak"})
+    row["peak_bytes_per_device"] = memory.get("peak")
     row["device_memory_bytes"] = device_memory_bytes(device)
     if row["device_memory_bytes"] and row["peak_bytes_per_device"] is not None:
         row["fits"] = row["peak_bytes_per_device"] <= row["device_memory_bytes"]
@@ -139,7 +127,7 @@ def measure(point, config: ModelConfig, devices: list, batch: int, seq_len: int,
         batches = put_batch(mesh, {"tokens": np.zeros((point.micro, batch, seq_len), np.int32)}, batch_dim=1)
         everywhere = NamedSharding(mesh, PartitionSpec())
         scalars = tuple(jax.device_put(jnp.float32(x), everywhere) for x in (0, np.inf))
-        row.update(time_steps(compiled, jax.jit(init, out_shardings=shardings), batches, scalars, timed_steps,
+        row.update(time_steps(compiled, step.init_state, batches, scalars, timed_steps,
                               row["tokens_per_step"], row["model_flops_per_token"], point.n_devices, device))
     return row
 
@@ -181,7 +169,7 @@ def tpu_cost_model(cost: dict, custom_calls: dict, row: dict, pipelined: bool, d
     model sees one tick of its schedule's loop) nor where the time is still not positive. None on other platforms."""
     out = dict(xla_cost_model_raw_s=None, xla_cost_model_unpriced=None, xla_cost_model_step_s=None,
                xla_cost_model_mfu=None)
-    raw = cost.get("optimal_seconds") if device.platform == "tpu" else None
+    raw = cost.get("optimal_seconds") if targets.platform_of(device) == "tpu" else None
     if raw is None:
         return out
     unpriced = sum(custom_calls.get(name, 0) for name in UNPRICED_CALLS)

@@ -9,7 +9,7 @@ Dropless, with a bounded buffer:
     C ≈ capacity_factor · T·K / EP), so a rank receives at most EP·C ≈ capacity_factor × the balanced T·K
     rows whatever the routing. Skew adds rounds (max over pairs of ceil(rows / C), agreed by a pmax over
     the expert axis), never buffer rows; balanced routing takes one round.
- 4. Each round the owner runs its experts (grouped SwiGLU, sharding.expert_ffn) on the buffer and returns each
+ 4. Each round the owner runs its experts (the caller's `expert_ffn`, e.g. a grouped SwiGLU) on the buffer and returns each
     result to the row it came from; after the last round the rows are un-sorted and combined with the weights in
     float32.
  5. The backward replays the rounds (x and dy rows travel together, dx comes back), recomputing the expert
@@ -37,7 +37,6 @@ import jax_compat
 from sharding.ep_buffers import capacity_per_peer
 from sharding.ep_collectives import ragged_all_to_all_reference
 from sharding.ep_layout import check_expert_parallel
-from sharding.expert_ffn import swiglu_experts
 from sharding.mesh import BATCH_AXES
 
 
@@ -51,18 +50,13 @@ class EPStats(NamedTuple):
     buffer_rows: jax.Array     # rows of the receive buffer of one round, EP·C
 
 
-def ragged_dot_gmm(x_NC, w_ECJ, group_sizes_E):
-    """Default grouped matmul: rows of x contiguous by group; rows past sum(group_sizes_E) give 0."""
-    return lax.ragged_dot(x_NC, w_ECJ.astype(x_NC.dtype), group_sizes_E.astype(jnp.int32))
-
-
 @dataclasses.dataclass(frozen=True)
 class _Exchange:
     axis: str
     ep: int
     capacity: int                 # C: rows per (sender, receiver) pair per round
     impl: str
-    grouped_matmul: Callable
+    expert_ffn: Callable          # (x_ND, group_sizes_e, *expert_weights) -> y_ND, rows contiguous by expert
     all_to_all: Callable = lax.all_to_all   # moves the padded [EP, C, X] blocks of the `all_to_all` transport
 
     @property
@@ -129,12 +123,12 @@ def _received_experts(ex: _Exchange, plan: _Plan, r):
     return ids_PN.reshape(-1).astype(jnp.int32)
 
 
-def _experts(x_ND, ids_N, w_gate_eDF, w_up_eDF, w_down_eFD, gmm):
-    """SwiGLU of each row with its local expert; rows with id E_local give 0."""
-    e_local = w_gate_eDF.shape[0]
+def _experts(x_ND, ids_N, w: tuple, expert_ffn):
+    """Each row through its local expert; rows with id E_local (empty slots) give 0."""
+    e_local = w[0].shape[0]
     order_N = jnp.argsort(ids_N, stable=True)
     sizes_e = jnp.bincount(ids_N, length=e_local + 1)[:e_local].astype(jnp.int32)
-    y_ND = swiglu_experts(x_ND[order_N], sizes_e, w_gate_eDF, w_up_eDF, w_down_eFD, gmm)
+    y_ND = expert_ffn(x_ND[order_N], sizes_e, *w)
     return jnp.zeros_like(y_ND).at[order_N].set(y_ND, unique_indices=True)
 
 
@@ -146,22 +140,22 @@ def _loop(rounds, body, init):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _exchange_ffn(ex: _Exchange, plan: _Plan, xs_ND, w_gate, w_up, w_down):
-    """Sorted rows through their experts on the owning ranks: ys_ND[n] = SwiGLU_{expert(n)}(xs_ND[n])."""
+def _exchange_ffn(ex: _Exchange, plan: _Plan, xs_ND, w: tuple):
+    """Sorted rows through their experts on the owning ranks: ys_ND[n] = expert_{expert(n)}(xs_ND[n])."""
     def body(r, ys_ND):
         x_ND = _send(ex, plan, xs_ND, r)
-        y_ND = _experts(x_ND, _received_experts(ex, plan, r), w_gate, w_up, w_down, ex.grouped_matmul)
+        y_ND = _experts(x_ND, _received_experts(ex, plan, r), w, ex.expert_ffn)
         return _send_back(ex, plan, y_ND, r, ys_ND)
     return _loop(plan.rounds, body, jnp.zeros_like(xs_ND))
 
 
-def _exchange_ffn_fwd(ex, plan, xs_ND, w_gate, w_up, w_down):
-    return _exchange_ffn(ex, plan, xs_ND, w_gate, w_up, w_down), (plan, xs_ND, w_gate, w_up, w_down)
+def _exchange_ffn_fwd(ex, plan, xs_ND, w):
+    return _exchange_ffn(ex, plan, xs_ND, w), (plan, xs_ND, w)
 
 
 def _exchange_ffn_bwd(ex, residuals, dys_ND):
-    plan, xs_ND, *w = residuals
-    w = [_vary_like(a, xs_ND) for a in w]   # already so when traced via expert_parallel_ffn_local; a guard
+    plan, xs_ND, w = residuals
+    w = tuple(_vary_like(a, xs_ND) for a in w)   # already so when traced via expert_parallel_ffn_local; a guard
     d = xs_ND.shape[1]
     both_N2D = jnp.concatenate([xs_ND, dys_ND.astype(xs_ND.dtype)], axis=1)
 
@@ -169,7 +163,7 @@ def _exchange_ffn_bwd(ex, residuals, dys_ND):
         dxs_ND, dw = carry
         recv_N2D = _send(ex, plan, both_N2D, r)
         ids_N = _received_experts(ex, plan, r)
-        _, vjp = jax.vjp(lambda x, *w_: _experts(x, ids_N, *w_, ex.grouped_matmul), recv_N2D[:, :d], *w)
+        _, vjp = jax.vjp(lambda x, *w_: _experts(x, ids_N, w_, ex.expert_ffn), recv_N2D[:, :d], *w)
         dx_ND, *dw_r = vjp(recv_N2D[:, d:])
         dw = tuple(a + b.astype(jnp.float32) for a, b in zip(dw, dw_r))
         return _send_back(ex, plan, dx_ND, r, dxs_ND), dw
@@ -177,23 +171,24 @@ def _exchange_ffn_bwd(ex, residuals, dys_ND):
     init = (jnp.zeros_like(xs_ND), tuple(jnp.zeros_like(a, dtype=jnp.float32) for a in w))
     dxs_ND, dw = _loop(plan.rounds, body, init)
     zero_plan = jax.tree.map(lambda a: jnp.zeros(a.shape, jax.dtypes.float0), plan)
-    return (zero_plan, dxs_ND, *(g.astype(a.dtype) for g, a in zip(dw, w)))
+    return zero_plan, dxs_ND, tuple(g.astype(a.dtype) for g, a in zip(dw, w))
 
 
 _exchange_ffn.defvjp(_exchange_ffn_fwd, _exchange_ffn_bwd)
 
 
-def expert_parallel_ffn_local(x_TD, experts_TK, weights_TK, w_gate_eDF, w_up_eDF, w_down_eFD, *, expert_axis: str,
-                              capacity: int, impl: str = "all_to_all", max_rounds: int | None = None,
-                              grouped_matmul: Callable | None = None, out_dtype=None,
+def expert_parallel_ffn_local(x_TD, experts_TK, weights_TK, expert_weights: tuple, *, expert_ffn: Callable,
+                              expert_axis: str, capacity: int, impl: str = "all_to_all",
+                              max_rounds: int | None = None, out_dtype=None,
                               all_to_all: Callable | None = None) -> tuple[jax.Array, EPStats]:
     """The per-rank body: call inside a shard_map where `expert_axis` is manual. x_TD and the routing are this
-    rank's tokens; the weights are its E/EP local experts; `capacity` is C. Stats are scalars. `all_to_all`:
-    the row collective of impl="all_to_all" (default lax.all_to_all)."""
+    rank's tokens; `expert_weights` (each expert-axis first) its E/EP local experts, which
+    expert_ffn(x_ND, group_sizes_e, *expert_weights) runs on rows grouped by local expert; `capacity` is C. Stats
+    are scalars. `all_to_all`: the row collective of impl="all_to_all" (default lax.all_to_all)."""
     if all_to_all is not None and impl != "all_to_all":
         raise ValueError(f"expert_parallel.all_to_all is a transport for impl='all_to_all', not impl={impl!r}")
     ep = lax.axis_size(expert_axis)
-    (t, k), e_local, c = experts_TK.shape, w_gate_eDF.shape[0], capacity
+    (t, k), e_local, c = experts_TK.shape, expert_weights[0].shape[0], capacity
     flat_N = experts_TK.reshape(-1).astype(jnp.int32)
     order_N = jnp.argsort(flat_N, stable=True)
     xs_ND = x_TD[order_N // k]
@@ -210,9 +205,9 @@ def expert_parallel_ffn_local(x_TD, experts_TK, weights_TK, w_gate_eDF, w_up_eDF
     plan = _Plan(send_start_P, send_count_P, recv_count_P, jnp.cumsum(recv_counts_PE, axis=1), recv_start_P,
                  rounds.astype(jnp.int32))
 
-    ex = _Exchange(expert_axis, ep, c, impl, grouped_matmul or ragged_dot_gmm, all_to_all or lax.all_to_all)
-    w = [_vary_like(a, x_TD) for a in (w_gate_eDF, w_up_eDF, w_down_eFD)]   # so weight grads psum over tokens
-    ys_ND = _exchange_ffn(ex, plan, xs_ND, *w)
+    ex = _Exchange(expert_axis, ep, c, impl, expert_ffn, all_to_all or lax.all_to_all)
+    w = tuple(_vary_like(a, x_TD) for a in expert_weights)   # so weight grads psum over tokens
+    ys_ND = _exchange_ffn(ex, plan, xs_ND, w)
 
     y_TKD = jnp.zeros_like(ys_ND).at[order_N].set(ys_ND, unique_indices=True).reshape(t, k, -1)
     out_TD = (y_TKD.astype(jnp.float32) * weights_TK.astype(jnp.float32)[..., None]).sum(axis=1)
@@ -232,21 +227,22 @@ def token_shard_axes(mesh: Mesh, expert_axis: str = "expert", token_axes: tuple[
     return tuple(a for a in token_axes if a in mesh.shape and a != expert_axis) + (expert_axis,)
 
 
-def expert_parallel_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, mesh: Mesh,
+def expert_parallel_ffn(x_TD, experts_TK, weights_TK, expert_weights: tuple, *, expert_ffn: Callable, mesh: Mesh,
                         expert_axis: str = "expert", token_axes: tuple[str, ...] = BATCH_AXES,
                         impl: str = "all_to_all", capacity_factor: float = 1.25, block_multiple: int = 8,
-                        max_rounds: int | None = None, grouped_matmul: Callable | None = None,
-                        out_dtype=None, all_to_all: Callable | None = None) -> tuple[jax.Array, EPStats]:
-    """Σ_k weights_TK · SwiGLU_{experts_TK}(x_TD) with experts sharded over `expert_axis` of `mesh`.
+                        max_rounds: int | None = None, out_dtype=None,
+                        all_to_all: Callable | None = None) -> tuple[jax.Array, EPStats]:
+    """Σ_k weights_TK · expert_{experts_TK}(x_TD) with the experts' weights split over `expert_axis` of `mesh`;
+    expert_ffn(x_ND, group_sizes_E, *expert_weights) computes the experts on rows grouped by expert.
 
-    Tokens are split over `token_axes` then `expert_axis`; the expert weights (E first) over `expert_axis`,
+    Tokens are split over `token_axes` then `expert_axis`; each of `expert_weights` (E first) over `expert_axis`,
     gathered over every other axis. Equals the single-device routed-expert output; dropless unless
     `max_rounds` is set. Returns out_TD and EPStats (each [token shards]).
     """
     if expert_axis not in mesh.shape:
         raise ValueError(f"expert_parallel.expert_axis={expert_axis!r}: not an axis of the mesh "
                          f"({', '.join(mesh.axis_names)})")
-    (t, d), (t2, k), n_experts = x_TD.shape, experts_TK.shape, w_gate_EDF.shape[0]
+    t, (t2, k), n_experts = x_TD.shape[0], experts_TK.shape, expert_weights[0].shape[0]
     tok = token_shard_axes(mesh, expert_axis, token_axes)
     shards = 1
     for a in tok:
@@ -256,23 +252,23 @@ def expert_parallel_ffn(x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_do
                           token_shards=shards, max_rounds=max_rounds)
     if t2 != t or weights_TK.shape != experts_TK.shape:
         raise ValueError(f"experts_TK {experts_TK.shape} and weights_TK {weights_TK.shape} must be [T={t}, K]")
-    f = w_gate_EDF.shape[2]
-    for name, w, shape in (("w_up_EDF", w_up_EDF, (n_experts, d, f)), ("w_gate_EDF", w_gate_EDF, (n_experts, d, f)),
-                           ("w_down_EFD", w_down_EFD, (n_experts, f, d))):
-        if w.shape != shape:
-            raise ValueError(f"{name}.shape={w.shape}: expected {shape} from x_TD and w_gate_EDF")
+    for i, w in enumerate(expert_weights):
+        if w.shape[0] != n_experts:
+            raise ValueError(f"expert_weights[{i}].shape={w.shape}: expected {n_experts} experts first, as "
+                             f"expert_weights[0]")
 
     capacity = capacity_per_peer(t // shards * k, ep, capacity_factor, block_multiple)
     body = functools.partial(expert_parallel_ffn_local, expert_axis=expert_axis, capacity=capacity, impl=impl,
-                             max_rounds=max_rounds, grouped_matmul=grouped_matmul, out_dtype=out_dtype,
+                             max_rounds=max_rounds, expert_ffn=expert_ffn, out_dtype=out_dtype,
                              all_to_all=all_to_all)
 
-    def per_rank(*args):
-        out_TD, stats = body(*args)
+    def per_rank(x_TD, experts_TK, weights_TK, expert_weights):
+        out_TD, stats = body(x_TD, experts_TK, weights_TK, expert_weights)
         return out_TD, EPStats(*(jnp.reshape(s, (1,)) for s in stats))
 
-    tokens, experts = P(tok, None), P(expert_axis, None, None)
-    return jax.shard_map(per_rank, mesh=mesh, in_specs=(tokens, tokens, tokens, experts, experts, experts),
+    tokens = P(tok, None)
+    experts = tuple(P(expert_axis) for _ in expert_weights)
+    return jax.shard_map(per_rank, mesh=mesh, in_specs=(tokens, tokens, tokens, experts),
                          out_specs=(tokens, EPStats(*[P(tok)] * len(EPStats._fields))))(
-        x_TD, experts_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
+        x_TD, experts_TK, weights_TK, tuple(expert_weights))
 

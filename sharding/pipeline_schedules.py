@@ -9,6 +9,7 @@ ticks; `simulate` times them under unit costs F, B (and F&B, an overlapped forwa
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -143,8 +144,10 @@ def dualpipe(n_devices: int, n_micro: int) -> Schedule:
 SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {"gpipe": gpipe, "1f1b": one_f_one_b, "dualpipe": dualpipe}
 
 
+@functools.lru_cache(maxsize=64)
 def make_schedule(name: str, n_devices: int, n_micro: int) -> Schedule:
-    """The schedule called `name` (one of SCHEDULE_NAMES), checked complete."""
+    """The schedule called `name` (one of SCHEDULE_NAMES), checked complete; built once per (name, sizes) and
+    shared (a Schedule is immutable), so a run's validation and its step use the same object."""
     if name not in SCHEDULES:
         raise ScheduleError(f"schedule {name!r}: not one of {', '.join(SCHEDULE_NAMES)}")
     schedule = SCHEDULES[name](n_devices, n_micro)

@@ -95,10 +95,23 @@ def is_compile_only(name: str) -> bool:
     return check_name(name) != "cpu"
 
 
-def platform_of(name: str) -> str:
-    """'cpu', 'gpu' or 'tpu'."""
+PLATFORMS = ("cpu", "gpu", "hopper", "tpu")   # what platform_of tells apart: the kernels differ between them
+
+
+def platform_of(device) -> str:
+    """'tpu', 'hopper' (an NVIDIA GPU of compute capability 9.x: H100 / H200 / H800), 'gpu' or 'cpu' for a JAX device,
+    compile-only devices included: the one place the project tells chips apart."""
+    if device.platform == "tpu":
+        return "tpu"
+    if device.platform in ("gpu", "cuda", "rocm"):
+        return "hopper" if str(getattr(device, "compute_capability", "")).startswith("9") else "gpu"
+    return "cpu"
+
+
+def target_platform(name: str) -> str:
+    """platform_of the chips a target names, from the name alone (nothing imported): 'cpu', 'hopper' or 'tpu'."""
     name = check_name(name)
-    return "cpu" if name == "cpu" else ("gpu" if name.startswith("h100") else "tpu")
+    return "cpu" if name == "cpu" else ("hopper" if name.startswith("h100") else "tpu")
 
 
 def device_count(name: str) -> int | None:

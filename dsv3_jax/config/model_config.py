@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from dsv3_jax import kernels as kernel_registry   # its check; the module imports only config.errors
 from dsv3_jax.config.errors import ConfigError
 from dsv3_jax.config.overrides import apply_overrides
 
@@ -35,7 +36,7 @@ TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 #   save_attn_out  only the attention core's output (named "attn_out"); every projection is recomputed
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 # MLA's training attention core (dsv3_jax.model.layers.attention_core): auto = what the kernel target's chips run
-# (attention_core.auto_impl: xla on CPUs, splash on TPUs, blockwise or cudnn on GPUs); xla = einsums + float32
+# (dsv3_jax.kernels.attention_for: xla on CPUs, splash on TPUs, blockwise or cudnn on GPUs); xla = einsums + float32
 # softmax on any backend; blockwise = the same in query/key blocks with an online softmax (no (B, H, T, S) scores, any
 # backend); splash = JAX's Pallas TPU splash attention; cudnn = jax.nn.dot_product_attention's cuDNN flash attention,
 # v padded to the q/k head dim; cudnn_mla = JAX's cuDNN attention with unequal head dims (cuDNN >= 9.10, Hopper).
@@ -94,8 +95,9 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"         # see REMAT_POLICIES
     attention_impl: str = "auto"       # see ATTENTION_IMPLS
-    # Which kernels run (dsv3_jax.kernels): auto | reference | pallas, for kernel_target "" (the default device),
-    # cpu | gpu | hopper | tpu, optionally ":interpret"; kernels.for_devices fills the target from a mesh's devices.
+    # Which kernels run (dsv3_jax.kernels.resolve, once per step, into the KernelSet every layer receives):
+    # auto | reference | pallas, for kernel_target "" (the platform of the devices the step is placed on) or
+    # cpu | gpu | hopper | tpu, optionally ":interpret".
     kernels: str = "auto"
     kernel_target: str = ""
 
@@ -157,11 +159,7 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             _check(getattr(self, name) in DTYPES, name, f"must be one of {DTYPES}, got {getattr(self, name)!r}")
         self._validate_attention_impl()
-        try:
-            from dsv3_jax import kernels
-            kernels.check(self.kernels, self.kernel_target)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        kernel_registry.check(self.kernels, self.kernel_target)
         if self.n_moe_layers > 0 or self.num_mtp_modules > 0:
             self._validate_moe()
         y = self.rope_scaling

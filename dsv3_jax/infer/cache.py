@@ -17,11 +17,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-
-
-class LatentCache(NamedTuple):
-    latent_LBSW: jnp.ndarray   # RMSNorm(c_kv), after kv_norm
-    rope_LBSR: jnp.ndarray     # k_rope, after RoPE (one head shared by all heads)
+from dsv3_jax.model.layers.mla import LatentCache
 
 
 class DecodeCache(NamedTuple):

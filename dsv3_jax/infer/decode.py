@@ -1,17 +1,8 @@
-"""Inference forward passes over a latent cache: prefill (training-form attention) and absorbed-MLA decode.
+"""Inference over MLA's latent cache, through the model's own modules (DeepSeekV3.decode / .draft): prefill (the
+training-form attention writing the prompt's latents), absorbed-MLA decode steps, batched generation.
 
-The model's parameters are read straight from its variables tree ({'params', 'moe_bias'}, layers stacked
-on a leading axis) and run through the model's own modules: every layer is the model's DecoderBlock, whose MLA
-attends over the layer's latent cache (`layers.mla.CacheStep`), plus Linear and RMSNorm for the embedding, head
-and MTP input, in `config.dtype` (an FP8-trained model is served from its master weights; FP8 weights kept by an
-FP8 import run as FP8 matmuls with their stored scales, see dsv3_jax.model.fp8_weights).
-
-    forward_with_cache(config, variables, tokens_BT, positions_BT, cache, absorbed)
-        1. embed the new tokens; per layer (a lax.scan over each stacked stack):
-        2.   project q, RMSNorm(c_kv) and RoPE(k_rope) of the new tokens; write the latter two into the cache
-        3.   attend over the cache, naive (keys/values expanded by W_kvb) or absorbed (attention in latent space)
-        4.   MLP or MoE, residuals
-        5. final norm, output head → float32 logits, plus the last hidden state (MTP's input)
+An FP8-trained model is served from its master weights; FP8 weights kept by an FP8 import run as FP8 matmuls with
+their stored scales (dsv3_jax.model.fp8_weights).
 """
 
 from __future__ import annotations
@@ -23,25 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax.model import fp8_weights
-from dsv3_jax.model.block import DecoderBlock
+from dsv3_jax import kernels as kernel_registry
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.infer.cache import DecodeCache, LatentCache, init_cache
+from dsv3_jax.infer.cache import DecodeCache, init_cache
 from dsv3_jax.infer.sampling import sample_tokens
-from dsv3_jax.model.layers.linear import make_linear
-from dsv3_jax.model.layers.mla import CacheStep
-from dsv3_jax.model.layers.norm import RMSNorm
-from dsv3_jax.model.layers.rope import rope_tables
-from dsv3_jax.model.moe.router import BIAS_COLLECTION
-
-
-def _linear(c: ModelConfig, p: dict, x, out_dtype=None):
-    """The model's Linear over the parameters `p` (an FP8 kernel kept with its scales runs as an FP8 matmul)."""
-    return make_linear(c, p["kernel"].shape[-1], ("embed", "embed"), "linear", out_dtype).apply({"params": p}, x)
-
-
-def _norm(c: ModelConfig, p: dict, x):
-    return RMSNorm(c.rms_norm_eps, c.jnp_param_dtype).apply({"params": p}, x)
+from dsv3_jax.kernels import KernelSet
+from dsv3_jax.model import DeepSeekV3
+from dsv3_jax.model.layers.mla import LatentCache, LayerCache
 
 
 def serving_config(config: ModelConfig) -> ModelConfig:
@@ -50,77 +29,32 @@ def serving_config(config: ModelConfig) -> ModelConfig:
     return config.replace(fp8=False) if config.fp8 else config
 
 
-# ---- blocks and the model -------------------------------------------------------------------------------
-
-def block_with_cache(c: ModelConfig, use_moe: bool, p: dict, bias, x_BTD, positions_BT, cos_sin, layer_cache,
-                     absorbed: bool):
-    """The model's DecoderBlock on the new tokens over one layer's (latent, rope) cache: (x_BTD, layer_cache).
-    `bias` is the block's moe_bias subtree (unused by a dense block)."""
-    variables = {"params": p}
-    if use_moe:   # routed experts kept as FP8 are dequantised here, one layer at a time
-        variables = {"params": {**p, "moe": fp8_weights.dequantize_siblings(p["moe"], c.jnp_dtype)},
-                     BIAS_COLLECTION: bias}
-    x_BTD, _, cache = DecoderBlock(c, use_moe).apply(variables, x_BTD, cos_sin, None,
-                                                     cache=CacheStep(*layer_cache, positions_BT, absorbed))
-    return x_BTD, (cache.latent_BSW, cache.rope_BSR)
-
-
-def _stack_with_cache(c, use_moe, params, bias, x_BTD, positions_BT, cos_sin, cache: LatentCache, absorbed):
-    def body(x, layer):
-        p, b, latent, rope = layer
-        x, (latent, rope) = block_with_cache(c, use_moe, p, b, x, positions_BT, cos_sin, (latent, rope), absorbed)
-        return x, (latent, rope)
-
-    x_BTD, (latent, rope) = jax.lax.scan(body, x_BTD, (params, bias, cache.latent_LBSW, cache.rope_LBSR))
-    return x_BTD, LatentCache(latent, rope)
-
-
-def embed_tokens(c: ModelConfig, params: dict, tokens_BT):
-    return jnp.take(params["embed"]["embedding"].astype(c.jnp_dtype), tokens_BT, axis=0)
-
-
-def output_logits(c: ModelConfig, params: dict, normed_BTD):
-    if c.tie_word_embeddings:
-        embedding_VD = params["embed"]["embedding"].astype(c.jnp_dtype)
-        return jnp.dot(normed_BTD.astype(c.jnp_dtype), embedding_VD.T).astype(jnp.float32)
-    return _linear(c, params["lm_head"], normed_BTD, jnp.float32)
+def serving_kernels(config: ModelConfig, device=None) -> KernelSet:
+    """The kernels decoding runs on `device` (default: the first device), resolved once per generation."""
+    return kernel_registry.resolve(serving_config(config), [device or jax.devices()[0]])
 
 
 def forward_with_cache(config: ModelConfig, variables: dict, tokens_BT, positions_BT, cache: DecodeCache,
-                       absorbed: bool = True):
+                       absorbed: bool = True, kernels: KernelSet | None = None):
     """Main model on the new tokens at `positions_BT`: (logits_BTV float32, hidden_BTD before the final norm,
-    cache with their latents written). absorbed=False is the training-form attention (used for prefill)."""
-    c, params = serving_config(config), variables["params"]
-    bias = variables.get(BIAS_COLLECTION, {})
-    cos_sin = rope_tables(positions_BT, c)
-    x_BTD = embed_tokens(c, params, tokens_BT)
-    dense, moe = cache.dense, cache.moe
-    if c.first_k_dense_replace > 0:
-        x_BTD, dense = _stack_with_cache(c, False, params["dense_layers"], {}, x_BTD, positions_BT, cos_sin, dense,
-                                         absorbed)   # dense blocks have no moe_bias
-    if c.n_moe_layers > 0:
-        x_BTD, moe = _stack_with_cache(c, True, params["moe_layers"], bias["moe_layers"], x_BTD, positions_BT,
-                                       cos_sin, moe, absorbed)
-    logits_BTV = output_logits(c, params, _norm(c, params["final_norm"], x_BTD))
-    return logits_BTV, x_BTD, cache._replace(dense=dense, moe=moe)
+    cache with their latents written). absorbed=False is the training-form attention (used for prefill).
+    `kernels`: default the first device's."""
+    model = DeepSeekV3(serving_config(config), kernels, absorbed)
+    logits_BTV, hidden_BTD, dense, moe = model.apply(variables, tokens_BT, positions_BT, cache.dense, cache.moe,
+                                                     method="decode")
+    return logits_BTV, hidden_BTD, cache._replace(dense=dense, moe=moe)
 
 
 def mtp_with_cache(config: ModelConfig, variables: dict, hidden_BTD, next_tokens_BT, positions_BT,
-                   cache: DecodeCache, absorbed: bool = True):
+                   cache: DecodeCache, absorbed: bool = True, kernels: KernelSet | None = None):
     """MTP module 0 at `positions_BT`: from a hidden state at position i (the main model's, or the module's own
     when drafting further ahead) and the token at i+1, the logits for the token at i+2; (logits_BTV, the module's
     hidden output_BTD before its head norm, cache with the module's latents written)."""
-    c, params = serving_config(config), variables["params"]
-    p, bias = params["mtp_0"], variables.get(BIAS_COLLECTION, {}).get("mtp_0", {})
-    emb_BTD = embed_tokens(c, params, next_tokens_BT)
-    joined = jnp.concatenate([_norm(c, p["enorm"], emb_BTD), _norm(c, p["hnorm"], hidden_BTD.astype(c.jnp_dtype))],
-                             axis=-1)
-    x_BTD = _linear(c, p["eh_proj"], joined)
-    layer_cache = (cache.mtp.latent_LBSW[0], cache.mtp.rope_LBSR[0])
-    h_BTD, (latent, rope) = block_with_cache(c, True, p["block"], bias.get("block"), x_BTD, positions_BT,
-                                             rope_tables(positions_BT, c), layer_cache, absorbed)
-    logits_BTV = output_logits(c, params, _norm(c, p["head_norm"], h_BTD))
-    return logits_BTV, h_BTD, cache._replace(mtp=LatentCache(latent[None], rope[None]))
+    model = DeepSeekV3(serving_config(config), kernels, absorbed)
+    layer = LayerCache(cache.mtp.latent_LBSW[0], cache.mtp.rope_LBSR[0])
+    logits_BTV, h_BTD, layer = model.apply(variables, hidden_BTD, next_tokens_BT, positions_BT, layer,
+                                           method="draft")
+    return logits_BTV, h_BTD, cache._replace(mtp=LatentCache(layer.latent_BSW[None], layer.rope_BSR[None]))
 
 
 # ---- generation -----------------------------------------------------------------------------------------
@@ -175,23 +109,24 @@ class Emitter:
         return bool(self.done.all())
 
 
-@partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def prefill(config: ModelConfig, variables: dict, tokens_BT, lengths_B, cache: DecodeCache):
+@partial(jax.jit, static_argnames=("config", "kernels"), donate_argnames=("cache",))
+def prefill(config: ModelConfig, variables: dict, tokens_BT, lengths_B, cache: DecodeCache,
+            kernels: KernelSet | None = None):
     """The prompts through the training-form attention, filling the cache: (last-prompt-token logits_BV,
     hidden_BTD, cache). Rows are right-padded; padding's cache slots get overwritten by generated tokens."""
     B, T = tokens_BT.shape
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     logits_BTV, hidden_BTD, cache = forward_with_cache(config, variables, tokens_BT, positions_BT, cache,
-                                                       absorbed=False)
+                                                       absorbed=False, kernels=kernels)
     return logits_BTV[jnp.arange(B), lengths_B - 1], hidden_BTD, cache
 
 
-@partial(jax.jit, static_argnames=("config", "absorbed"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("config", "absorbed", "kernels"), donate_argnames=("cache",))
 def decode_step(config: ModelConfig, variables: dict, tokens_B, positions_B, cache: DecodeCache,
-                absorbed: bool = True):
+                absorbed: bool = True, kernels: KernelSet | None = None):
     """One new token per row at its own position, absorbed MLA: (logits_BV, cache)."""
     logits_B1V, _, cache = forward_with_cache(config, variables, tokens_B[:, None], positions_B[:, None], cache,
-                                              absorbed=absorbed)
+                                              absorbed=absorbed, kernels=kernels)
     return logits_B1V[:, 0], cache
 
 
@@ -209,7 +144,9 @@ def generate(config: ModelConfig, variables: dict, prompts, max_new_tokens: int,
     emitter = Emitter(B, max_new_tokens, stop_tokens, on_token)
     cache = init_cache(config, B, check_cache_len(cache_len, T + max_new_tokens))
     rng = jax.random.PRNGKey(seed)
-    logits_BV, _, cache = prefill(config, variables, jnp.asarray(tokens_BT), jnp.asarray(lengths_B), cache)
+    kernels = serving_kernels(config)
+    logits_BV, _, cache = prefill(config, variables, jnp.asarray(tokens_BT), jnp.asarray(lengths_B), cache,
+                                  kernels=kernels)
     positions_B = jnp.asarray(lengths_B)
     steps = 0
     while True:
@@ -219,6 +156,6 @@ def generate(config: ModelConfig, variables: dict, prompts, max_new_tokens: int,
             emitter.emit(row, token)
         if emitter.all_done:
             return Generation(emitter.tokens, steps)
-        logits_BV, cache = decode_step(config, variables, next_B, positions_B, cache)
+        logits_BV, cache = decode_step(config, variables, next_B, positions_B, cache, kernels=kernels)
         positions_B = positions_B + 1
         steps += 1

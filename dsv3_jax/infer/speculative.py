@@ -30,7 +30,7 @@ import numpy as np
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.infer.cache import DecodeCache, init_cache
 from dsv3_jax.infer.decode import (Emitter, Generation, check_cache_len, forward_with_cache, mtp_with_cache,
-                                   pad_prompts)
+                                   pad_prompts, serving_kernels)
 from dsv3_jax.infer.sampling import token_probs
 
 
@@ -59,7 +59,8 @@ def accept_drafts(p_BTV, q_BZV, drafts_BZ, key):
     return accepted_B, tokens_BT
 
 
-def _draft_chain(config, variables, logits_BV, hidden_BD, positions_B, cache, key, n_draft, temperature, top_p):
+def _draft_chain(config, kernels, variables, logits_BV, hidden_BD, positions_B, cache, key, n_draft, temperature,
+                 top_p):
     """Z drafts from MTP's logits and hidden output at `positions_B`: (drafts_BZ, q_BZV, cache). Drafts after the
     first rerun MTP one position further on, over its own hidden state and the previous draft (a scan: one
     compiled MTP call whatever Z)."""
@@ -71,7 +72,7 @@ def _draft_chain(config, variables, logits_BV, hidden_BD, positions_B, cache, ke
         draft_B, hidden_BD, cache, key = carry
         key, sub = jax.random.split(key)
         logits_B1V, hidden_B1D, cache = mtp_with_cache(config, variables, hidden_BD[:, None], draft_B[:, None],
-                                                       (positions_B + k + 1)[:, None], cache)
+                                                       (positions_B + k + 1)[:, None], cache, kernels=kernels)
         q_BV = token_probs(logits_B1V[:, 0], temperature, top_p)
         draft_B = draw(q_BV, sub)
         return (draft_B, hidden_B1D[:, 0].astype(hidden_BD.dtype), cache, key), (draft_B, q_BV)
@@ -85,27 +86,27 @@ def _draft_chain(config, variables, logits_BV, hidden_BD, positions_B, cache, ke
     return drafts_BZ, q_BZV, cache
 
 
-@partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("config", "kernels"), donate_argnames=("cache",))
 def speculative_prefill(config: ModelConfig, variables: dict, tokens_BT, lengths_B, cache: DecodeCache, key,
-                        temperature=0.0, top_p=1.0):
+                        temperature=0.0, top_p=1.0, kernels=None):
     """Prompts through the main model and MTP (training-form attention): (first token_B, MTP's logits_BV and
     hidden output_BD at each row's last prompt position, which the first step drafts from, cache)."""
     B, T = tokens_BT.shape
     rows_B = jnp.arange(B)
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     logits_BTV, hidden_BTD, cache = forward_with_cache(config, variables, tokens_BT, positions_BT, cache,
-                                                       absorbed=False)
+                                                       absorbed=False, kernels=kernels)
     first_B = draw(token_probs(logits_BTV[rows_B, lengths_B - 1], temperature, top_p), key)
     # MTP at position i reads the token at i + 1: the prompt's own, or the first generated one at the end.
     next_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1))).at[rows_B, lengths_B - 1].set(first_B)
     mtp_logits_BTV, mtp_hidden_BTD, cache = mtp_with_cache(config, variables, hidden_BTD, next_BT, positions_BT,
-                                                           cache, absorbed=False)
+                                                           cache, absorbed=False, kernels=kernels)
     return first_B, mtp_logits_BTV[rows_B, lengths_B - 1], mtp_hidden_BTD[rows_B, lengths_B - 1], cache
 
 
-@partial(jax.jit, static_argnames=("config", "n_draft"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("config", "n_draft", "kernels"), donate_argnames=("cache",))
 def speculative_step(config: ModelConfig, variables: dict, last_B, positions_B, mtp_logits_BV, mtp_hidden_BD,
-                     cache: DecodeCache, key, n_draft: int = 1, temperature=0.0, top_p=1.0):
+                     cache: DecodeCache, key, n_draft: int = 1, temperature=0.0, top_p=1.0, kernels=None):
     """Draft Z tokens after `last` (at `positions_B`) from MTP's output one position back, verify [last, drafts]
     at position .. position + Z, and run MTP over the verified positions: (tokens_BT, accepted_B, the next
     last_B, positions_B, mtp_logits_BV, mtp_hidden_BD, cache); the row emits tokens[:accepted + 1].
@@ -113,16 +114,17 @@ def speculative_step(config: ModelConfig, variables: dict, last_B, positions_B, 
     B = last_B.shape[0]
     rows_B = jnp.arange(B)
     accept_key, draft_key = jax.random.split(key)
-    drafts_BZ, q_BZV, cache = _draft_chain(config, variables, mtp_logits_BV, mtp_hidden_BD, positions_B - 1, cache,
-                                           draft_key, n_draft, temperature, top_p)
+    drafts_BZ, q_BZV, cache = _draft_chain(config, kernels, variables, mtp_logits_BV, mtp_hidden_BD, positions_B - 1,
+                                           cache, draft_key, n_draft, temperature, top_p)
     positions_BT = positions_B[:, None] + jnp.arange(n_draft + 1, dtype=jnp.int32)
     tokens_in_BT = jnp.concatenate([last_B[:, None], drafts_BZ], axis=1)
-    logits_BTV, hidden_BTD, cache = forward_with_cache(config, variables, tokens_in_BT, positions_BT, cache)
+    logits_BTV, hidden_BTD, cache = forward_with_cache(config, variables, tokens_in_BT, positions_BT, cache,
+                                                       kernels=kernels)
     accepted_B, tokens_BT = accept_drafts(token_probs(logits_BTV, temperature, top_p), q_BZV, drafts_BZ, accept_key)
     # MTP at position + k reads the token at position + k + 1, which is tokens_BT[k] for every k <= accepted; its
     # entries further on (and the chain's) are junk that the next step overwrites before any query sees them.
     mtp_logits_BTV, mtp_hidden_BTD, cache = mtp_with_cache(config, variables, hidden_BTD, tokens_BT, positions_BT,
-                                                           cache)
+                                                           cache, kernels=kernels)
     return (tokens_BT, accepted_B, tokens_BT[rows_B, accepted_B], positions_B + accepted_B + 1,
             mtp_logits_BTV[rows_B, accepted_B], mtp_hidden_BTD[rows_B, accepted_B], cache)
 
@@ -144,8 +146,9 @@ def generate_speculative(config: ModelConfig, variables: dict, prompts, max_new_
     emitter = Emitter(B, max_new_tokens, stop_tokens, on_token)
     cache = init_cache(config, B, check_cache_len(cache_len, T + max_new_tokens + n_draft + 1), with_mtp=True)
     rng, key = jax.random.split(jax.random.PRNGKey(seed))
+    kernels = serving_kernels(config)
     last_B, mtp_logits_BV, mtp_hidden_BD, cache = speculative_prefill(
-        config, variables, jnp.asarray(tokens_BT), jnp.asarray(lengths_B), cache, key, **sampling)
+        config, variables, jnp.asarray(tokens_BT), jnp.asarray(lengths_B), cache, key, kernels=kernels, **sampling)
     for row, token in enumerate(np.asarray(last_B).tolist()):
         emitter.emit(row, token)
     positions_B = jnp.asarray(lengths_B)
@@ -154,7 +157,7 @@ def generate_speculative(config: ModelConfig, variables: dict, prompts, max_new_
         rng, key = jax.random.split(rng)
         tokens_BT, accepted_B, last_B, positions_B, mtp_logits_BV, mtp_hidden_BD, cache = speculative_step(
             config, variables, last_B, positions_B, mtp_logits_BV, mtp_hidden_BD, cache, key, n_draft=n_draft,
-            **sampling)
+            kernels=kernels, **sampling)
         tokens, kept = np.asarray(tokens_BT), np.asarray(accepted_B)
         steps += 1
         for row in range(B):

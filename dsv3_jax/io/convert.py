@@ -8,12 +8,12 @@
 Import
 ------
 The HF directory is checked completely first (config.json, every safetensors header, every tensor's name,
-shape and dtype: `dsv3_jax.io.hf`'s checks), before anything is written, so a bad or truncated checkpoint fails
-with hf.py's one-line `CheckpointError` and leaves no output. The output is an orbax step 0 under
+shape and dtype: `dsv3_jax.io.hf.open_checked`), before anything is written, so a bad or truncated checkpoint
+fails with hf's one-line `CheckpointError` and leaves no output. The output is an orbax step 0 under
 `workdir/checkpoints`, with the items `dsv3_jax.io.checkpoint.Checkpointer` restores:
 
 * `state`: TrainState(step=0, params, moe_bias, opt_state, rng). params/moe_bias are what
-  `hf.load_pretrained` would return (same per-leaf code, so bit-identical). opt_state is a fresh
+  `hf.load_pretrained` would return (the same per-leaf code, `hf.build_leaf`, so bit-identical). opt_state is a fresh
   `make_optimizer(OptimizerConfig())` state: all zeros (moments, count, injected learning rate), which is
   what `tx.init` produces. rng is `create_train_state`'s state key for `seed`.
 * `meta`: {"model": model_signature(config), "tokens_seen": 0, "loss_ema": None, "converted_from": ...}.
@@ -70,8 +70,10 @@ from dsv3_jax.model.moe.layer import EXPERT_WEIGHTS
 from dsv3_jax.model.moe.router import BIAS_COLLECTION
 from dsv3_jax.train.optimizer import OptimizerConfig, make_optimizer
 from dsv3_jax.train.step import TrainState
+from pallas_kernels.fp8 import dequantize
 
 CHECKPOINTS = "checkpoints"
+_E4M3 = hf.SAFETENSORS_DTYPES["F8_E4M3"]   # the float8 kind that `keep_fp8` keeps
 
 
 class ConvertError(ValueError):
@@ -153,35 +155,6 @@ class ImportReport:
     params_bytes: int = 0    # the params as written (FP8 weights at one byte each)
 
 
-def _read_hf(hf_dir: str, param_dtype: str):
-    """config, plan, specs, checkpoint, fp8 block: every check of hf.load_pretrained, nothing read yet."""
-    raw = hf._read_raw_config(hf_dir)
-    config = ModelConfig.from_hf(raw, param_dtype=param_dtype)
-    checkpoint = hf._Checkpoint(hf_dir)
-    config = hf._drop_absent_mtp(config, checkpoint)
-    plan = hf._plan(config, lambda prefix: f"{prefix}mlp.experts.gate_up_proj" in checkpoint.entries)
-    specs = hf._leaf_specs(config)
-    block = hf._fp8_block(raw)
-    hf._check_names(plan, checkpoint)
-    hf._check_shapes(plan, checkpoint, specs, block)
-    return config, plan, specs, checkpoint, block
-
-
-def _leaf_parts(slots, checkpoint, block):
-    """(index, block) for each HF tensor of a leaf, as hf._build_variables copies it in (absent ones stay 0)."""
-    for s in slots:
-        if s.hf_name in checkpoint.entries:
-            yield s.index, hf._to_ours(s.kind, hf._read_real(checkpoint, s.hf_name, block))
-
-
-def _build_leaf(slots, checkpoint, spec, block) -> np.ndarray:
-    """One of our variables, whole (each HF tensor read as it is copied in)."""
-    array = np.zeros(spec.shape, dtype=np.dtype(spec.dtype))
-    for index, value in _leaf_parts(slots, checkpoint, block):
-        array[index] = value
-    return array
-
-
 def _part_ndim(slots) -> int:
     """How many leading axes the slots' indices select (1: a layer stack, 2: layer and expert), or 0 when they
     differ or select nothing: such a leaf is written whole."""
@@ -189,20 +162,20 @@ def _part_ndim(slots) -> int:
     return lengths.pop() if len(lengths) == 1 else 0
 
 
-def _keeps_fp8(leaf: tuple[str, ...], slots, checkpoint) -> bool:
+def _keeps_fp8(leaf: tuple[str, ...], slots, tensors: hf.CheckpointTensors) -> bool:
     """A projection kernel or routed-expert weight whose every HF tensor is a 2-D E4M3 weight with block scales."""
     weight = leaf[-1] == "kernel" and "router" not in leaf or leaf[-1] in EXPERT_WEIGHTS
     return weight and leaf[0] == "params" and all(
-        s.kind == "t" and s.hf_name in checkpoint.entries and checkpoint.entries[s.hf_name].dtype == "F8_E4M3"
+        s.kind == "t" and s.hf_name in tensors.entries and tensors.entries[s.hf_name].dtype == "F8_E4M3"
         for s in slots)
 
 
-def _build_fp8_leaf(slots, checkpoint, shape, scales: bool) -> np.ndarray:
+def _build_fp8_leaf(slots, tensors: hf.CheckpointTensors, shape, scales: bool) -> np.ndarray:
     """A kept FP8 weight (scales=False) or its block scales (True), transposed from HF's (out, in) layout."""
-    dtype = np.float32 if scales else hf._ST_DTYPES["F8_E4M3"]
+    dtype = np.float32 if scales else _E4M3
     array = np.zeros(shape, dtype)
     for s in slots:
-        array[s.index] = checkpoint.read(s.hf_name + hf.SCALE_SUFFIX if scales else s.hf_name).T
+        array[s.index] = tensors.read(s.hf_name + hf.SCALE_SUFFIX if scales else s.hf_name).T
     return array
 
 
@@ -210,29 +183,29 @@ def lazy_variables(hf_dir: str, param_dtype: str = "float32", keep_fp8: bool = F
     """(config, {'params', 'moe_bias'}, FP8 scales) of `_Lazy` leaves for an HF checkpoint directory, fully
     checked; with `keep_fp8`, FP8 weights stay FP8 and the scales tree (shaped like part of params) holds their
     scales, else it is empty."""
-    config, plan, specs, checkpoint, block = _read_hf(hf_dir, param_dtype)
+    checked = hf.open_checked(hf_dir, param_dtype=param_dtype)
+    tensors, block = checked.tensors, checked.block
     if keep_fp8 and block != (fp8_weights.BLOCK, fp8_weights.BLOCK):
         raise ConvertError(f"--fp8 keeps 128x128-block FP8 weights; config.json's quantization_config."
                            f"weight_block_size is {list(block)} (convert without --fp8 to dequantise)")
     variables: dict = {"params": {}, BIAS_COLLECTION: {}}
     scales: dict = {}
-    for leaf, slots in hf._group_by_leaf(plan, specs).items():
-        spec = specs[leaf]
+    for leaf, slots in checked.slots_by_leaf().items():
+        spec = checked.specs[leaf]
         shape = tuple(spec.shape)
-        if keep_fp8 and _keeps_fp8(leaf, slots, checkpoint):
-            fp8 = hf._ST_DTYPES["F8_E4M3"]
-            hf._set_leaf(variables, leaf, _Lazy(shape, fp8, functools.partial(
-                _build_fp8_leaf, slots, checkpoint, shape, False)))
+        if keep_fp8 and _keeps_fp8(leaf, slots, tensors):
+            hf.set_leaf(variables, leaf, _Lazy(shape, _E4M3, functools.partial(
+                _build_fp8_leaf, slots, tensors, shape, False)))
             scale_shape = fp8_weights.scale_shape(shape)
-            hf._set_leaf(scales, leaf[1:], _Lazy(scale_shape, np.dtype(np.float32), functools.partial(
-                _build_fp8_leaf, slots, checkpoint, scale_shape, True)))
+            hf.set_leaf(scales, leaf[1:], _Lazy(scale_shape, np.dtype(np.float32), functools.partial(
+                _build_fp8_leaf, slots, tensors, scale_shape, True)))
             continue
-        produce = functools.partial(_build_leaf, slots, checkpoint, spec, block)
+        produce = functools.partial(hf.build_leaf, slots, tensors, spec, block)
         part_ndim = _part_ndim(slots)
-        parts = functools.partial(_leaf_parts, slots, checkpoint, block) if part_ndim else None
+        parts = functools.partial(hf.leaf_pieces, slots, tensors, block) if part_ndim else None
         piece_bytes = int(np.prod(shape[part_ndim:], dtype=np.int64)) * np.dtype(spec.dtype).itemsize
-        hf._set_leaf(variables, leaf, _Lazy(shape, np.dtype(spec.dtype), produce, parts, piece_bytes, part_ndim))
-    return config, variables, scales
+        hf.set_leaf(variables, leaf, _Lazy(shape, np.dtype(spec.dtype), produce, parts, piece_bytes, part_ndim))
+    return checked.config, variables, scales
 
 
 def _abstract(tree):
@@ -245,8 +218,7 @@ def lazy_train_state(config: ModelConfig, variables: dict, seed: int = 0) -> Tra
     have the master dtype also for weights kept as FP8."""
     tx = make_optimizer(OptimizerConfig())
     params = variables["params"]
-    fp8 = np.dtype(hf._ST_DTYPES["F8_E4M3"])
-    master_dtype = lambda x: config.jnp_param_dtype if x.dtype == fp8 else x.dtype
+    master_dtype = lambda x: config.jnp_param_dtype if x.dtype == _E4M3 else x.dtype
     master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, master_dtype(x)), _abstract(params))
     opt_abstract = jax.eval_shape(tx.init, master)
     opt_state = jax.tree.map(lambda s: _zeros(s.shape, s.dtype), opt_abstract)
@@ -363,12 +335,12 @@ def open_checkpoint(ckpt: str, step: int | None = None) -> OpenedCheckpoint:
     scales: dict = {}
     context = ts.Context()
     cache = _LeafCache()
-    for leaf in hf._leaf_specs(config):
+    for leaf in hf.leaf_specs(config):
         field = "params" if leaf[0] == "params" else "moe_bias"
         array = _CachedLeaf(_open_array(item_dir, ".".join((field,) + leaf[1:]), context), cache)
-        hf._set_leaf(variables, leaf, array)
-        if meta.get(fp8_weights.SCALES_ITEM) and array.dtype.numpy_dtype == hf._ST_DTYPES["F8_E4M3"]:
-            hf._set_leaf(scales, leaf[1:], _open_array(scales_dir, ".".join(leaf[1:]), context))
+        hf.set_leaf(variables, leaf, array)
+        if meta.get(fp8_weights.SCALES_ITEM) and array.dtype.numpy_dtype == _E4M3:
+            hf.set_leaf(scales, leaf[1:], _open_array(scales_dir, ".".join(leaf[1:]), context))
     return OpenedCheckpoint(config, step, variables, scales)
 
 
@@ -422,10 +394,10 @@ def export_hf(ckpt: str, out_hf: str, step: int | None = None,
     kept as FP8 are dequantised into the parameter dtype)."""
     opened = open_checkpoint(ckpt, step)
     variables = opened.variables
-    specs = hf._leaf_specs(opened.config)
-    for path, scale in hf._flatten(opened.scales):
+    specs = hf.leaf_specs(opened.config)
+    for path, scale in hf.flatten(opened.scales):
         leaf = ("params",) + path
-        hf._set_leaf(variables, leaf, _Dequantized(hf._get_leaf(variables, leaf), scale, np.dtype(specs[leaf].dtype)))
+        hf.set_leaf(variables, leaf, _Dequantized(hf.get_leaf(variables, leaf), scale, np.dtype(specs[leaf].dtype)))
     hf.save_pretrained(opened.config, variables, out_hf, max_shard_bytes=max_shard_bytes)
     return opened.config
 
@@ -442,4 +414,4 @@ class _Dequantized:
 
     def __getitem__(self, index) -> np.ndarray:
         w, s = np.asarray(self.weight[index]), np.asarray(self.scale[index])
-        return np.asarray(fp8_weights.dequantize(w, s, self.dtype))
+        return dequantize(w, s, (fp8_weights.BLOCK, fp8_weights.BLOCK), self.dtype)

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fp8 import FP8_DTYPE, fp8_matmul, quantize_1x128
+# Aliased so that no `fp8_weights.dequantize` exists: the old (w_q, scale, dtype) form should fail by name.
+from pallas_kernels.fp8 import dequantize as dequantize_blocks
 
 BLOCK = 128
 SCALE_SUFFIX = "_scale"
@@ -29,17 +31,6 @@ def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The block scales' shape for a weight of `shape` (its last two axes are blocked)."""
     *lead, C, J = shape
     return (*lead, -(-C // BLOCK), -(-J // BLOCK))
-
-
-def dequantize(w_q, scale, dtype=jnp.float32):
-    """w_q · scale in float32 (each scale covering a 128×128 block of the last two axes, edge blocks cropped),
-    returned in `dtype`."""
-    C, J = w_q.shape[-2:]
-    if scale.shape != scale_shape(w_q.shape):
-        raise ValueError(f"FP8 scale has shape {scale.shape}; a weight of shape {w_q.shape} needs "
-                         f"{scale_shape(w_q.shape)} (128x128 blocks)")
-    full = jnp.repeat(jnp.repeat(scale.astype(jnp.float32), BLOCK, axis=-2), BLOCK, axis=-1)[..., :C, :J]
-    return (w_q.astype(jnp.float32) * full).astype(dtype)
 
 
 def matmul(x_XC, w_q_CJ, scale_CbJb, out_dtype, impl: str = "reference", interpret: bool = False):
@@ -59,7 +50,7 @@ def dequantize_siblings(tree: dict, dtype) -> dict:
     out = {k: v for k, v in tree.items() if not (k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in tree)}
     for name in out:
         if name + SCALE_SUFFIX in tree:
-            out[name] = dequantize(tree[name], tree[name + SCALE_SUFFIX], dtype)
+            out[name] = dequantize_blocks(tree[name], tree[name + SCALE_SUFFIX], (BLOCK, BLOCK), dtype)
     return out
 
 
@@ -85,7 +76,10 @@ def dequantize_params(params: dict, scales: dict) -> dict:
             out[key] = dequantize_params(params[key], value)
             continue
         w = params[key]
-        fn = lambda w_, s_: dequantize(w_, s_, w_.dtype)
+        fn = lambda w_, s_: dequantize_blocks(w_, s_, (BLOCK, BLOCK), w_.dtype)
         sharding = getattr(w, "sharding", None)
-        out[key] = jax.jit(fn, out_shardings=sharding)(w, value) if sharding is not None else fn(w, value)
+        if sharding is not None:
+            out[key] = jax.jit(fn, out_shardings=sharding)(w, value)
+        else:   # host arrays too come back as jax arrays, like every restored leaf
+            out[key] = fn(jnp.asarray(w), jnp.asarray(value))
     return out

@@ -1,8 +1,9 @@
-"""Where training metrics go: `metrics.jsonl` (one line per logged step), TensorBoard event files,
-and `expert_load.jsonl` (per-layer, per-expert token counts for heat maps)."""
+"""Where a run's record goes: `run_config.json` (the whole run config and the kernels resolved for it), `metrics.jsonl`
+(one line per logged step), TensorBoard event files, and `expert_load.jsonl` (per-layer, per-expert token counts)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -16,6 +17,17 @@ class MetricsLog:
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+
+    def write_run_config(self, run, kernels, compiler_options: dict) -> None:
+        """`run_config.json`: every field of `run` (a RunConfig), the resolved KernelSet and the XLA options the step
+        compiles with; rewritten at every start, so it describes the latest one."""
+        if not self.enabled:
+            return
+        record = {**dataclasses.asdict(run), "kernels": kernels.describe(), "compiler_options": compiler_options}
+        path = os.path.join(os.path.dirname(self.metrics_path), "run_config.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step`: a resumed run rewrites them (they follow the restored state)."""

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.kernels import KernelSet
 from dsv3_jax.model import ModelOutputs
 from dsv3_jax.model.moe.router import RouterStats
 from dsv3_jax.train.loss import LossConfig
@@ -23,17 +24,20 @@ from dsv3_jax.train.stages import (SPLIT_MIN_SIZE, StageFns, StageLayout, end_sp
 from dsv3_jax.train.step import BalanceConfig, TrainState, apply_update, mtp_weight_at
 from sharding.ep_layout import check_expert_parallel
 from sharding.pipeline import batch_shards, pipeline_value_and_grad
+from sharding.pipeline_schedules import Schedule
 
 MEAN_METRICS = ("ce", "mtp_ce", "balance")
 
 
-def make_pipelined_train_step(model_config: ModelConfig, loss: LossConfig, schedule: ScheduleConfig,
-                              optimizer: OptimizerConfig, balance: BalanceConfig, mesh: Mesh, schedule_name: str,
-                              n_micro: int, split_min_size: int = SPLIT_MIN_SIZE):
-    """Return (tx, step_fn) like make_train_step, for `mesh` (a `pipeline` axis) and a schedule of SCHEDULE_NAMES.
+def make_pipelined_train_step(model_config: ModelConfig, kernels: KernelSet, loss: LossConfig, schedule: ScheduleConfig,
+                              optimizer: OptimizerConfig, balance: BalanceConfig, mesh: Mesh, pipeline: Schedule,
+                              split_min_size: int = SPLIT_MIN_SIZE):
+    """Return (tx, step_fn) like make_train_step, for `mesh` (a `pipeline` axis) and the pipeline schedule
+    `pipeline` (sharding.pipeline_schedules.make_schedule), the model running `kernels` (every expert local: the
+    stages split them over `expert` themselves).
 
     step_fn(state, batches, tokens_seen, loss_limit) -> (state, metrics), with batches["tokens"] of shape
-    (n_micro, B, T) (optionally "segment_ids", "positions"); B splits over the mesh's batch axes. The MoE stack's
+    (pipeline.n_micro, B, T) (optionally "segment_ids", "positions"); B splits over the mesh's batch axes. The MoE stack's
     n_layers − first_k_dense_replace layers go to the stages by StageLayout.balanced (ValueError when there are
     fewer than stages).
     With mesh.expert > 1 the stages' MoE layers run expert-parallel (E/EP routed experts per rank); the MTP
@@ -45,19 +49,19 @@ def make_pipelined_train_step(model_config: ModelConfig, loss: LossConfig, sched
     if expert_axis:
         check_expert_parallel(model_config.n_routed_experts, mesh.shape[expert_axis])
     layout = StageLayout.balanced(model_config, n_stages)
-    fns = StageFns(model_config, loss, layout, expert_axis)
+    fns = StageFns(model_config, kernels, loss, layout, expert_axis)
     batch_axes = batch_shards(mesh)[0]
 
     def value_and_grad(stage_vars, first_params, last_vars, *data):
         first_specs = end_specs(first_params, mesh, expert_axis, batch_axes, split_min_size)
         last_specs = end_specs(last_vars, mesh, expert_axis, batch_axes, split_min_size)
         return pipeline_value_and_grad(
-            fns.stage, functools.partial(fns.loss, last_specs), mesh, schedule_name, n_micro,
+            fns.stage, functools.partial(fns.loss, last_specs), mesh, pipeline, pipeline.n_micro,
             first_fn=functools.partial(fns.first, first_specs), has_aux=True,
             stage_param_specs=stage_specs(stage_vars, "pipeline", expert_axis), first_param_specs=first_specs,
             last_param_specs=last_specs)(stage_vars, first_params, last_vars, *data)
 
-    n_means = n_micro * batch_shards(mesh)[1]   # the executor sums aux outputs over micro-batches and batch shards
+    n_means = pipeline.n_micro * batch_shards(mesh)[1]   # the executor sums aux outputs over micro-batches and batch shards
     tx = make_optimizer(optimizer)
 
     def step_fn(state: TrainState, batches, tokens_seen, loss_limit):

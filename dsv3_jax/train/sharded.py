@@ -10,7 +10,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import logical_axes
-from dsv3_jax.model.moe.backend import expert_parallel
 from dsv3_jax.train.step import TrainState
 from sharding.mesh import BATCH_AXES, batch_sharding
 from sharding.rules import logical_rules, tree_shardings
@@ -35,14 +34,14 @@ def state_shardings(config: ModelConfig, tx: optax.GradientTransformation, abstr
     return TrainState(everywhere, params, bias, opt, everywhere)
 
 
-def jit_sharded_step(step_fn, shardings: TrainState, mesh: Mesh, batch_dim: int = 1, manual: bool = False):
-    """step_fn(state, batches, tokens_seen, loss_limit) jitted for `mesh`; batches split on `batch_dim`.
+def jit_sharded_step(step_fn, shardings: TrainState, mesh: Mesh, batch_dim: int = 1, manual: bool = False,
+                     compiler_options: dict | None = None):
+    """step_fn(state, batches, tokens_seen, loss_limit) jitted for `mesh`; batches split on `batch_dim`; XLA
+    `compiler_options` (a dict) for every compile of it.
 
-    With an `expert` axis > 1 the MoE layers run expert-parallel (sharding.expert_parallel), and the model's
-    activation constraints (batch over the data-parallel axes, heads / mlp / vocab over `tensor`) resolve
-    through the logical-axis rules while tracing; neither applies to a `manual` step_fn, one that runs the
-    model inside its own shard_map over every axis (the pipelined step, which sets up expert parallelism
-    inside its stages itself).
+    The model's activation constraints (batch over the data-parallel axes, heads / mlp / vocab over `tensor`)
+    resolve through the logical-axis rules while tracing, except in a `manual` step_fn, one that runs the model
+    inside its own shard_map over every axis (the pipelined step).
     """
     # Activations follow the parameter-free rules: `embed` stays whole inside a replica even under FSDP.
     flax_rules = tuple((name, axes) for name, axes in logical_rules("replicated"))
@@ -50,13 +49,14 @@ def jit_sharded_step(step_fn, shardings: TrainState, mesh: Mesh, batch_dim: int 
     def constrained(state, batches, tokens_seen, loss_limit):
         if manual:
             return step_fn(state, batches, tokens_seen, loss_limit)
-        with nn.logical_axis_rules(flax_rules), expert_parallel(mesh):
+        with nn.logical_axis_rules(flax_rules):
             return step_fn(state, batches, tokens_seen, loss_limit)
 
     batch = batch_sharding(mesh, batch_dim, ndim=batch_dim + 2)
     everywhere = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(constrained, in_shardings=(shardings, batch, everywhere, everywhere),
-                     out_shardings=(shardings, everywhere), donate_argnums=0)
+                     out_shardings=(shardings, everywhere), donate_argnums=0,
+                     compiler_options=compiler_options or None)
 
     def run(state, batches, tokens_seen, loss_limit):
         with jax.set_mesh(mesh):

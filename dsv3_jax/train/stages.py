@@ -19,7 +19,6 @@ no device holds all of them for the whole step.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 
@@ -29,12 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from dsv3_jax.model.block import block_stack
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.kernels import ExpertSplit, KernelSet
+from dsv3_jax.model.block import block_stack
 from dsv3_jax.model.layers.rope import rope_tables
-from dsv3_jax.model import embedding, final_norm, head_logits, head_weight, mtp_outputs
-from dsv3_jax.model.moe.backend import expert_parallel_local
+from dsv3_jax.model.model import embedding, final_norm, head_logits, head_weight, mtp_outputs, run_stack
 from dsv3_jax.model.moe.layer import EXPERT_WEIGHTS
+from dsv3_jax.model.mtp import MTPModule
 from dsv3_jax.train.loss import LossConfig, prediction_loss, valid_targets
 from sharding.rules import mesh_spec
 
@@ -217,14 +217,15 @@ def micro_batch_data(config: ModelConfig, batches: dict):
 class FirstStage(nn.Module):
     """The model's embedding and dense blocks (parameter names as in DeepSeekV3)."""
     config: ModelConfig
+    kernels: KernelSet
 
     @nn.compact
     def __call__(self, tokens_BT, rope_cos_sin, segment_ids_BT):
         c = self.config
         x_BTD = embedding(c)(tokens_BT)
         if c.first_k_dense_replace > 0:
-            x_BTD, _ = block_stack(c, False, c.first_k_dense_replace, "dense_layers")(x_BTD, rope_cos_sin,
-                                                                                      segment_ids_BT)
+            stack = block_stack(c, self.kernels, False, c.first_k_dense_replace, "dense_layers")
+            x_BTD, _, _ = run_stack(stack, x_BTD, rope_cos_sin, segment_ids_BT)
         return x_BTD
 
 
@@ -232,29 +233,35 @@ class LastStage(nn.Module):
     """The model's final norm and MTP modules (DeepSeekV3's own pieces): the head's inputs (head_in_BTD,
     mtp_head_in_ZBTD | None) and mtp_stats | None; the loss applies the head (loss.head_cross_entropy)."""
     config: ModelConfig
+    kernels: KernelSet
 
     @nn.compact
     def __call__(self, x_BTD, tokens_BT, rope_cos_sin, segment_ids_BT):
         c = self.config
         embed = embedding(c)
-        mtp_head_in_ZBTD, mtp_stats = mtp_outputs(c, embed, None, x_BTD, tokens_BT, rope_cos_sin, segment_ids_BT)
+        modules = [MTPModule(c, self.kernels, name=f"mtp_{d}") for d in range(c.num_mtp_modules)]
+        mtp_head_in_ZBTD, mtp_stats = mtp_outputs(modules, embed, None, x_BTD, tokens_BT, rope_cos_sin,
+                                                  segment_ids_BT)
         return final_norm(c)(x_BTD), mtp_head_in_ZBTD, mtp_stats
 
 
 class StageFns:
     """The executor's first_fn, stage_fn and loss_fn (with side inputs and aux outputs) for one model and loss."""
 
-    def __init__(self, config: ModelConfig, loss: LossConfig, layout: StageLayout, expert_axis: str | None = None):
+    def __init__(self, config: ModelConfig, kernels: KernelSet, loss: LossConfig, layout: StageLayout,
+                 expert_axis: str | None = None):
         """With `expert_axis` (manual in the executor), stage_vars hold E/EP routed experts per rank (stage_specs)
-        and the stage's MoE layers exchange tokens over it."""
+        and the stage's and the MTP modules' MoE layers exchange tokens over it."""
         self.config, self.loss_config, self.expert_axis = config, loss, expert_axis
-        self.stack = block_stack(config, True, layout.slots, STAGE_KEY)
+        self.kernels = kernels.split_experts(ExpertSplit(expert_axis) if expert_axis else None)
+        self.first_stage, self.last_stage = FirstStage(config, kernels), LastStage(config, self.kernels)
+        self.stack = block_stack(config, self.kernels, True, layout.slots, STAGE_KEY)
 
     def first(self, specs, first_params, tokens_BT, side):
         """The embedding and dense blocks; `specs`: end_specs of first_params."""
         params = gather_whole(first_params, specs, self.expert_axis)
-        x_BTD = FirstStage(self.config).apply({"params": params}, tokens_BT, (side["cos"], side["sin"]),
-                                              side.get("segment_ids"))
+        x_BTD = self.first_stage.apply({"params": params}, tokens_BT, (side["cos"], side["sin"]),
+                                       side.get("segment_ids"))
         return x_BTD, jnp.zeros((), jnp.float32)
 
     def stage(self, stage_vars, carried, side):
@@ -262,8 +269,8 @@ class StageFns:
         (slots, E) come out."""
         x_BTD, balance = carried
         variables = {"params": stage_vars["params"], "moe_bias": stage_vars["moe_bias"]}
-        with expert_parallel_local(self.expert_axis) if self.expert_axis else contextlib.nullcontext():
-            x_BTD, stats = self.stack.apply(variables, x_BTD, (side["cos"], side["sin"]), side.get("segment_ids"))
+        x_BTD, (stats, _) = self.stack.apply(variables, x_BTD, (side["cos"], side["sin"]), side.get("segment_ids"),
+                                             None, None)
         return (x_BTD, balance + (stats.balance_loss * stage_vars["real"]).sum()), stats.expert_counts_E
 
     def loss(self, specs, last_vars, carried, targets, side):
@@ -274,9 +281,8 @@ class StageFns:
         last_vars = gather_whole(last_vars, specs, self.expert_axis)
         tokens_BT, weights_BOT = targets["tokens"], targets["weights"]
         variables = {"params": last_vars["params"], "moe_bias": last_vars["moe_bias"]}
-        with expert_parallel_local(self.expert_axis) if self.expert_axis else contextlib.nullcontext():
-            head_in_BTD, mtp_head_in_ZBTD, mtp_stats = LastStage(c).apply(
-                variables, x_BTD, tokens_BT, (side["cos"], side["sin"]), side.get("segment_ids"))
+        head_in_BTD, mtp_head_in_ZBTD, mtp_stats = self.last_stage.apply(
+            variables, x_BTD, tokens_BT, (side["cos"], side["sin"]), side.get("segment_ids"))
         rows = x_BTD.shape[0]   # weights are valid · M·B / count: a mean over rows is the step's share
         value, metrics = prediction_loss(
             functools.partial(head_logits, c), head_weight(c, last_vars["params"]), head_in_BTD, mtp_head_in_ZBTD,

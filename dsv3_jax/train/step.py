@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.kernels import KernelSet
 from dsv3_jax.model import DeepSeekV3, ModelOutputs, head_logits, head_weight, init_variables
 from dsv3_jax.model.moe.router import RouterStats
 from dsv3_jax.train.balance import update_routing_bias
@@ -55,7 +56,7 @@ def _switch(value_before, value_after, switch_after, unit, step, tokens):
     return jnp.where(t >= switch_after, value_after, value_before).astype(jnp.float32)
 
 
-def make_accumulate(model_config: ModelConfig, loss: LossConfig):
+def make_accumulate(model_config: ModelConfig, kernels: KernelSet, loss: LossConfig):
     """accumulate(params, moe_bias, batches, mtp_weight) -> (grads, metrics, aux) over the A micro-batches of
     `batches` ((A, B, T) leaves, like step_fn's), one at a time.
 
@@ -65,7 +66,7 @@ def make_accumulate(model_config: ModelConfig, loss: LossConfig):
     (equal rows each: the mean over the step's rows). Metrics are the step's; aux's expert counts are sums and its
     balance losses means.
     """
-    model = DeepSeekV3(model_config)
+    model = DeepSeekV3(model_config, kernels)
     logits_fn = functools.partial(head_logits, model_config)
     n_offsets = 1 + model_config.num_mtp_modules
 
@@ -105,9 +106,9 @@ def make_accumulate(model_config: ModelConfig, loss: LossConfig):
     return accumulate
 
 
-def make_train_step(model_config: ModelConfig, loss: LossConfig, schedule: ScheduleConfig,
+def make_train_step(model_config: ModelConfig, kernels: KernelSet, loss: LossConfig, schedule: ScheduleConfig,
                     optimizer: OptimizerConfig, balance: BalanceConfig):
-    """Return (tx, step_fn).
+    """Return (tx, step_fn), the model running `kernels` (dsv3_jax.kernels.resolve).
 
     step_fn(state, batches, tokens_seen, loss_limit) -> (state, metrics) is pure and jittable.
     `batches` holds `tokens` (A, B, T) int32 and optionally `segment_ids` and `positions`: A micro-batches
@@ -116,7 +117,7 @@ def make_train_step(model_config: ModelConfig, loss: LossConfig, schedule: Sched
     advances.
     """
     tx = make_optimizer(optimizer)
-    accumulate = make_accumulate(model_config, loss)
+    accumulate = make_accumulate(model_config, kernels, loss)
 
     def step_fn(state: TrainState, batches, tokens_seen, loss_limit):
         mtp_weight = mtp_weight_at(loss, state.step, tokens_seen)

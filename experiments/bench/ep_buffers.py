@@ -1,7 +1,7 @@
 """Expert-parallel receive buffers: rows each rank receives per round under uniform and skewed routing.
 
 For each EP size the exchange of sharding.expert_parallel runs once (forward) per routing scenario
-(sharding.ep_report.measure_buffers: uniform; skew90, 90 % of choices to expert 0; hot_rank, every choice on rank
+(`measure_buffers`: uniform; skew90, 90 % of choices to expert 0; hot_rank, every choice on rank
 0's experts) on an `expert` mesh. Reported per scenario: exchange rounds, the fullest round's filled rows (peak),
 the most rows one rank computed over all rounds (what a single-shot dropless buffer would need for this routing),
 the bounded per-round buffer EP·C, and the single-shot worst case EP·T·min(K, E/EP) (sharding.ep_buffers).
@@ -9,6 +9,10 @@ Baseline: the balanced size T·K; every size is also given as a ratio to it.
 """
 
 from __future__ import annotations
+
+import functools
+
+import numpy as np
 
 from experiments.bench import format_table, require_devices
 
@@ -30,9 +34,62 @@ def add_arguments(parser) -> None:
     parser.add_argument("--routing", nargs="+", default=list(ROUTINGS), choices=ROUTINGS)
 
 
+def routing(kind: str, tokens: int, top_k: int, n_experts: int, ep: int, seed: int = 0) -> np.ndarray:
+    """experts_TK for a named scenario: `uniform` (k distinct experts), `skew90` (each choice is expert 0 with
+    probability 0.9, else uniform), `hot_rank` (k distinct experts among rank 0's E/EP)."""
+    rng = np.random.default_rng(seed)
+    if kind == "uniform":
+        return np.argsort(rng.random((tokens, n_experts)), axis=1)[:, :top_k].astype(np.int32)
+    if kind == "skew90":
+        other = rng.integers(0, n_experts, (tokens, top_k))
+        return np.where(rng.random((tokens, top_k)) < 0.9, 0, other).astype(np.int32)
+    if kind == "hot_rank":
+        local = n_experts // ep
+        if top_k > local:
+            raise ValueError(f"hot_rank routing needs top_k={top_k} <= n_experts/ep={local}")
+        return np.argsort(rng.random((tokens, local)), axis=1)[:, :top_k].astype(np.int32)
+    raise ValueError(f"routing kind={kind!r}: expected uniform, skew90 or hot_rank")
+
+
+def measure_buffers(mesh, *, tokens_per_rank: int, top_k: int, n_experts: int, d_model: int = 32, d_ff: int = 32,
+                    capacity_factor: float = 1.25, block_multiple: int = 8, impl: str = "all_to_all",
+                    kinds=ROUTINGS, expert_axis: str = "expert") -> list[dict]:
+    """Runs the exchange (forward, SwiGLU experts) once per routing scenario; one dict of row counts per scenario."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv3_jax.model.moe.experts import swiglu_experts
+    from pallas_kernels.grouped_matmul import grouped_matmul
+    from sharding.ep_buffers import ep_buffer_size
+    from sharding.expert_parallel import expert_parallel_ffn, token_shard_axes
+
+    ep = mesh.shape[expert_axis]
+    tokens = tokens_per_rank * int(np.prod([mesh.shape[a] for a in token_shard_axes(mesh, expert_axis)]))
+    sizes = ep_buffer_size(tokens_per_rank, top_k, n_experts, ep, capacity_factor=capacity_factor,
+                           block_multiple=block_multiple, d_model=d_model, dtype="float32")
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(tokens, d_model)), jnp.float32)
+    w = tuple(jnp.asarray(rng.normal(size=s) * 0.1, jnp.float32)
+              for s in ((n_experts, d_model, d_ff), (n_experts, d_model, d_ff), (n_experts, d_ff, d_model)))
+    weights = jnp.full((tokens, top_k), 1.0 / top_k, jnp.float32)
+    expert_ffn = functools.partial(swiglu_experts, grouped_matmul=grouped_matmul)
+    run = jax.jit(lambda x, e, g, w: expert_parallel_ffn(x, e, g, w, expert_ffn=expert_ffn, mesh=mesh, impl=impl,
+                                                         capacity_factor=capacity_factor,
+                                                         block_multiple=block_multiple, expert_axis=expert_axis))
+    rows = []
+    for kind in kinds:
+        experts = routing(kind, tokens, top_k, n_experts, ep)
+        _, stats = run(x, jnp.asarray(experts), weights, w)
+        rows.append(dict(routing=kind, rounds=int(stats.rounds.max()),
+                         max_rows_received=int(stats.rows_received.max()), peak_rows=int(stats.peak_rows.max()),
+                         overflow_rows=int(stats.overflow_rows.sum()), dropped_rows=int(stats.dropped_rows.sum()),
+                         rows_total=int(stats.rows_received.sum()), buffer_rows=sizes.buffer_rows,
+                         balanced_rows=sizes.balanced_rows, worst_case_rows=sizes.worst_case_rows))
+    return rows
+
+
 def run(args) -> dict:
     from sharding.ep_buffers import ep_buffer_size
-    from sharding.ep_report import measure_buffers
     from sharding.mesh import build_mesh
 
     devices = require_devices(max(args.ep))

@@ -153,10 +153,12 @@ def measure(args, M, N, K) -> dict:
 
 
 def run(args) -> dict:
-    from pallas_kernels.fp8.api import is_hopper
+    import jax
+
+    from sharding.targets import platform_of
 
     shapes = parse_shapes(args.shapes)
-    if not args.interpret and not is_hopper():
+    if not args.interpret and platform_of(jax.devices()[0]) != "hopper":
         raise SystemExit("fp8_gemm: our kernel needs a Hopper GPU (compute capability 9.x); on other hosts pass "
                          "--interpret with small --shapes (a correctness run, not a measurement)")
     rows = [measure(args, *shape) for shape in shapes]

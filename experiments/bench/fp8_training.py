@@ -8,6 +8,8 @@ Baseline: the BF16 run.
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 
 from experiments.bench import format_table
@@ -51,16 +53,18 @@ def train(config, batches) -> tuple[list[float], float, int]:
     import jax.numpy as jnp
     import numpy as np
 
-    from dsv3_jax.train.loss import LossConfig
-    from dsv3_jax.train.optimizer import OptimizerConfig
+    from dsv3_jax.train.build import build_step
+    from dsv3_jax.train.run_config import compile_run
     from dsv3_jax.train.schedule import ScheduleConfig
-    from dsv3_jax.train.step import BalanceConfig, create_train_state, make_train_step
+    from dsv3_jax.train.step import BalanceConfig
+    from sharding import build_mesh
 
     steps, rows, length = len(batches), *batches[0].shape
-    schedule = ScheduleConfig(peak_lr=3e-3, warmup=20, decay=max(steps - 20, 1), decay_to=3e-4)
-    tx, step = make_train_step(config, LossConfig(), schedule, OptimizerConfig(), BalanceConfig(gamma=0.001))
-    step = jax.jit(step)
-    state = create_train_state(config, tx, jax.random.PRNGKey(0))
+    run = compile_run(config, batch=rows, seq_len=length, strategy="replicated")
+    run = dataclasses.replace(run, schedule=ScheduleConfig(peak_lr=3e-3, warmup=20, decay=max(steps - 20, 1),
+                                                           decay_to=3e-4), balance=BalanceConfig(gamma=0.001))
+    built = build_step(run, build_mesh({"data": 1}, jax.devices()[:1]))
+    step, state = built.jitted, built.init_state()
     losses, skipped, start = [], 0, None
     for i, tokens in enumerate(batches):
         state, metrics = step(state, {"tokens": jnp.asarray(tokens[None])}, jnp.float32(i * rows * length),

@@ -1,8 +1,10 @@
 """MoE kernels on the GPU, three tables in one run:
 
 1. grouped GEMM TFLOP/s at DeepSeek-V3 expert shapes and the `small` preset's, ours (Mosaic GPU, BF16 and FP8
-   block-scaled) side by side with `jax.lax.ragged_dot`, JAX's example `ragged_dot_mgpu`, and where torch sees a
-   CUDA GPU `torch._grouped_mm` (BF16) and `torch._scaled_grouped_mm` (FP8, row-wise scales);
+   block-scaled) side by side with `jax.lax.ragged_dot`, JAX's example `ragged_dot_mgpu`, tokamax's BF16
+   `ragged_dot` on its Mosaic GPU kernel (the optional extra `tokamax`; a note where it is not installed), and where
+   torch sees a CUDA GPU `torch._grouped_mm` (BF16) and `torch._scaled_grouped_mm` (FP8, row-wise scales); and the
+   BF16 forward + backward (y, dx, dW: 3 GEMMs) through ours (grouped_matmul's custom VJP) and tokamax's VJP;
 2. dispatch (gather into expert order, optionally quantizing to FP8) and combine (weighted scatter-add) in GB/s
    against a plain device-to-device copy of the same bytes;
 3. the whole MoE layer, forward and backward, with the platform's kernels against the reference path.
@@ -27,6 +29,8 @@ GEMM_SHAPES = "32x1024x7168x2048,32x1024x2048x7168,64x768x1024x512,256x128x7168x
 # tokens × dim × top-k × experts: DeepSeek-V3 (16K tokens) and the `small` preset (batch 8 × 2048)
 DISPATCH_SHAPES = "16384x7168x8x256,16384x1024x6x64"
 SECTIONS = ("gemm", "dispatch", "layer")
+TOKAMAX_IMPLEMENTATION = "mosaic_gpu"   # tokamax's ragged_dot kernel timed here (its Hopper Mosaic GPU kernel)
+FWD_BWD = ("ours_bf16_fwd_bwd", "tokamax_bf16_fwd_bwd")   # variants timed as forward + backward: 3 GEMMs each
 
 
 def add_arguments(parser) -> None:
@@ -106,6 +110,62 @@ def _torch_gemm(x, w_GKN, sizes, iters):
     return out
 
 
+def tokamax_gemm_variants(implementation: str = TOKAMAX_IMPLEMENTATION):
+    """tokamax's BF16 ragged_dot on `implementation`: ({name: fn}, None), the forward (a, b, g) and the forward +
+    backward (a, b, g, dy) -> (y, (da, db)); or ({}, the reason) where tokamax is not installed. Imported here, not
+    at module import, so the benchmark runs without it."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.bench.kernels_aot import import_tokamax
+
+    try:
+        tokamax = import_tokamax()
+    except ImportError as e:
+        return {}, str(e)
+
+    def forward(a, b, g):
+        return tokamax.ragged_dot(a, b, g, preferred_element_type=jnp.bfloat16, implementation=implementation)
+
+    def forward_backward(a, b, g, dy):
+        y, vjp = jax.vjp(lambda a, b: forward(a, b, g), a, b)
+        return y, vjp(dy)
+
+    return {"tokamax_ragged_dot_bf16": forward, "tokamax_bf16_fwd_bwd": forward_backward}, None
+
+
+def _ours_fwd_bwd(interpret):
+    import jax
+
+    from pallas_kernels.grouped_matmul import grouped_matmul
+
+    def forward_backward(a, b, g, dy):
+        y, vjp = jax.vjp(lambda a, b: grouped_matmul(a, b, g, impl="gpu", interpret=interpret), a, b)
+        return y, vjp(dy)
+    return forward_backward
+
+
+def reference_fwd_bwd(x, w, gs, dy):
+    """(y, (dx, dw)) in float32 at the highest precision: what the forward + backward rows are checked against."""
+    import jax
+    import jax.numpy as jnp
+
+    f32 = lambda t: t.astype(jnp.float32)
+    y, vjp = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, gs, precision="highest"), f32(x), f32(w))
+    return y, vjp(f32(dy))
+
+
+def max_rel_err(got, want) -> float:
+    """The largest of max|got − want| / max|want| over the leaves of two matching trees."""
+    import jax
+    import numpy as np
+
+    errs = [np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))) /
+            max(np.max(np.abs(np.asarray(b, np.float64))), 1e-30)
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+    return float(max(errs))
+
+
 def gemm_row(args, G, R, K, N) -> dict:
     import jax
     import jax.numpy as jnp
@@ -125,6 +185,7 @@ def gemm_row(args, G, R, K, N) -> dict:
     gs = jnp.asarray(sizes)
     x_q, x_s = quantize_1x128(x)
     w_q_GNK, w_s_GNbKb = jax.vmap(lambda w_KN: quantize_128x128(w_KN.T))(w)
+    dy = (jax.random.normal(jax.random.key(G * 11 + N), (M, N), jnp.float32) / np.sqrt(N)).astype(jnp.bfloat16)
     interpret = args.interpret
     variants = {
         "ours_bf16": (lambda a, b, g: gmm_gpu.gmm(a, b, g, out_dtype=jnp.bfloat16, interpret=interpret), (x, w, gs)),
@@ -132,7 +193,13 @@ def gemm_row(args, G, R, K, N) -> dict:
                                                                       interpret=interpret),
                                (x_q, x_s, w_q_GNK, w_s_GNbKb, gs)),
         "xla_ragged_dot_bf16": (jax.lax.ragged_dot, (x, w, gs)),
+        "ours_bf16_fwd_bwd": (_ours_fwd_bwd(interpret), (x, w, gs, dy)),
     }
+    row = {"section": "gemm", "shape": f"{G}x{R} {K}->{N}", "rows": M}
+    if not interpret:   # tokamax's Mosaic GPU kernels run on a Hopper GPU only (no interpreter)
+        tokamax_fns, row["tokamax_error"] = tokamax_gemm_variants()
+        for name, fn in tokamax_fns.items():
+            variants[name] = (fn, (x, w, gs, dy) if name in FWD_BWD else (x, w, gs))
     if not interpret:
         try:
             from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
@@ -143,7 +210,6 @@ def gemm_row(args, G, R, K, N) -> dict:
         except ImportError as e:
             variants["jax_example_ragged_dot_mgpu"] = None
             print(f"moe: JAX's example ragged_dot_mgpu is unavailable ({e})")
-    row = {"section": "gemm", "shape": f"{G}x{R} {K}->{N}", "rows": M}
     outputs = {}
     for name, spec in variants.items():
         if spec is None:
@@ -153,16 +219,23 @@ def gemm_row(args, G, R, K, N) -> dict:
         try:
             outputs[name] = fn(*operands)
             if not interpret:
-                row[name] = flops / median_seconds(fn, *operands, iters=args.iters)["median"] / 1e12
+                work = 3 * flops if name in FWD_BWD else flops
+                row[name] = work / median_seconds(fn, *operands, iters=args.iters)["median"] / 1e12
         except Exception as e:   # noqa: BLE001  one failing variant must not hide the others
             row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:200]
     # bf16 against the float32 product; FP8 against the reference kernel on the same FP8 inputs (float32 output)
     refs = {"ours_bf16": jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), gs, precision="highest"),
             "ours_fp8_blockwise": gmm_reference.gmm_fp8(x_q, x_s, w_q_GNK, w_s_GNbKb, gs, out_dtype=jnp.float32)}
+    refs["tokamax_ragged_dot_bf16"] = refs["ours_bf16"]
     for name, want in refs.items():
         if name in outputs:
             y, want = np.asarray(outputs[name], np.float64), np.asarray(want, np.float64)
             row[f"{name}_rel_err"] = float(np.max(np.abs(y - want)) / np.max(np.abs(want)))
+    if any(name in outputs for name in FWD_BWD):   # y, dx, dW against float32 (the worst of the three)
+        want = reference_fwd_bwd(x, w, gs, dy)
+        for name in FWD_BWD:
+            if name in outputs:
+                row[f"{name}_rel_err"] = max_rel_err(outputs[name], want)
     for name, t in ({} if interpret else _torch_gemm(x, w, sizes, args.iters)).items():
         row[name] = flops / t["median"] / 1e12 if "median" in t else None
         if "error" in t:
@@ -171,6 +244,8 @@ def gemm_row(args, G, R, K, N) -> dict:
     for name in ("ours_bf16", "ours_fp8_blockwise"):
         if base and row.get(name):
             row[f"{name}_vs_base"] = row[name] / base
+    if row.get("ours_bf16_fwd_bwd") and row.get("tokamax_bf16_fwd_bwd"):
+        row["ours_vs_tokamax_fwd_bwd"] = row["ours_bf16_fwd_bwd"] / row["tokamax_bf16_fwd_bwd"]
     return row
 
 
@@ -253,14 +328,14 @@ def layer_rows(args) -> list[dict]:
         config = dataclasses.replace(base, fp8=fp8)
         x = jax.random.normal(jax.random.key(0), (1, args.layer_tokens, config.dim), jnp.float32)
         x = x.astype(config.jnp_dtype)
-        variables = MoE(config).init(jax.random.key(1), x)
+        variables = MoE(config, kernel_registry.REFERENCE).init(jax.random.key(1), x)
         on_kernels = (config.replace(kernels="pallas", kernel_target="tpu:interpret") if args.interpret
-                      else kernel_registry.for_devices(config, jax.devices()))
-        kernels = kernel_registry.select(on_kernels)
+                      else config)
+        kernels = kernel_registry.resolve(on_kernels, jax.devices())
         results = {}
-        for label, c in (("kernels", on_kernels), ("reference", config.replace(kernels="reference"))):
-            def loss(params, x_BTD, c=c):
-                out, _ = MoE(c).apply({**variables, "params": params}, x_BTD)
+        for label, ks in (("kernels", kernels), ("reference", kernel_registry.REFERENCE)):
+            def loss(params, x_BTD, ks=ks):
+                out, _ = MoE(config, ks).apply({**variables, "params": params}, x_BTD)
                 return jnp.mean(out.astype(jnp.float32) ** 2)
 
             step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -280,7 +355,9 @@ def layer_rows(args) -> list[dict]:
 
 
 def run(args) -> dict:
-    from pallas_kernels.fp8.api import is_hopper
+    import jax
+
+    from sharding.targets import platform_of
 
     sections = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -290,7 +367,7 @@ def run(args) -> dict:
     dispatch_shapes = parse_shapes("--dispatch-shapes", "TDKE", args.dispatch_shapes)
     if not 0.0 <= args.skew < 1.0:
         raise SystemExit(f"--skew must be in [0, 1), got {args.skew}")
-    if not args.interpret and not is_hopper():
+    if not args.interpret and platform_of(jax.devices()[0]) != "hopper":
         raise SystemExit("moe: our GPU kernels need a Hopper GPU (compute capability 9.x); on other hosts pass "
                          "--interpret with small shapes (a correctness run, not a measurement)")
     rows = []
@@ -310,9 +387,20 @@ def table(result) -> str:
     cols = [("shape", "shape", "s"), ("ours bf16", "ours_bf16", ".0f"), ("ours fp8", "ours_fp8_blockwise", ".0f"),
             ("torch bf16", "torch_grouped_mm_bf16", ".0f"), ("torch fp8 row", "torch_scaled_grouped_mm_fp8_rowwise", ".0f"),
             ("ragged_dot", "xla_ragged_dot_bf16", ".0f"), ("jax mgpu ex.", "jax_example_ragged_dot_mgpu", ".0f"),
+            ("tokamax bf16", "tokamax_ragged_dot_bf16", ".0f"),
             ("bf16/base", "ours_bf16_vs_base", ".2f"), ("fp8/base", "ours_fp8_blockwise_vs_base", ".2f"),
-            ("err bf16", "ours_bf16_rel_err", ".1e"), ("err fp8", "ours_fp8_blockwise_rel_err", ".1e")]
+            ("err bf16", "ours_bf16_rel_err", ".1e"), ("err fp8", "ours_fp8_blockwise_rel_err", ".1e"),
+            ("err tokamax", "tokamax_ragged_dot_bf16_rel_err", ".1e")]
+    fwd_bwd_cols = [("shape", "shape", "s"), ("ours", "ours_bf16_fwd_bwd", ".0f"),
+                    ("tokamax", "tokamax_bf16_fwd_bwd", ".0f"), ("ours/tokamax", "ours_vs_tokamax_fwd_bwd", ".2f"),
+                    ("err ours", "ours_bf16_fwd_bwd_rel_err", ".1e"),
+                    ("err tokamax", "tokamax_bf16_fwd_bwd_rel_err", ".1e")]
     parts = ["grouped GEMM (TFLOP/s)\n" + format_table(gemm, cols)] if gemm else []
+    if gemm:
+        parts.append("grouped GEMM BF16 forward + backward (TFLOP/s of y, dx, dW)\n" + format_table(gemm, fwd_bwd_cols))
+        notes = sorted({f"{k}: {r[k]}" for r in gemm for k in r if k.endswith("_error") and r[k]})
+        if notes:
+            parts.append("errors / not run:\n" + "\n".join(notes))
     dispatch = [r for r in result["rows"] if r["section"] == "dispatch"]
     if dispatch:
         parts.append("dispatch / combine (GB/s, read + written)\n" + format_table(dispatch, [

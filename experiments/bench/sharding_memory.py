@@ -1,12 +1,12 @@
 """Per-device memory of the sharded train step, per mesh and parameter strategy, from the compiled program.
 
-For each (mesh, strategy) the train step (dsv3_jax.train.step) is jitted with the TrainState shardings of
-dsv3_jax.train.sharded and lowered and compiled on abstract state, never run. Two kinds of numbers per device:
+For each (mesh, strategy) the train step is built (dsv3_jax.train.build) and compiled on abstract state, never
+run. Two kinds of numbers per device:
   exact:    bytes of device 0's shard of every parameter, routing-bias and optimizer-state leaf (from the
             shardings: the slice devices_indices_map gives device 0);
   compiled: XLA's memory analysis of the compiled step (argument, output, aliased = donated state, temp), and
             total = argument + output − alias + temp.
-Baseline: the same step jitted on one device with no mesh; ratios are per-device bytes over the baseline's.
+Baseline: the same step on a one-device mesh, replicated; ratios are per-device bytes over the baseline's.
 On XLA:CPU the compiled sizes are XLA:CPU's buffer assignment; a GPU compile will differ in temp.
 """
 
@@ -94,61 +94,51 @@ def state_bytes(abstract, shardings, device) -> dict:
 
 
 def memory(compiled) -> dict:
+    """XLA's memory analysis fields of a compiled program, and total = its peak (dsv3_jax.train.build)."""
+    from dsv3_jax.train.build import compiled_memory
+
     stats = compiled.memory_analysis()
     if stats is None:
         return {}
     out = {field: int(getattr(stats, field)) for field in MEMORY_FIELDS if hasattr(stats, field)}
-    out["total_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"] - out["alias_size_in_bytes"]
-                          + out["temp_size_in_bytes"])
+    out["total_bytes"] = compiled_memory(compiled)["peak"]
     return out
 
 
 def run(args) -> dict:
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    from dsv3_jax.train.loss import LossConfig
-    from dsv3_jax.train.optimizer import OptimizerConfig
-    from dsv3_jax.train.schedule import ScheduleConfig
-    from dsv3_jax.train.sharded import jit_sharded_step, state_shardings
-    from dsv3_jax.train.step import BalanceConfig, create_train_state, make_train_step
-    from sharding import build_mesh, put_batch
+    from dsv3_jax.train.build import build_step
+    from dsv3_jax.train.run_config import compile_run
+    from sharding import build_mesh
 
     meshes = [parse_mesh(text) for text in args.meshes]
     devices = require_devices(max(math.prod(v for v in axes.values() if v > 0) for axes, _ in meshes))
     config = model_config(args)
-    tx, step_fn = make_train_step(config, LossConfig(), ScheduleConfig(), OptimizerConfig(), BalanceConfig())
-    abstract = jax.eval_shape(lambda: create_train_state(config, tx, jax.random.PRNGKey(0)))
-    tokens = np.zeros((args.micro, args.batch, args.seq_len), np.int32)
-    scalars = (jnp.float32(0), jnp.float32(np.inf))
     device = jax.devices()[0]
 
-    start = time.perf_counter()
-    single = jax.jit(step_fn, donate_argnums=0).lower(
-        abstract, {"tokens": jax.ShapeDtypeStruct(tokens.shape, tokens.dtype)}, *scalars).compile()
-    baseline = dict(mesh="single", strategy="-", devices=1, **state_bytes(abstract, None, device), **memory(single),
-                    compile_s=time.perf_counter() - start)
+    def measure(axes, strategy, mesh_devices):
+        start = time.perf_counter()
+        mesh = build_mesh(axes, mesh_devices)
+        step = build_step(compile_run(config, batch=args.batch, seq_len=args.seq_len, micro=args.micro,
+                                      strategy=strategy), mesh)
+        compiled = step.compile().compiled
+        return step, dict(mesh=",".join(f"{k}={v}" for k, v in axes.items()), strategy=strategy, devices=mesh.size,
+                          **state_bytes(step.abstract_state, step.shardings, device), **memory(compiled),
+                          compile_s=time.perf_counter() - start)
 
+    single, baseline = measure({"data": 1}, "replicated", [device])
+    baseline.update(mesh="single", strategy="-")
     rows = []
     for axes, strategy in meshes:
         size = math.prod(v for v in axes.values() if v > 0)
-        mesh = build_mesh(axes, devices if -1 in axes.values() else devices[:size])
-        start = time.perf_counter()
-        shardings = state_shardings(config, tx, abstract, mesh, strategy)
-        step = jit_sharded_step(step_fn, shardings, mesh)
-        batch = put_batch(mesh, {"tokens": tokens}, batch_dim=1)
-        compiled = step.lower(abstract, batch, *scalars).compile()
-        row = dict(mesh=",".join(f"{k}={v}" for k, v in axes.items()), strategy=strategy, devices=mesh.size,
-                   **state_bytes(abstract, shardings, device), **memory(compiled),
-                   compile_s=time.perf_counter() - start)
-        rows.append(row)
+        rows.append(measure(axes, strategy, devices if -1 in axes.values() else devices[:size])[1])
     for row in [baseline] + rows:
         for key in ("params_bytes", "opt_state_bytes", "state_bytes", "argument_size_in_bytes",
                     "temp_size_in_bytes", "total_bytes"):
             if key in row and baseline.get(key):
                 row[key.replace("_size_in_bytes", "").replace("_bytes", "") + "_vs_single"] = row[key] / baseline[key]
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(single.abstract_state.params))
     cfg = dict(preset=args.preset, overrides=list(SCALED) + list(args.overrides), n_params=n_params,
                param_dtype=config.param_dtype, dtype=config.dtype, batch=args.batch, seq_len=args.seq_len,
                micro=args.micro, optimizer="AdamW (mu, nu float32)", memory_source=f"XLA:{device.platform.upper()} "

@@ -1,5 +1,5 @@
-"""Whole-model training throughput on one device: our train step, built by the pre-training job's own builders
-(run preset, AdamW, loss, `jit_sharded_step` with the state donated), against Hugging Face transformers'
+"""Whole-model training throughput on one device: our train step, built as the pre-training job builds it (run preset,
+dsv3_jax.train.build.build_step, the state donated), against Hugging Face transformers'
 DeepseekV3ForCausalLM of the same config (`ModelConfig.to_hf`), batch and AdamW (betas, eps, weight decay off the
 norms, clipping), once per `experts_implementation` (grouped_mm, eager per-expert loop).
 
@@ -64,8 +64,8 @@ def add_arguments(parser) -> None:
 def resolve(args):
     """The run config of the pre-training job for this preset, batch and length (validated the same way)."""
     from dsv3_jax.config import ConfigError
-    from experiments.presets import RunConfig, get_run_preset
-    from experiments.pretrain import validate_run
+    from dsv3_jax.train.run_config import RunConfig, validate_run
+    from experiments.presets import get_run_preset
 
     try:
         cfg = get_run_preset(args.config).with_overrides(*args.overrides)
@@ -74,8 +74,6 @@ def resolve(args):
         validate_run(cfg)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    if cfg.mesh.pipeline > 1:
-        raise SystemExit("train_step times the one-device step; mesh.pipeline > 1 is not supported here")
     for name, value in (("--steps", args.steps), ("--batch", args.batch), ("--seq-len", args.seq_len),
                         ("--docs-per-row", args.docs_per_row), ("--profile-steps", args.profile_steps)):
         if value < 1:
@@ -122,24 +120,18 @@ def run_ours(cfg, batch_np: dict, args) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec
 
     from dsv3_jax.model.counting import train_flops_per_token
+    from dsv3_jax.train.build import build_step, compiled_memory
     from dsv3_jax.train.mfu import peak_flops_per_device
-    from dsv3_jax.train.sharded import jit_sharded_step, state_shardings
-    from dsv3_jax.train.step import create_train_state, make_train_step
+    from dsv3_jax.train.run_config import mesh_axes
     from experiments.bench.timing import median_seconds
-    from experiments.pretrain import mesh_axes
     from sharding.mesh import build_mesh, put_batch
 
-    from dsv3_jax import kernels
-
-    mesh = build_mesh(mesh_axes(cfg))
-    model = kernels.for_devices(cfg.model, mesh)
-    row = {"impl": "ours (jax)", "attention_impl": kernels.select(model).attention, "remat_policy": model.remat_policy,
+    built = build_step(cfg, build_mesh(mesh_axes(cfg)))
+    mesh, model, kernels = built.mesh, built.model, built.kernels
+    row = {"impl": "ours (jax)", "attention_impl": kernels.attention, "remat_policy": model.remat_policy,
            "fp8": model.fp8, "packed_docs": args.docs_per_row}
-    tx, step_fn = make_train_step(model, cfg.loss, cfg.schedule, cfg.optimizer, cfg.balance)
-    init = lambda: create_train_state(model, tx, jax.random.PRNGKey(cfg.train.seed))
-    shardings = state_shardings(model, tx, jax.eval_shape(init), mesh, cfg.mesh.strategy)
-    state = jax.jit(init, out_shardings=shardings)()
-    step = jit_sharded_step(step_fn, shardings, mesh)
+    state = built.init_state()
+    step = built.jitted
     batch = put_batch(mesh, batch_np, batch_dim=1)
     everywhere = NamedSharding(mesh, PartitionSpec())
     scalars = [jax.device_put(jnp.float32(x), everywhere) for x in (0.0, np.inf)]
@@ -147,13 +139,10 @@ def run_ours(cfg, batch_np: dict, args) -> dict:
     start = time.perf_counter()
     compiled = step.lower(state, batch, *scalars).compile()
     row["compile_s"] = time.perf_counter() - start
-    analysis = compiled.memory_analysis()
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-    row["state_bytes"] = state_bytes
-    if analysis is not None:
-        row.update(donated_bytes=analysis.alias_size_in_bytes, temp_bytes=analysis.temp_size_in_bytes,
-                   compiled_peak_bytes=analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
-                   + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+    row["state_bytes"] = sum(x.nbytes for x in jax.tree.leaves(state))
+    memory = compiled_memory(compiled)
+    if memory:
+        row.update(donated_bytes=memory["alias"], temp_bytes=memory["temp"], compiled_peak_bytes=memory["peak"])
 
     holder = {"state": state}
 
@@ -329,7 +318,7 @@ def run(args) -> dict:
     for row in rows:
         row["vs_baseline"] = row["tokens_per_s"] / base["tokens_per_s"] if base and "tokens_per_s" in row else None
     counts = count_params(cfg.model)
-    kernels = kernel_registry.select(kernel_registry.for_devices(cfg.model, jax.devices()))
+    kernels = kernel_registry.resolve(cfg.model, jax.devices())
     config = dict(preset=args.config, overrides=list(args.overrides), batch=cfg.data.batch_size,
                   seq_len=cfg.data.seq_len, micro_batches=cfg.train.grad_accum, steps=args.steps, warmup=args.warmup,
                   docs_per_row=args.docs_per_row, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,

@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.cost import cost_estimate, nbytes
-from pallas_kernels.fp8.quantize import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, TILE, _cdiv
+from pallas_kernels.fp8.quantize import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, TILE
 
 BLOCK_ROWS = 32      # rows per program (gather, combine backward)
 BLOCK_TOKENS = 16    # tokens per program (combine: K tiles each)
@@ -87,14 +87,14 @@ def _gather_kernel(src_ref, x_ref, *out_refs, n: int, t: int, d: int, bm: int, q
 def gather_rows(x_TD, src_N, *, quantize: bool = False, power_of_two: bool = False, interpret=False,
                 block_rows: int = BLOCK_ROWS):
     (T, D), N = x_TD.shape, src_N.shape[0]
-    bm, Db = _block(N, block_rows), _cdiv(D, TILE)
+    bm, Db = _block(N, block_rows), pl.cdiv(D, TILE)
     out_shape = [jax.ShapeDtypeStruct((N, D), x_TD.dtype)]
     if quantize:
         out_shape += [jax.ShapeDtypeStruct((N, D), FP8_DTYPE), jax.ShapeDtypeStruct((N, Db), jnp.float32)]
     outs = pl.pallas_call(
         functools.partial(_gather_kernel, n=N, t=T, d=D, bm=bm, quantize=quantize, power_of_two=power_of_two,
                           ieee=not interpret),
-        grid=(_cdiv(N, bm), Db),
+        grid=(pl.cdiv(N, bm), Db),
         out_shape=out_shape,
         compiler_params=plt.CompilerParams(num_warps=NUM_WARPS),
         cost_estimate=cost_estimate(flops=(6 if quantize else 0) * N * D,
@@ -132,7 +132,7 @@ def combine_rows(y_ND, row_TK, weights_TK, out_dtype, *, interpret=False, block_
         args.append(weights_TK.reshape(-1).astype(jnp.float32))
     return pl.pallas_call(
         functools.partial(_combine_kernel, t=T, n=N, d=D, k=K, bt=bt, weighted=weighted),
-        grid=(_cdiv(T, bt), _cdiv(D, TILE)),
+        grid=(pl.cdiv(T, bt), pl.cdiv(D, TILE)),
         out_shape=jax.ShapeDtypeStruct((T, D), out_dtype),
         compiler_params=plt.CompilerParams(num_warps=NUM_WARPS),
         cost_estimate=cost_estimate(flops=(2 if weighted else 1) * T * K * D, bytes_accessed=nbytes(
@@ -155,7 +155,7 @@ def _combine_grad_kernel(src_ref, dout_ref, y_ref, w_ref, dy_ref, dw_ref, *, n: 
         _store_tile(dy_ref, rows, cols, mask, g * w[:, None])
         return dw + jnp.sum(y.astype(jnp.float32) * g, axis=1)
 
-    dw = lax.fori_loop(0, _cdiv(d, TILE), column_tile, jnp.zeros((bm,), jnp.float32))
+    dw = lax.fori_loop(0, pl.cdiv(d, TILE), column_tile, jnp.zeros((bm,), jnp.float32))
     plt.store(dw_ref.at[rows], dw, mask=in_n)
 
 
@@ -165,7 +165,7 @@ def combine_rows_grad(y_ND, dout_TD, src_N, w_N, *, interpret=False, block_rows:
     bm = _block(N, block_rows)
     return pl.pallas_call(
         functools.partial(_combine_grad_kernel, n=N, t=T, d=D, bm=bm),
-        grid=(_cdiv(N, bm),),
+        grid=(pl.cdiv(N, bm),),
         out_shape=[jax.ShapeDtypeStruct((N, D), y_ND.dtype), jax.ShapeDtypeStruct((N,), jnp.float32)],
         compiler_params=plt.CompilerParams(num_warps=NUM_WARPS),
         # reads src, w, y and the gathered dout rows; writes dy (y's size) and dw (float32)

@@ -26,7 +26,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.cost import cost_estimate, nbytes
 from pallas_kernels.dispatch import reference
-from pallas_kernels.fp8.quantize import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, TILE, _cdiv
+from pallas_kernels.fp8.quantize import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, TILE
 
 BLOCK_ROWS = 64      # output rows per grid step (gather, combine backward)
 BLOCK_TOKENS = 16    # tokens per grid step (combine: K rows each)
@@ -61,7 +61,7 @@ def _word_table(table_XD):
     if table_XD.dtype.itemsize == 4:
         return table_XD
     D = table_XD.shape[1]
-    w = _cdiv(D, 2 * TILE) * TILE
+    w = pl.cdiv(D, 2 * TILE) * TILE
     bits = lax.bitcast_convert_type(jnp.pad(table_XD, ((0, 0), (0, 2 * w - D))), jnp.uint16).astype(jnp.uint32)
     return bits[:, :w] | (bits[:, w:] << _HALF_WORD)
 
@@ -78,7 +78,7 @@ def _unpacked(words, d: int):
 def _padded_indices(idx, block: int):
     """Indices padded with -1 (a zero row) to whole blocks, so SMEM reads of the last block stay in bounds."""
     n = idx.shape[0]
-    return jnp.pad(idx.astype(jnp.int32), (0, _cdiv(n, block) * block - n), constant_values=-1)
+    return jnp.pad(idx.astype(jnp.int32), (0, pl.cdiv(n, block) * block - n), constant_values=-1)
 
 
 def _row_copies(idx_ref, table_hbm, buf, sem, block, slot, n_idx: int, limit: int, start: bool):
@@ -120,7 +120,7 @@ def _gathered(idx_ref, table_hbm, buf, sem, n_idx: int, limit: int):
 
 def _quantize_into(rows_f32, xq_ref, scale_ref, power_of_two: bool):
     d = rows_f32.shape[1]
-    for j in range(_cdiv(d, TILE)):
+    for j in range(pl.cdiv(d, TILE)):
         cols = slice(j * TILE, min(d, (j + 1) * TILE))
         tile = rows_f32[:, cols]
         amax = jnp.max(jnp.abs(tile), axis=1, keepdims=True)
@@ -156,13 +156,13 @@ def gather_rows(x_TD, src_N, *, quantize: bool = False, power_of_two: bool = Fal
     out_shape = [jax.ShapeDtypeStruct((N, D), x_TD.dtype)]
     out_specs = [row_block]
     if quantize:
-        Db = _cdiv(D, TILE)
+        Db = pl.cdiv(D, TILE)
         out_shape += [jax.ShapeDtypeStruct((N, D), FP8_DTYPE), jax.ShapeDtypeStruct((N, Db), jnp.float32)]
         out_specs += [row_block, pl.BlockSpec((bm, Db), lambda i, src: (i, 0))]
     outs = pl.pallas_call(
         functools.partial(_gather_kernel, bm=bm, limit=T, quantize=quantize, power_of_two=power_of_two),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(_cdiv(N, bm),),
+            num_scalar_prefetch=1, grid=(pl.cdiv(N, bm),),
             in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((2, bm, words.shape[1]), words.dtype), pltpu.SemaphoreType.DMA((2,))]),
@@ -194,7 +194,7 @@ def combine_rows(y_ND, row_TK, weights_TK, out_dtype, *, interpret=False, block_
         return reference.combine_rows(y_ND, row_TK, weights_TK, out_dtype)
     (N, D), (T, K) = y_ND.shape, row_TK.shape
     bt = _block(T, block_tokens)
-    steps = _cdiv(T, bt)
+    steps = pl.cdiv(T, bt)
     # Per block of bt tokens, its K·bt row indices choice-major, so choice c's rows are one contiguous slab.
     rows_TK = jnp.pad(row_TK.astype(jnp.int32), ((0, steps * bt - T), (0, 0)), constant_values=-1)
     rows = rows_TK.reshape(steps, bt, K).transpose(0, 2, 1).reshape(-1)
@@ -241,7 +241,7 @@ def combine_rows_grad(y_ND, dout_TD, src_N, w_N, *, interpret=False, block_rows:
     dy_ND, dw_N1 = pl.pallas_call(
         functools.partial(_combine_grad_kernel, bm=bm, limit=T),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(_cdiv(N, bm),),
+            num_scalar_prefetch=1, grid=(pl.cdiv(N, bm),),
             in_specs=[pl.BlockSpec(memory_space=pl.ANY), row_block, col_block],
             out_specs=[row_block, col_block],
             scratch_shapes=[pltpu.VMEM((2, bm, words.shape[1]), words.dtype), pltpu.SemaphoreType.DMA((2,))]),

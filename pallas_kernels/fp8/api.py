@@ -3,7 +3,6 @@ the Mosaic GPU (Hopper) kernel; both kernels also run in their interpret modes o
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fp8 import gpu, reference, tpu
@@ -17,12 +16,6 @@ IMPLEMENTATIONS = {
     "gpu": lambda a_q, a_s, b_q, b_s, out_dtype, interpret: gpu.fp8_matmul(a_q, a_s, b_q, b_s, out_dtype,
                                                                            interpret=interpret),
 }
-
-
-def is_hopper(device=None) -> bool:
-    """True on an NVIDIA GPU of compute capability 9.x (H100/H200/H800), where the Mosaic GPU kernel runs."""
-    device = device or jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
 def fp8_matmul(a_q_TC, a_scale_TCb, b_q_CJ, b_scale, *, impl: str = "reference", out_dtype=jnp.bfloat16,

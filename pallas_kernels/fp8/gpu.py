@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.fp8.quantize import TILE, _cdiv
+from pallas_kernels.fp8.quantize import TILE
 from pallas_kernels.fp8.reference import check_operands, column_scales
 from pallas_kernels.gpu_interpret import resolve_interpret
 
@@ -153,7 +153,7 @@ def fp8_matmul_nt(a_q_TC, a_scale_CbT, b_q_JC, b_scale_CbJ, out_dtype=jnp.bfloat
     """The kernel on contraction-major operands: a_q [T, C], b_q [J, C] (E4M3), a_scale [Cb, T], b_scale [Cb, J]
     float32. Returns [T, J] in out_dtype."""
     (T, C), (J, C2) = a_q_TC.shape, b_q_JC.shape
-    Cb = _cdiv(C, TILE)
+    Cb = pl.cdiv(C, TILE)
     if C2 != C:
         raise ValueError(f"fp8_matmul_nt: contraction mismatch, a is {a_q_TC.shape} and b is {b_q_JC.shape}")
     if a_scale_CbT.shape != (Cb, T) or b_scale_CbJ.shape != (Cb, J):
@@ -161,7 +161,7 @@ def fp8_matmul_nt(a_q_TC, a_scale_CbT, b_q_JC, b_scale_CbJ, out_dtype=jnp.bfloat
                          f"{a_scale_CbT.shape} and {b_scale_CbJ.shape}")
     cfg = config or default_config(T, J)
     cfg.check()
-    Tp, Jp = _cdiv(T, cfg.block_m) * cfg.block_m, _cdiv(J, cfg.block_n) * cfg.block_n
+    Tp, Jp = pl.cdiv(T, cfg.block_m) * cfg.block_m, pl.cdiv(J, cfg.block_n) * cfg.block_n
     a = _pad_to(a_q_TC, (Tp, Cb * TILE))
     b = _pad_to(b_q_JC, (Jp, Cb * TILE))
     sa = _pad_to(a_scale_CbT.astype(jnp.float32), (Cb, Tp))

@@ -4,12 +4,15 @@
 two) and `x / scale` clipped to ±448 before the cast, so no finite input yields NaN (E4M3FN has no Inf: an
 overflowing cast gives NaN, hence the clip). Tiles: 1×128 (per row, per 128 columns), 128×1 (per 128 rows, per
 column) and 128×128. Edge tiles of shapes that are not multiples of 128 are zero-padded for the amax only; the
-quantized arrays keep the input's shape, the scales have ceil(dim / 128) entries along tiled axes.
+quantized arrays keep the input's shape, the scales have ceil(dim / 128) entries along tiled axes. `dequantize` is
+the one inverse for every tiling, of any block size and with leading (layer, expert) axes, on numpy or jax arrays.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
 
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = 448.0      # largest finite E4M3FN value
@@ -20,14 +23,12 @@ TILE = 128
 AMAX_FLOOR = 1e-30
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _pad_to_tiles(x, axes):
     pads = [(0, 0)] * x.ndim
     for a in axes:
-        pads[a] = (0, _cdiv(x.shape[a], TILE) * TILE - x.shape[a])
+        pads[a] = (0, pl.cdiv(x.shape[a], TILE) * TILE - x.shape[a])
     return jnp.pad(x, pads)
 
 
@@ -71,8 +72,16 @@ def quantize_128x128(w_CJ, power_of_two: bool = False, amax_floor: float = AMAX_
     return w_q, scale_CbJb
 
 
-def dequantize(x_q_TC, scale, tile: tuple[int, int]):
-    """float32 x_q · scale, where each scale covers a `tile` = (rows, cols) block: (1, 128), (128, 1) or (128, 128)."""
-    T, C = x_q_TC.shape
-    full = jnp.repeat(jnp.repeat(scale, tile[0], axis=0), tile[1], axis=1)[:T, :C]
-    return x_q_TC.astype(jnp.float32) * full
+def dequantize(x_q_X, scale_X, tile: tuple[int, int], dtype=np.float32):
+    """x_q · scale in float32, returned in `dtype`. Each scale covers one `tile` = (rows, cols) block of the last two
+    axes (1×128, 128×1, 128×128, or a checkpoint's own block size), edge blocks cropped; leading axes (layers,
+    experts) pair one to one: scale_X is (..., ceil(rows / tile[0]), ceil(cols / tile[1]))."""
+    shape = tuple(x_q_X.shape)
+    want = shape[:-2] + (pl.cdiv(shape[-2], tile[0]), pl.cdiv(shape[-1], tile[1])) if len(shape) >= 2 else None
+    if tuple(scale_X.shape) != want:
+        raise ValueError(f"FP8 scale has shape {tuple(scale_X.shape)}; a tensor of shape {shape} in "
+                         f"{tile[0]}x{tile[1]} tiles needs {want}")
+    # Host arrays (checkpoint tensors of up to gigabytes) stay in numpy: no device copy, no compile per shape.
+    xp = np if isinstance(x_q_X, np.ndarray) and isinstance(scale_X, np.ndarray) else jnp
+    full = xp.repeat(xp.repeat(scale_X.astype(np.float32), tile[0], axis=-2), tile[1], axis=-1)
+    return (x_q_X.astype(np.float32) * full[..., :shape[-2], :shape[-1]]).astype(dtype, copy=False)

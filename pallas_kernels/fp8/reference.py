@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
-from pallas_kernels.fp8.quantize import TILE, _cdiv
+from pallas_kernels.fp8.quantize import TILE
 
 
 def column_scales(b_scale, J: int):
     """b_scale as [Cb, J]: one scale per (C block, column), expanding 128×128 block scales along J."""
     if b_scale.shape[1] == J:
         return b_scale.astype(jnp.float32)
-    if b_scale.shape[1] != _cdiv(J, TILE):
-        raise ValueError(f"b_scale has {b_scale.shape[1]} columns; expected ceil(J/128)={_cdiv(J, TILE)} "
+    if b_scale.shape[1] != pl.cdiv(J, TILE):
+        raise ValueError(f"b_scale has {b_scale.shape[1]} columns; expected ceil(J/128)={pl.cdiv(J, TILE)} "
                          f"(128×128 blocks) or J={J} (128×1 tiles)")
     return jnp.repeat(b_scale.astype(jnp.float32), TILE, axis=1)[:, :J]
 
 
 def check_operands(a_q_TC, a_scale_TCb, b_q_CJ, b_scale):
     (T, C), (C2, J) = a_q_TC.shape, b_q_CJ.shape
-    Cb = _cdiv(C, TILE)
+    Cb = pl.cdiv(C, TILE)
     if C != C2:
         raise ValueError(f"fp8_matmul: contraction mismatch, a is {a_q_TC.shape} and b is {b_q_CJ.shape}")
     if a_scale_TCb.shape != (T, Cb):

@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.cost import cost_estimate, nbytes
-from pallas_kernels.fp8.quantize import TILE, _cdiv
+from pallas_kernels.fp8.quantize import TILE
 from pallas_kernels.fp8.reference import check_operands, column_scales
 from pallas_kernels.tpu_lanes import div_nonneg, pick_column, pick_row, rem_nonneg
 
@@ -53,13 +53,13 @@ def _block(size: int, preferred: int) -> int:
 def fp8_matmul(a_q_TC, a_scale_TCb, b_q_CJ, b_scale, out_dtype=jnp.bfloat16, block_m: int = 256,
                block_n: int = 256, interpret: bool = False):
     T, C, J, Cb = check_operands(a_q_TC, a_scale_TCb, b_q_CJ, b_scale)
-    Tp, Jp, Cp = _cdiv(T, TILE) * TILE, _cdiv(J, TILE) * TILE, Cb * TILE
+    Tp, Jp, Cp = pl.cdiv(T, TILE) * TILE, pl.cdiv(J, TILE) * TILE, Cb * TILE
     bm, bn = _block(Tp, block_m), _block(Jp, block_n)
     a = jnp.pad(a_q_TC, ((0, Tp - T), (0, Cp - C)))
     b = jnp.pad(b_q_CJ, ((0, Cp - C), (0, Jp - J)))
     # Scales lane-dense: a's as [Tp, Cb rounded up to 128], b's as [Cb rounded up to 8, Jp].
-    sa_TCb = jnp.pad(a_scale_TCb.astype(jnp.float32), ((0, Tp - T), (0, _cdiv(Cb, TILE) * TILE - Cb)))
-    sb_CbJ = jnp.pad(column_scales(b_scale, J), ((0, _cdiv(Cb, 8) * 8 - Cb), (0, Jp - J)))
+    sa_TCb = jnp.pad(a_scale_TCb.astype(jnp.float32), ((0, Tp - T), (0, pl.cdiv(Cb, TILE) * TILE - Cb)))
+    sb_CbJ = jnp.pad(column_scales(b_scale, J), ((0, pl.cdiv(Cb, 8) * 8 - Cb), (0, Jp - J)))
 
     return pl.pallas_call(
         _kernel,

@@ -91,12 +91,8 @@ def _num_ctas(t: GpuTiling, interpret) -> int:
     return device.core_count if device.platform == "gpu" else H100_SMS
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _pad_axis(x, axis: int, multiple: int, value=0):
-    extra = _cdiv(x.shape[axis], multiple) * multiple - x.shape[axis]
+    extra = pl.cdiv(x.shape[axis], multiple) * multiple - x.shape[axis]
     if extra == 0:
         return x
     pads = [(0, 0)] * x.ndim
@@ -477,7 +473,7 @@ def _gmm_fp8(a_q_NC, a_scale_NCb, b_q_EJC, b_scale_EJbCb, group_sizes_E, *, out_
     sa_CbN = _pad_axis(a_scale_NCb.astype(jnp.float32), 0, t.block_m).T
     # A warpgroup reads the scale of its first column's 128-block, which for padded columns can be past Jb.
     sb = b_scale_EJbCb.astype(jnp.float32)
-    sb = jnp.pad(sb, ((0, 0), (0, max(_cdiv(b.shape[1], SCALE_BLOCK) - sb.shape[1], 0)), (0, 0)))
+    sb = jnp.pad(sb, ((0, 0), (0, max(pl.cdiv(b.shape[1], SCALE_BLOCK) - sb.shape[1], 0)), (0, 0)))
     y = _row_kernel(a, b, group_sizes_E, (sa_CbN, sb), b_layout="nk", t=t, out_dtype=out_dtype,
                     interpret=interpret)
     return y[:N, :J]
@@ -491,7 +487,7 @@ def gmm_fp8(a_q_NC, a_scale_NCb, b_q_EJC, b_scale_EJbCb, group_sizes_E, *, out_d
     """
     N, C = a_q_NC.shape
     E, J, C2 = b_q_EJC.shape
-    Cb, Jb = _cdiv(C, SCALE_BLOCK), _cdiv(J, SCALE_BLOCK)
+    Cb, Jb = pl.cdiv(C, SCALE_BLOCK), pl.cdiv(J, SCALE_BLOCK)
     if C != C2:
         raise ValueError(f"gmm_fp8: a_q_NC is {a_q_NC.shape} but b_q_EJC is {b_q_EJC.shape}: contraction differs")
     for name, x in (("a_q_NC", a_q_NC), ("b_q_EJC", b_q_EJC)):
@@ -550,7 +546,7 @@ def tgmm_fp8(a_q_CN, a_scale_CNb, b_q_JN, b_scale_JNb, group_sizes_E, *, out_dty
     """
     C, N = a_q_CN.shape
     J, N2 = b_q_JN.shape
-    Nb = _cdiv(N, SCALE_BLOCK)
+    Nb = pl.cdiv(N, SCALE_BLOCK)
     if N != N2:
         raise ValueError(f"tgmm_fp8: a_q_CN is {a_q_CN.shape} but b_q_JN is {b_q_JN.shape}: row counts differ")
     for name, x in (("a_q_CN", a_q_CN), ("b_q_JN", b_q_JN)):

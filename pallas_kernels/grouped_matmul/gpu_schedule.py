@@ -9,10 +9,7 @@ tile straddling a boundary appears once per segment it touches; each item owns r
 from __future__ import annotations
 
 import jax.numpy as jnp
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from jax.experimental import pallas as pl
 
 
 def group_row_ranges(group_sizes_E, num_rows: int):
@@ -24,7 +21,7 @@ def group_row_ranges(group_sizes_E, num_rows: int):
 
 def max_row_tile_items(num_rows: int, num_groups: int, block_m: int) -> int:
     """Static bound on the item count: every one of the E+1 segments adds at most one tile to the plain count."""
-    return _cdiv(num_rows, block_m) + num_groups
+    return pl.cdiv(num_rows, block_m) + num_groups
 
 
 def row_tile_items(group_sizes_E, num_rows: int, block_m: int):

@@ -11,10 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax.numpy as jnp
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from jax.experimental import pallas as pl
 
 
 def group_bounds(group_sizes_E, N: int):
@@ -38,7 +35,7 @@ class AlignedRows(NamedTuple):
 def aligned_rows(group_sizes_E, N: int, align: int = 128) -> AlignedRows:
     """The layout where group g starts at a multiple of `align` and is padded with zero rows to one."""
     E = group_sizes_E.shape[0]
-    n_aligned = _cdiv(N + E * (align - 1), align) * align
+    n_aligned = pl.cdiv(N + E * (align - 1), align) * align
     starts_E, ends_E = group_bounds(group_sizes_E, N)
     padded_E = (ends_E - starts_E + align - 1) // align * align
     padded_ends_E = jnp.cumsum(padded_E)

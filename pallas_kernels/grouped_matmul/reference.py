@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 import numpy as np
 
-from pallas_kernels.fp8.quantize import TILE, _cdiv
+from pallas_kernels.fp8.quantize import TILE
 from pallas_kernels.grouped_matmul.layout import group_of_rows
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -60,10 +61,10 @@ def check_gmm_fp8(op: str, a_q_NC, a_scale_NCb, b_q_EJC, b_scale_EJbCb, group_si
         raise ValueError(f"{op}: a_q must be [N, C] and b_q [E, J, C], got {tuple(a_q_NC.shape)} and "
                          f"{tuple(b_q_EJC.shape)}")
     (N, C), (E, J, _) = a_q_NC.shape, b_q_EJC.shape
-    if a_scale_NCb.shape != (N, _cdiv(C, TILE)):
-        raise _shape_error(op, "a_scale", f"[N, ceil(C/128)] = {(N, _cdiv(C, TILE))}", a_scale_NCb.shape)
-    if b_scale_EJbCb.shape != (E, _cdiv(J, TILE), _cdiv(C, TILE)):
-        raise _shape_error(op, "b_scale", f"[E, ceil(J/128), ceil(C/128)] = {(E, _cdiv(J, TILE), _cdiv(C, TILE))}",
+    if a_scale_NCb.shape != (N, pl.cdiv(C, TILE)):
+        raise _shape_error(op, "a_scale", f"[N, ceil(C/128)] = {(N, pl.cdiv(C, TILE))}", a_scale_NCb.shape)
+    if b_scale_EJbCb.shape != (E, pl.cdiv(J, TILE), pl.cdiv(C, TILE)):
+        raise _shape_error(op, "b_scale", f"[E, ceil(J/128), ceil(C/128)] = {(E, pl.cdiv(J, TILE), pl.cdiv(C, TILE))}",
                            b_scale_EJbCb.shape)
     return N, C, J, check_sizes(op, group_sizes_E, E)
 
@@ -73,7 +74,7 @@ def check_tgmm_fp8(op: str, a_q_CN, a_scale_CNb, b_q_JN, b_scale_JNb, group_size
         raise ValueError(f"{op}: a_q and b_q must be [C, N] and [J, N] with the same N, got {tuple(a_q_CN.shape)} "
                          f"and {tuple(b_q_JN.shape)}")
     (C, N), J = a_q_CN.shape, b_q_JN.shape[0]
-    Nb = _cdiv(N, TILE)
+    Nb = pl.cdiv(N, TILE)
     if a_scale_CNb.shape != (C, Nb):
         raise _shape_error(op, "a_scale", f"[C, ceil(N/128)] = {(C, Nb)}", a_scale_CNb.shape)
     if b_scale_JNb.shape != (J, Nb):
@@ -136,7 +137,7 @@ def gmm_fp8(a_q_NC, a_scale_NCb, b_q_EJC, b_scale_EJbCb, group_sizes_E, *, out_d
     """y[rows of g] = dequant(a)[rows of g] · dequant(b[g])ᵀ, a in 1×128 tiles, b [E, J, C] in 128×128 blocks."""
     del interpret
     N, C, J, E = check_gmm_fp8("gmm_fp8", a_q_NC, a_scale_NCb, b_q_EJC, b_scale_EJbCb, group_sizes_E)
-    Cb = _cdiv(C, TILE)
+    Cb = pl.cdiv(C, TILE)
     # Operands stay E4M3 until their step upcasts them: float32 copies of a whole expert bank do not fit a chip.
     a_CbNc = jnp.pad(a_q_NC, ((0, 0), (0, Cb * TILE - C))).reshape(N, Cb, TILE).swapaxes(0, 1)
     b_CbEcJ = jnp.pad(b_q_EJC, ((0, 0), (0, 0), (0, Cb * TILE - C))).reshape(E, J, Cb, TILE)
@@ -163,7 +164,7 @@ def tgmm_fp8(a_q_CN, a_scale_CNb, b_q_JN, b_scale_JNb, group_sizes_E, *, out_dty
     Every group size must be a multiple of 128, so each 128-row tile (one scale) lies in one group."""
     del interpret
     N, C, J, E = check_tgmm_fp8("tgmm_fp8", a_q_CN, a_scale_CNb, b_q_JN, b_scale_JNb, group_sizes_E)
-    Nb = _cdiv(N, TILE)
+    Nb = pl.cdiv(N, TILE)
     a_NbCn = jnp.pad(a_q_CN, ((0, 0), (0, Nb * TILE - N))).reshape(C, Nb, TILE).swapaxes(0, 1)   # E4M3 until used
     b_NbJn = jnp.pad(b_q_JN, ((0, 0), (0, Nb * TILE - N))).reshape(J, Nb, TILE).swapaxes(0, 1)
     # A tile's group is its first row's (E past the groups: dropped by the scatter below).

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.cost import cost_estimate, nbytes
-from pallas_kernels.fp8.quantize import TILE, _cdiv
+from pallas_kernels.fp8.quantize import TILE
 from pallas_kernels.grouped_matmul import reference
 from pallas_kernels.grouped_matmul.layout import group_bounds
 from pallas_kernels.tpu_lanes import div_nonneg, pick_column, pick_row, rem_nonneg
@@ -58,7 +58,7 @@ class BlockSizes:
 
 
 def _round_up(a: int, b: int) -> int:
-    return _cdiv(a, b) * b
+    return pl.cdiv(a, b) * b
 
 
 def _block(size: int, preferred: int) -> int:
@@ -82,10 +82,6 @@ def _pad2(x, rows: int, cols: int):
     return jnp.pad(x, ((0, rows - x.shape[0]), (0, cols - x.shape[1])))
 
 
-def _cdiv_traced(a, b: int):
-    return (a + b - 1) // b
-
-
 def _visits(group_sizes_E, N: int, bm: int, n_tiles: int, *, tail_tiles: bool, empty_groups: bool):
     """int32 [Y] arrays (group, row tile, lo, hi) of Y = n_tiles + E - 1 visits; rows [lo, hi) of the tile are the
     group's (lo == hi: nothing to compute). `tail_tiles`: also visit tiles past the groups (row kernels zero
@@ -105,7 +101,7 @@ def _visits(group_sizes_E, N: int, bm: int, n_tiles: int, *, tail_tiles: bool, e
     lo_Y = jnp.where(in_groups_Y, jnp.maximum(starts_E[g_Y], tile_Y * bm), 0)
     hi_Y = jnp.where(in_groups_Y, jnp.minimum(ends_E[g_Y], (tile_Y + 1) * bm), 0)
     if tail_tiles:     # tiles no group reaches, then repeats of the last tile (n_tiles - 1), which do nothing
-        tail_Y = _cdiv_traced(ends_E[-1], bm) + v_Y - real
+        tail_Y = pl.cdiv(ends_E[-1], bm) + v_Y - real
         tile_Y = jnp.where(in_groups_Y, tile_Y, jnp.minimum(tail_Y, n_tiles - 1))
     else:              # repeats of the last visit's tile (that of group E - 1)
         tile_Y = jnp.where(in_groups_Y, tile_Y, tile_Y[jnp.maximum(real - 1, 0)])

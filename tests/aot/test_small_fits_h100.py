@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from dsv3_jax.train.aot import compile_train_step
 from dsv3_jax.config.presets import get_preset
+from dsv3_jax.train.build import build_step
+from dsv3_jax.train.run_config import compile_run
 from sharding import targets
 from sharding.mesh import build_mesh
 
@@ -22,7 +23,7 @@ BUDGET_BYTES = 40 * 2**30
 def test_small_train_step_fits_40_gib_of_one_h100():
     config = get_preset("small").validate()
     mesh = build_mesh({"data": 1}, targets.devices("h100"))
-    point = compile_train_step(config, mesh, strategy="zero1", batch=BATCH, seq_len=SEQ_LEN)
+    point = build_step(compile_run(config, batch=BATCH, seq_len=SEQ_LEN), mesh).compile()
     hlo = point.compiled.as_text()
     assert "mosaic_gpu" in hlo, "the step must run the Mosaic GPU kernels an H100 runs"
     assert point.peak_bytes <= BUDGET_BYTES, {k: f"{v / 2**30:.2f} GiB" for k, v in point.memory.items()}

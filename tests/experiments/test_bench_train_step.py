@@ -68,12 +68,12 @@ def test_profile_writes_a_flat_trace_and_its_summary(bench_run):
 
 class _Args:
     config, overrides, batch, seq_len, steps, warmup, docs_per_row, profile_steps = \
-        "tiny", ["model.n_layers=2", "model.vocab_size=512"], 2, 32, 2, 1, 2, 1
+        "tiny", ["model.n_layers=2", "model.vocab_size=512"], 8, 32, 2, 1, 2, 1   # 8 rows: the session's 8 devices
 
 
 def test_packed_batch_restarts_positions_per_document():
     batch = make_batch(resolve(_Args()), docs_per_row=3)
-    assert batch["tokens"].shape == (1, 2, 32) and batch["tokens"].max() < 512
+    assert batch["tokens"].shape == (1, 8, 32) and batch["tokens"].max() < 512
     segments, positions = batch["segment_ids"][0, 0], batch["positions"][0, 0]
     np.testing.assert_array_equal(segments, np.arange(32) // 11)
     np.testing.assert_array_equal(positions, np.arange(32) - 11 * segments)

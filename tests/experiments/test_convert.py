@@ -15,12 +15,13 @@ import pytest
 
 from dsv3_jax.io import convert
 from dsv3_jax.io import hf
+from dsv3_jax.io.hf.safetensors import TensorOut, write_safetensors
 from dsv3_jax.model import fp8_weights
 from dsv3_jax.io.checkpoint import Checkpointer
 from dsv3_jax.config.presets import PRESETS
 from dsv3_jax.train.optimizer import OptimizerConfig, make_optimizer
 from dsv3_jax.train.step import create_train_state
-from pallas_kernels.fp8 import quantize_128x128
+from pallas_kernels.fp8 import dequantize, quantize_128x128
 from tests.fast_compile import ROOT, subprocess_env
 
 
@@ -28,8 +29,8 @@ def random_variables(config, seed=0):
     """Random values (non-zero routing biases included) for every leaf, built one leaf at a time."""
     rng = np.random.default_rng(seed)
     variables = {}
-    for leaf, spec in hf._leaf_specs(config).items():
-        hf._set_leaf(variables, leaf, rng.standard_normal(spec.shape).astype(spec.dtype))
+    for leaf, spec in hf.leaf_specs(config).items():
+        hf.set_leaf(variables, leaf, rng.standard_normal(spec.shape).astype(spec.dtype))
     return variables
 
 
@@ -115,7 +116,7 @@ def test_pretraining_continues_from_a_converted_checkpoint(hf_dir, tmp_path, cor
     assert convert_cli.main(["--hf-dir", str(hf_dir), "--out", str(workdir)]) == 0
     command = capsys.readouterr().out.strip().splitlines()[-1].split()
     flags = command[command.index("--workdir"):command.index("[--data")]       # as printed for the user
-    fast = ["--steps", "2", "--data", corpus_dir, "--set", "data.seq_len=32", "--set", "data.batch_size=4",
+    fast = ["--steps", "2", "--data", corpus_dir, "--set", "data.seq_len=32", "--set", "data.batch_size=8",
             "--set", "data.bpe_vocab_size=300", "--set", f"data.cache_dir={tmp_path / 'cache'}",
             "--set", "logging.progress=false", "--set", "logging.tensorboard=false", "--set", "logging.every=1"]
     assert pretrain.main(flags + fast) == 0
@@ -128,9 +129,9 @@ def test_pretraining_continues_from_a_converted_checkpoint(hf_dir, tmp_path, cor
 def fp8_copy(source, target):
     """An FP8 copy of an HF checkpoint as DeepSeek ships V3: every 2-D `*_proj.weight` as E4M3 with a float32
     `weight_scale_inv` per 128x128 block, everything else as it was."""
-    checkpoint = hf._Checkpoint(str(source))
+    checkpoint = hf.CheckpointTensors(str(source))
     tensors = []
-    out = lambda name, array: hf._Out(name, array.shape, array.dtype, lambda: array)
+    out = lambda name, array: TensorOut(name, array.shape, array.dtype, lambda: array)
     for name in checkpoint.entries:
         array = checkpoint.read(name)
         if name.endswith("_proj.weight") and array.ndim == 2:
@@ -139,7 +140,7 @@ def fp8_copy(source, target):
         else:
             tensors.append(out(name, array))
     os.makedirs(target)
-    hf._write_safetensors(os.path.join(target, hf.SINGLE_FILE), tensors)
+    write_safetensors(os.path.join(target, hf.SINGLE_FILE), tensors)
     config = json.loads((source / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                      "weight_block_size": [128, 128]}
@@ -167,7 +168,7 @@ def test_fp8_weights_kept_and_dequantised_by_their_readers(fp8_hf_dir, tmp_path,
 
     # On disk: HF's E4M3 bytes and scales, transposed; the routers and the embedding stay float32.
     _, kept = load_train_checkpoint(str(workdir), "float32")
-    checkpoint = hf._Checkpoint(str(fp8_hf_dir))
+    checkpoint = hf.CheckpointTensors(str(fp8_hf_dir))
     up = kept["params"]["dense_layers"]["mlp"]["up"]
     assert up["kernel"].dtype == jnp.float8_e4m3fn and up["kernel_scale"].shape == (1, 1, 2)
     hf_up = "model.layers.0.mlp.up_proj.weight"
@@ -180,7 +181,7 @@ def test_fp8_weights_kept_and_dequantised_by_their_readers(fp8_hf_dir, tmp_path,
     for path in (("dense_layers", "mlp", "up"), ("moe_layers", "attn", "wkv_b"), ("mtp_0", "eh_proj")):
         leaf = functools.reduce(lambda tree, key: tree[key], path, kept["params"])
         want = functools.reduce(lambda tree, key: tree[key], path, dequantised["params"])["kernel"]
-        np.testing.assert_array_equal(fp8_weights.dequantize(leaf["kernel"], leaf["kernel_scale"]), want)
+        np.testing.assert_array_equal(dequantize(leaf["kernel"], leaf["kernel_scale"], (128, 128)), want)
 
     # Pre-training restores master weights equal to a dequantising import's; export writes them.
     state, _, meta, _ = restore_for_pretraining(config, workdir)

@@ -16,7 +16,7 @@ from dsv3_jax.train.optimizer import OptimizerConfig, make_optimizer
 from dsv3_jax.train.step import create_train_state
 from experiments import pretrain
 from experiments.init_from import InitSource
-from tests.experiments.cli_helpers import fast_args
+from tests.experiments.cli_helpers import IN_PROCESS_BATCH, fast_args
 from tests.fast_compile import cheap_compiles  # noqa: F401 - autouse fixture
 
 CONFIG = get_preset("tiny").replace(n_layers=2)   # the model of tests.experiments.cli_helpers.fast_args
@@ -72,7 +72,7 @@ def test_pretrain_starts_from_init_from_at_step_0_then_resumes_its_own_checkpoin
     before = listing(workdir)
     extension = ("--set", f"checkpoint.init_from={workdir}", "--set", "model.rope_scaling.factor=4",
                  "--set", "model.rope_scaling.original_max_position_embeddings=32")
-    args = fast_args(tmp_path / "run", corpus_dir, tmp_path / "cache", 0, extra=extension)
+    args = fast_args(tmp_path / "run", corpus_dir, tmp_path / "cache", 0, extra=extension, batch=IN_PROCESS_BATCH)
     assert pretrain.main(args) == 0
     assert "initialised from" in capsys.readouterr().out
     step, restored = newest_state(tmp_path / "run", state)

@@ -13,7 +13,7 @@ from dsv3_jax.model.layers.rope import inverse_frequencies, rope_amplitude, rope
 from dsv3_jax.train.schedule import learning_rate
 from experiments.init_from import check_same_parameters
 from experiments.presets import get_run_preset
-from experiments.pretrain import validate_run
+from dsv3_jax.train.run_config import validate_run
 from tests.dsv3_jax.model.layers.test_rope import np_plain_freqs, np_yarn_freqs
 
 STAGES = ("v3-671b", "v3-671b-ext32k", "v3-671b-ext128k")

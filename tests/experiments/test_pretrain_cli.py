@@ -8,7 +8,7 @@ import os
 import pytest
 
 from experiments import plot, pretrain
-from tests.experiments.cli_helpers import fast_args, run_cli
+from tests.experiments.cli_helpers import IN_PROCESS_BATCH, fast_args, run_cli
 
 STEPS = 30
 LOSS_DROP = 0.35        # the last five losses average at least 35% below the first one
@@ -105,7 +105,7 @@ def test_bad_input_exits_2_with_one_line_and_keeps_checkpoints(case, trained, in
     workdir, cache = trained
     before = checkpoint_digest(workdir)
     overrides, expected = bad_input_cases(corpus_dir, *inputs)[case]
-    args = fast_args(workdir, corpus_dir, cache, STEPS + 5) + overrides
+    args = fast_args(workdir, corpus_dir, cache, STEPS + 5, batch=IN_PROCESS_BATCH) + overrides
     assert pretrain.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
@@ -116,7 +116,8 @@ def test_bad_input_exits_2_with_one_line_and_keeps_checkpoints(case, trained, in
 def test_checkpoint_of_another_model_shape_is_refused(trained, corpus_dir, capsys):
     workdir, cache = trained
     before = checkpoint_digest(workdir)
-    assert pretrain.main(fast_args(workdir, corpus_dir, cache, STEPS + 5, extra=("--set", "model.dim=96"))) == 2
+    assert pretrain.main(fast_args(workdir, corpus_dir, cache, STEPS + 5, extra=("--set", "model.dim=96"),
+                                   batch=IN_PROCESS_BATCH)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.dim" in err and "--workdir" in err, err
     assert checkpoint_digest(workdir) == before

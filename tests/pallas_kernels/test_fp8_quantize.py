@@ -89,3 +89,24 @@ def test_bfloat16_extremes_and_tilings_agree():
     q_rows, s_rows = quantize_1x128(y.T)
     np.testing.assert_array_equal(np.asarray(q_cols.astype(jnp.float32)), np.asarray(q_rows.astype(jnp.float32)).T)
     np.testing.assert_array_equal(np.asarray(s_cols), np.asarray(s_rows).T)
+
+
+def test_dequantize_stacked_blocks_of_any_size_on_numpy_and_jax():
+    """Leading (layer, expert) axes, a 64x32 block (a checkpoint's own weight_block_size), edge blocks cropped on
+    both axes; numpy inputs stay numpy and give jax's values bit for bit, in the dtype asked for."""
+    rng = np.random.default_rng(2)
+    q = rng.normal(size=(2, 3, 100, 70)).astype(jnp.float8_e4m3fn)
+    scale = rng.uniform(0.5, 2.0, size=(2, 3, 2, 3)).astype(np.float32)      # ceil(100/64), ceil(70/32)
+    expected = np.empty(q.shape, np.float32)
+    for r in range(100):
+        for c in range(70):
+            expected[..., r, c] = q[..., r, c].astype(np.float32) * scale[..., r // 64, c // 32]
+    on_host = dequantize(q, scale, (64, 32))
+    assert isinstance(on_host, np.ndarray) and on_host.dtype == np.float32
+    np.testing.assert_array_equal(on_host, expected)
+    on_device = jax.jit(dequantize, static_argnums=(2, 3))(jnp.asarray(q), jnp.asarray(scale), (64, 32), jnp.bfloat16)
+    assert on_device.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(on_device), expected.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(dequantize(q, scale, (64, 32), jnp.bfloat16), expected.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"FP8 scale has shape \(2, 3, 2, 2\)"):
+        dequantize(q, scale[..., :2], (64, 32))

@@ -21,23 +21,23 @@ from sharding.distributed import initialize  # noqa: E402
 if cluster:
     assert initialize(cluster[0], int(cluster[1]), int(cluster[2]))
 
+import dataclasses  # noqa: E402
+
 from dsv3_jax import get_preset  # noqa: E402
-from dsv3_jax.train.loss import LossConfig  # noqa: E402
+from dsv3_jax.train.build import build_step  # noqa: E402
 from dsv3_jax.train.optimizer import OptimizerConfig  # noqa: E402
+from dsv3_jax.train.run_config import compile_run  # noqa: E402
 from dsv3_jax.train.schedule import ScheduleConfig  # noqa: E402
-from dsv3_jax.train.sharded import jit_sharded_step, state_shardings  # noqa: E402
-from dsv3_jax.train.step import BalanceConfig, create_train_state, make_train_step  # noqa: E402
+from dsv3_jax.train.step import BalanceConfig  # noqa: E402
 from sharding import batch_sharding, build_mesh  # noqa: E402
 
 assert jax.device_count() == 8
 config = get_preset("tiny").replace(n_layers=2, vocab_size=128, dtype="float32")
-tx, step = make_train_step(config, LossConfig(), ScheduleConfig(peak_lr=1e-2, warmup=1), OptimizerConfig(eps=1e-3),
-                           BalanceConfig(gamma=0.01))
-init = lambda: create_train_state(config, tx, jax.random.PRNGKey(0))
+run = dataclasses.replace(compile_run(config, batch=16, seq_len=32), schedule=ScheduleConfig(peak_lr=1e-2, warmup=1),
+                          optimizer=OptimizerConfig(eps=1e-3), balance=BalanceConfig(gamma=0.01))
 mesh = build_mesh({"data": 2, "expert": 4})
-shardings = state_shardings(config, tx, jax.eval_shape(init), mesh, "zero1")
-state = jax.jit(init, out_shardings=shardings)()
-run = jit_sharded_step(step, shardings, mesh)
+built = build_step(run, mesh)
+state, run = built.init_state(), built.jitted
 tokens = np.random.default_rng(0).integers(0, 128, size=(3, 1, 16, 32)).astype(np.int32)
 losses = []
 for i in range(3):

@@ -1,19 +1,21 @@
 """Expert parallelism: buffer sizes, layout checks, node-limited routing, and (on 8 simulated CPU devices) the
 exchange against the single-device MoE computation, values and gradients, uniform and skewed routing."""
 
-import os
-import subprocess
-import sys
-import textwrap
+import functools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from dsv3_jax.model.moe.experts import swiglu_experts
+from pallas_kernels.grouped_matmul.reference import grouped_matmul
+
 from sharding.ep_buffers import ep_buffer_size
 from sharding.ep_layout import (check_expert_parallel, expert_ranks, group_ranks, max_ranks_per_token,
                                 ranks_per_token)
+from tests.fast_compile import cheap_compiles, cpu_devices  # noqa: F401  (fixtures; cheap_compiles is autouse)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SWIGLU = functools.partial(swiglu_experts, grouped_matmul=grouped_matmul)   # the experts the exchange runs
 
 
 @pytest.mark.parametrize("tokens, k, experts, ep, cf", [(4096, 8, 256, 8, 1.25), (4096, 8, 256, 64, 1.0),
@@ -52,9 +54,9 @@ def test_bad_call_fails_before_tracing():
     x, e, w = jnp.zeros((4, 8)), jnp.zeros((4, 2), jnp.int32), jnp.zeros((4, 2))
     wg, wd = jnp.zeros((4, 8, 6)), jnp.zeros((4, 6, 8))
     with pytest.raises(ValueError, match="expert_axis='experts'"):
-        expert_parallel_ffn(x, e, w, wg, wg, wd, mesh=mesh, expert_axis="experts")
-    with pytest.raises(ValueError, match=r"w_down_EFD\.shape"):
-        expert_parallel_ffn(x, e, w, wg, wg, wd[:, :, :4], mesh=mesh)
+        expert_parallel_ffn(x, e, w, (wg, wg, wd), expert_ffn=SWIGLU, mesh=mesh, expert_axis="experts")
+    with pytest.raises(ValueError, match=r"expert_weights\[2\]\.shape=\(3, 6, 8\): expected 4 experts first"):
+        expert_parallel_ffn(x, e, w, (wg, wg, wd[:3]), expert_ffn=SWIGLU, mesh=mesh)
 
 
 def group_limited_top_k(scores_TE, n_group, topk_group, k):
@@ -92,99 +94,157 @@ def test_groups_that_do_not_map_onto_whole_ranks_fail():
         group_ranks(6, 4)
 
 
-MULTI_DEVICE_SCRIPT = textwrap.dedent("""
-    import os, time
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import Mesh, PartitionSpec as P
-    from pallas_kernels.dispatch.reference import combine, dispatch
-    from pallas_kernels.grouped_matmul.reference import grouped_matmul
-    from sharding.ep_collectives import ragged_all_to_all_reference
-    from sharding.ep_report import format_rows, measure_buffers
-    from sharding.expert_parallel import expert_parallel_ffn
-    from sharding.mesh import build_mesh
+T, K, E, D, F = 64, 3, 8, 16, 24   # tokens, experts per token, experts, model and expert widths
 
-    assert jax.device_count() == 8
-    start = time.time()
-    T, K, E, D, F = 64, 3, 8, 16, 24
+
+@pytest.fixture(scope="module")
+def moe(cpu_devices):
+    """One MoE layer's inputs, weights and cotangent; uniform routing (K distinct experts per token) and skewed
+    routing (90% of the slots to expert 0)."""
+    import jax.numpy as jnp
+
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
-    w = (jnp.asarray(rng.normal(size=(E, D, F)) / 4, jnp.float32), jnp.asarray(rng.normal(size=(E, D, F)) / 4,
-         jnp.float32), jnp.asarray(rng.normal(size=(E, F, D)) / 4, jnp.float32))
+    w = tuple(jnp.asarray(rng.normal(size=shape) / 4, jnp.float32) for shape in ((E, D, F), (E, D, F), (E, F, D)))
     weights = jnp.asarray(rng.random((T, K)), jnp.float32)
     ct = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
     uniform = jnp.asarray(np.argsort(rng.random((T, E)), axis=1)[:, :K], jnp.int32)
     skewed = jnp.asarray(np.where(rng.random((T, K)) < 0.9, 0, rng.integers(0, E, (T, K))), jnp.int32)
+    return SimpleNamespace(x=x, w=w, weights=weights, ct=ct, routing={"uniform": uniform, "skewed": skewed})
 
-    def single_device(x, weights, experts, wg, wu, wd):   # the MoE layer's route-free path
-        sent = dispatch(x, experts, E)
-        h = jax.nn.silu(grouped_matmul(sent.x_ND, wg, sent.group_sizes_E)) * grouped_matmul(sent.x_ND, wu,
-                                                                                        sent.group_sizes_E)
-        return combine(grouped_matmul(h, wd, sent.group_sizes_E), weights, sent.order_N, jnp.float32)
 
-    def check(mesh_sizes, experts, **kw):
-        mesh = build_mesh(mesh_sizes)
-        def loss(x, weights, wg, wu, wd):
-            out, stats = expert_parallel_ffn(x, experts, weights, wg, wu, wd, mesh=mesh, **kw)
-            return (out * ct).sum(), (out, stats)
-        argnums = (0, 1, 2, 3, 4)
-        (_, (out, stats)), grads = jax.jit(jax.value_and_grad(loss, argnums, has_aux=True))(x, weights, *w)
-        ref_loss = lambda x, weights, *w: (single_device(x, weights, experts, *w) * ct).sum()
-        ref_grads = jax.grad(ref_loss, argnums)(x, weights, *w)
-        np.testing.assert_allclose(out, single_device(x, weights, experts, *w), rtol=1e-5, atol=1e-6)
-        for name, g, r in zip(("x", "weights", "w_gate", "w_up", "w_down"), grads, ref_grads):
-            np.testing.assert_allclose(g, r, rtol=1e-5, atol=2e-6, err_msg=f"d{name} on {mesh_sizes}")
-        assert int(stats.dropped_rows.sum()) == 0 and int(stats.rows_received.sum()) == T * K
-        assert int(stats.peak_rows.max()) <= int(stats.buffer_rows.max())
-        print(f"{mesh_sizes} {kw}: rounds={int(stats.rounds.max())} peak={int(stats.peak_rows.max())} "
-              f"buffer={int(stats.buffer_rows.max())} max_received={int(stats.rows_received.max())}")
-        return stats
+def single_device(x, weights, experts, wg, wu, wd):
+    """The MoE layer's route-free path on one device."""
+    import jax
+    import jax.numpy as jnp
 
-    for sizes in ({"data": 2, "expert": 4}, {"expert": 8}, {"fsdp": 4, "expert": 2}):
-        check(sizes, uniform)
-    check({"data": 2, "expert": 4}, uniform, impl="ragged_reference", capacity_factor=1.0, block_multiple=1)
-    stats = check({"expert": 8}, skewed, capacity_factor=1.0, block_multiple=1)
-    assert int(stats.rounds.max()) > 1 and int(stats.overflow_rows.sum()) > 0   # skew took extra rounds
-    stats = check({"data": 2, "expert": 4}, skewed, impl="ragged_reference", capacity_factor=1.0, block_multiple=1)
-    assert int(stats.rounds.max()) > 1
+    from pallas_kernels.dispatch.reference import combine, dispatch
 
-    # bfloat16 activations and weights, as the model runs them: same rows, same grouped matmuls.
+    sent = dispatch(x, experts, E)
+    h = jax.nn.silu(grouped_matmul(sent.x_ND, wg, sent.group_sizes_E)) * grouped_matmul(sent.x_ND, wu,
+                                                                                    sent.group_sizes_E)
+    return combine(grouped_matmul(h, wd, sent.group_sizes_E), weights, sent.order_N, jnp.float32)
+
+
+TIGHT = dict(capacity_factor=1.0, block_multiple=1)   # one row per peer per slot to spare: skew takes extra rounds
+
+
+@pytest.mark.parametrize("mesh_sizes, routing, kwargs, extra_rounds, overflows", [
+    pytest.param({"data": 2, "expert": 4}, "uniform", {}, False, False, id="data2-expert4-uniform"),
+    pytest.param({"expert": 8}, "uniform", {}, False, False, id="expert8-uniform"),
+    pytest.param({"fsdp": 4, "expert": 2}, "uniform", {}, False, False, id="fsdp4-expert2-uniform"),
+    pytest.param({"data": 2, "expert": 4}, "uniform", dict(impl="ragged_reference", **TIGHT), False, False,
+                 id="data2-expert4-uniform-ragged_reference"),
+    pytest.param({"expert": 8}, "skewed", TIGHT, True, True, id="expert8-skewed"),
+    pytest.param({"data": 2, "expert": 4}, "skewed", dict(impl="ragged_reference", **TIGHT), True, False,
+                 id="data2-expert4-skewed-ragged_reference"),
+])
+def test_expert_parallel_equals_single_device(moe, cpu_devices, mesh_sizes, routing, kwargs, extra_rounds, overflows):
+    """On 8 devices the exchange gives the single-device layer's output and gradients, drops no row and fits its
+    buffers; skewed routing takes extra rounds (and with the all_to_all transport, overflows the first)."""
+    import jax
+
+    from sharding.expert_parallel import expert_parallel_ffn
+    from sharding.mesh import build_mesh
+
+    mesh, experts = build_mesh(mesh_sizes, cpu_devices), moe.routing[routing]
+    where = f"{mesh_sizes} {routing} {kwargs}"
+
+    def loss(x, weights, wg, wu, wd):
+        out, stats = expert_parallel_ffn(x, experts, weights, (wg, wu, wd), expert_ffn=SWIGLU, mesh=mesh, **kwargs)
+        return (out * moe.ct).sum(), (out, stats)
+
+    argnums = (0, 1, 2, 3, 4)
+    (_, (out, stats)), grads = jax.jit(jax.value_and_grad(loss, argnums, has_aux=True))(moe.x, moe.weights, *moe.w)
+    ref_loss = lambda x, weights, *w: (single_device(x, weights, experts, *w) * moe.ct).sum()
+    ref_grads = jax.grad(ref_loss, argnums)(moe.x, moe.weights, *moe.w)
+    np.testing.assert_allclose(out, single_device(moe.x, moe.weights, experts, *moe.w), rtol=1e-5, atol=1e-6,
+                               err_msg=f"output on {where}")
+    for name, g, r in zip(("x", "weights", "w_gate", "w_up", "w_down"), grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=2e-6, err_msg=f"d{name} on {where}")
+    assert int(stats.dropped_rows.sum()) == 0, f"{int(stats.dropped_rows.sum())} rows dropped on {where}"
+    assert int(stats.rows_received.sum()) == T * K, f"{int(stats.rows_received.sum())} rows received, not {T * K}"
+    assert int(stats.peak_rows.max()) <= int(stats.buffer_rows.max()), \
+        f"peak {int(stats.peak_rows.max())} rows > buffer {int(stats.buffer_rows.max())} rows on {where}"
+    if extra_rounds:
+        assert int(stats.rounds.max()) > 1, f"skewed routing took {int(stats.rounds.max())} round on {where}"
+    if overflows:
+        assert int(stats.overflow_rows.sum()) > 0, f"skewed routing overflowed no row on {where}"
+
+
+def test_bfloat16_activations_and_weights(moe, cpu_devices):
+    """bfloat16 activations and weights, as the model runs them: same rows, same grouped matmuls."""
+    import jax
+    import jax.numpy as jnp
+
+    from sharding.expert_parallel import expert_parallel_ffn
+    from sharding.mesh import build_mesh
+
     bf = lambda tree: jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)
-    mesh = build_mesh({"expert": 8})
-    out, _ = jax.jit(lambda *a: expert_parallel_ffn(*a, mesh=mesh))(bf(x), uniform, weights, *bf(w))
-    assert out.dtype == jnp.bfloat16
-    np.testing.assert_allclose(out.astype(np.float32), single_device(bf(x), weights, uniform, *bf(w)).astype(
-        jnp.bfloat16).astype(np.float32), rtol=2e-2, atol=2e-2)
+    mesh, uniform = build_mesh({"expert": 8}, cpu_devices), moe.routing["uniform"]
+    run = jax.jit(lambda x, e, g, w: expert_parallel_ffn(x, e, g, w, expert_ffn=SWIGLU, mesh=mesh))
+    out, _ = run(bf(moe.x), uniform, moe.weights, bf(moe.w))
+    assert out.dtype == jnp.bfloat16, out.dtype
+    want = single_device(bf(moe.x), moe.weights, uniform, *bf(moe.w)).astype(jnp.bfloat16)
+    np.testing.assert_allclose(out.astype(np.float32), want.astype(np.float32), rtol=2e-2, atol=2e-2)
 
-    # max_rounds caps the rounds: rows past the cap are counted as dropped, never silently lost.
-    mesh = build_mesh({"expert": 8})
-    _, capped = jax.jit(lambda *a: expert_parallel_ffn(*a, mesh=mesh, capacity_factor=1.0, block_multiple=1,
-                                                       max_rounds=1))(x, skewed, weights, *w)
-    assert int(capped.dropped_rows.sum()) > 0
-    assert int(capped.rows_received.sum()) + int(capped.dropped_rows.sum()) == T * K
 
-    # The ragged transport: XLA:CPU cannot compile ragged-all-to-all, so only its lowering is checked here.
-    ragged = lambda *a: expert_parallel_ffn(*a, mesh=mesh, impl="ragged")[0].sum()
-    for fn in (ragged, jax.grad(ragged, argnums=(0, 3, 4, 5))):
-        assert "ragged_all_to_all" in jax.jit(fn).lower(x, uniform, weights, *w).as_text()
+def test_max_rounds_caps_rounds_and_counts_the_rest_as_dropped(moe, cpu_devices):
+    """Rows past the cap are counted as dropped, never silently lost."""
+    import jax
 
-    # The all_gather reference of ragged_all_to_all reproduces the example in its docstring.
-    pair = Mesh(np.asarray(jax.devices()[:2]), ("x",))
+    from sharding.expert_parallel import expert_parallel_ffn
+    from sharding.mesh import build_mesh
+
+    mesh = build_mesh({"expert": 8}, cpu_devices)
+    _, capped = jax.jit(lambda x, e, g, w: expert_parallel_ffn(x, e, g, w, expert_ffn=SWIGLU, mesh=mesh, max_rounds=1,
+                                                               **TIGHT))(moe.x, moe.routing["skewed"], moe.weights, moe.w)
+    dropped, received = int(capped.dropped_rows.sum()), int(capped.rows_received.sum())
+    assert dropped > 0, "max_rounds=1 dropped no row of the skewed routing"
+    assert received + dropped == T * K, f"{received} received + {dropped} dropped != {T * K} rows"
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_ragged_transport_lowers_to_ragged_all_to_all(moe, cpu_devices, direction):
+    """XLA:CPU cannot compile ragged-all-to-all, so only the lowering of impl='ragged' is checked."""
+    import jax
+
+    from sharding.expert_parallel import expert_parallel_ffn
+    from sharding.mesh import build_mesh
+
+    mesh = build_mesh({"expert": 8}, cpu_devices)
+    ragged = lambda x, e, g, w: expert_parallel_ffn(x, e, g, w, expert_ffn=SWIGLU, mesh=mesh, impl="ragged")[0].sum()
+    fn = ragged if direction == "forward" else jax.grad(ragged, argnums=(0, 3))
+    text = jax.jit(fn).lower(moe.x, moe.routing["uniform"], moe.weights, moe.w).as_text()
+    assert "ragged_all_to_all" in text, f"the {direction} pass lowered without ragged_all_to_all"
+
+
+def test_ragged_all_to_all_reference_reproduces_its_docstring_example(cpu_devices):
+    """The all_gather reference of ragged_all_to_all, on 2 devices."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    from sharding.ep_collectives import ragged_all_to_all_reference
+
+    pair = Mesh(np.asarray(cpu_devices[:2]), ("x",))
     args = [jnp.array(a, jnp.int32) for a in ([1, 2, 2, 3, 4, 0], [0] * 8, [0, 1, 0, 1], [1, 2, 1, 1],
                                               [0, 0, 1, 2], [1, 1, 2, 1])]
     shard = lambda *a: ragged_all_to_all_reference(*a, axis_name="x")
     got = jax.shard_map(shard, mesh=pair, in_specs=P("x"), out_specs=P("x"))(*args)
     assert got.tolist() == [1, 3, 0, 0, 2, 2, 4, 0], got
 
-    print("buffer rows per rank, EP=8, 64 tokens/rank, top-8 of 64 experts, capacity_factor=1.25:")
-    print(format_rows(measure_buffers(build_mesh({"expert": 8}), tokens_per_rank=64, top_k=8, n_experts=64)))
-    print(f"ok {time.time() - start:.1f}s")
-""")
 
+def test_buffer_report_on_8_ranks(cpu_devices):
+    """The buffer bench's measurement, EP=8, 64 tokens/rank, top-8 of 64 experts, capacity_factor=1.25: nothing
+    dropped; balanced routing in one round within the buffer; skew in more rounds, never more buffer rows."""
+    from experiments.bench.ep_buffers import measure_buffers
+    from sharding.mesh import build_mesh
 
-def test_expert_parallel_equals_single_device_on_8_devices():
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
-    print(result.stdout)
-    assert result.returncode == 0 and "\nok " in result.stdout, result.stderr[-3000:]
+    rows = {r["routing"]: r for r in measure_buffers(build_mesh({"expert": 8}, cpu_devices), tokens_per_rank=64,
+                                                     top_k=8, n_experts=64)}
+    assert set(rows) == {"uniform", "skew90", "hot_rank"}
+    assert all(r["dropped_rows"] == 0 and r["rows_total"] == 8 * 64 * 8 for r in rows.values()), rows
+    assert rows["uniform"]["rounds"] == 1 and rows["skew90"]["rounds"] > 1, rows
+    assert all(r["peak_rows"] <= r["buffer_rows"] for r in rows.values()), rows

@@ -1,18 +1,18 @@
 """Pipeline execution: loss and gradients of every schedule equal the single-device ones, on 8 simulated CPU devices."""
 
-import os
-import subprocess
-import sys
-import textwrap
+from types import SimpleNamespace
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
+from sharding.mesh import build_mesh
 from sharding.pipeline import (ACTIVATION, BRANCH, COTANGENT, LEFT_KIND, NO_MESSAGE, RIGHT_KIND, SEND, TO_LEFT,
-                               TO_RIGHT, compile_plan)
+                               TO_RIGHT, compile_plan, pipeline_value_and_grad)
 from sharding.pipeline_schedules import make_schedule
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.fast_compile import cheap_compiles, cpu_devices  # noqa: F401  (fixtures; cheap_compiles is autouse)
 
 
 @pytest.mark.parametrize("name, pp, m, n_act", [("gpipe", 4, 8, 8), ("1f1b", 4, 8, 4), ("1f1b", 4, 16, 4),
@@ -29,144 +29,178 @@ def test_plan_pools_and_messages(name, pp, m, n_act):
     assert n_messages == 2 * m * (pp - 1) and (rows[:, :, BRANCH] > 0).sum() == 2 * m * pp
 
 
-PIPELINE_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import PartitionSpec as P
-    from sharding.mesh import build_mesh
-    from sharding.pipeline import pipeline_value_and_grad
+V, D, H, L, T = 16, 8, 12, 2, 3   # vocabulary, model width, hidden width, layers per stage, tokens per row
+MESHES = {"pipeline4-data2": (dict(pipeline=4, data=2), 8, 4),              # (axis sizes, micro-batches M, rows B)
+          "pipeline2-data2-tensor2": (dict(pipeline=2, data=2, tensor=2), 4, 2)}
+LAST = "pipeline2-data2-tensor2"   # the mesh (and problem) of the tests after the schedules'
 
-    V, D, H, L, T = 16, 8, 12, 2, 3
 
-    def stage_fn(p, x_BTD):            # L residual MLP layers per stage
-        for layer in range(L):
-            x_BTD = x_BTD + jnp.tanh(x_BTD @ p["w1"][layer]) @ p["w2"][layer]
-        return x_BTD
+def stage_fn(p, x_BTD):            # L residual MLP layers per stage
+    for layer in range(L):
+        x_BTD = x_BTD + jnp.tanh(x_BTD @ p["w1"][layer]) @ p["w2"][layer]
+    return x_BTD
 
-    def embed_fn(p, tokens_BT):
-        return p["embed"][tokens_BT]
 
-    def head_loss_fn(p, x_BTD, targets_BT):
-        logp_BTV = jax.nn.log_softmax(x_BTD @ p["head"])
-        return -jnp.mean(jnp.take_along_axis(logp_BTV, targets_BT[..., None], -1))
+def embed_fn(p, tokens_BT):
+    return p["embed"][tokens_BT]
 
-    def sequential_loss(stage_params, first, last, tokens_MBT, targets_MBT, loss_fn=head_loss_fn):
-        def one(tokens_BT, targets_BT):
-            x_BTD = embed_fn(first, tokens_BT) if first else tokens_BT
-            for s in range(stage_params["w1"].shape[0]):
-                x_BTD = stage_fn(jax.tree.map(lambda a: a[s], stage_params), x_BTD)
-            return loss_fn(last, x_BTD, targets_BT)
-        return jnp.mean(jax.vmap(one)(tokens_MBT, targets_MBT))
 
-    def check(got, want):
-        np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
-        for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+def head_loss_fn(p, x_BTD, targets_BT):
+    logp_BTV = jax.nn.log_softmax(x_BTD @ p["head"])
+    return -jnp.mean(jnp.take_along_axis(logp_BTV, targets_BT[..., None], -1))
 
+
+def mse(_, x_BTD, y_BTD):
+    return jnp.mean((x_BTD - y_BTD) ** 2)
+
+
+def sequential_loss(stage_params, first, last, tokens_MBT, targets_MBT, loss_fn=head_loss_fn):
+    def one(tokens_BT, targets_BT):
+        x_BTD = embed_fn(first, tokens_BT) if first else tokens_BT
+        for s in range(stage_params["w1"].shape[0]):
+            x_BTD = stage_fn(jax.tree.map(lambda a: a[s], stage_params), x_BTD)
+        return loss_fn(last, x_BTD, targets_BT)
+    return jnp.mean(jax.vmap(one)(tokens_MBT, targets_MBT))
+
+
+def check(got, want, where):
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5, err_msg=f"loss on {where}")
+    got_leaves = jax.tree.leaves(got[1])
+    want_leaves = jax.tree_util.tree_leaves_with_path(want[1])
+    assert len(got_leaves) == len(want_leaves), f"{len(got_leaves)} gradients on {where}, {len(want_leaves)} wanted"
+    for a, (path, b) in zip(got_leaves, want_leaves):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6,
+                                   err_msg=f"gradient {jax.tree_util.keystr(path)} on {where}")
+
+
+@pytest.fixture(scope="module")
+def problems(cpu_devices):
+    """Per mesh: PP stages' parameters, embedding and head, M micro-batches of B rows, and the sequential loss and
+    gradients; then the side input `scale` and head-less inputs x_MBTD for the last mesh (drawn in this order)."""
     rng = np.random.default_rng(0)
-    for sizes, M, B in [(dict(pipeline=4, data=2), 8, 4), (dict(pipeline=2, data=2, tensor=2), 4, 2)]:
-        mesh, PP = build_mesh(sizes), sizes["pipeline"]
-        stage_params = {"w1": rng.normal(0, 0.3, (PP, L, D, H)).astype(np.float32),
-                        "w2": rng.normal(0, 0.3, (PP, L, H, D)).astype(np.float32)}
+    problems = {}
+    for key, (sizes, m, b) in MESHES.items():
+        pp = sizes["pipeline"]
+        stage_params = {"w1": rng.normal(0, 0.3, (pp, L, D, H)).astype(np.float32),
+                        "w2": rng.normal(0, 0.3, (pp, L, H, D)).astype(np.float32)}
         first = {"embed": rng.normal(0, 1, (V, D)).astype(np.float32)}
         last = {"head": rng.normal(0, 0.3, (D, V)).astype(np.float32)}
-        tokens, targets = rng.integers(0, V, (2, M, B, T)).astype(np.int32)
+        tokens, targets = rng.integers(0, V, (2, m, b, T)).astype(np.int32)
         want = jax.jit(jax.value_and_grad(sequential_loss, argnums=(0, 1, 2)))(stage_params, first, last, tokens,
                                                                                targets)
-        for name in ("gpipe", "1f1b", "dualpipe"):
-            step = pipeline_value_and_grad(stage_fn, head_loss_fn, mesh, name, M, first_fn=embed_fn)
-            loss, grads = step(stage_params, first, last, tokens, targets)
-            assert grads[0]["w1"].sharding.spec[0] == "pipeline"
-            check((loss, grads), want)
-            print(sizes, name, "ok")
+        problems[key] = SimpleNamespace(mesh=build_mesh(sizes, cpu_devices), M=m, B=b, stage_params=stage_params,
+                                        first=first, last=last, tokens=tokens, targets=targets, want=want)
+    last_problem = problems[LAST]
+    last_problem.scale = rng.uniform(0.5, 1.5, (last_problem.M, last_problem.B)).astype(np.float32)
+    last_problem.x_MBTD = rng.normal(0, 1, (4, 2, T, D)).astype(np.float32)
+    return problems
 
-    # A stage leaf split over a batch axis too (w2's D over `data`): stage_fn gathers it, and the gather's transpose
-    # brings every shard's contribution to the owner, so its gradient is only averaged over the other batch shards.
-    gathering_fn = lambda p, x_BTD: stage_fn(dict(p, w2=jax.lax.all_gather(p["w2"], "data", axis=2, tiled=True)),
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "dualpipe"])
+@pytest.mark.parametrize("mesh_key", list(MESHES))
+def test_schedule_matches_single_device_value_and_grad(problems, mesh_key, name):
+    p = problems[mesh_key]
+    step = pipeline_value_and_grad(stage_fn, head_loss_fn, p.mesh, name, p.M, first_fn=embed_fn)
+    loss, grads = step(p.stage_params, p.first, p.last, p.tokens, p.targets)
+    assert grads[0]["w1"].sharding.spec[0] == "pipeline", \
+        f"w1's gradient {grads[0]['w1'].sharding.spec} on {mesh_key} {name}: stage axis not over `pipeline`"
+    check((loss, grads), p.want, f"{mesh_key} {name}")
+
+
+def test_stage_leaf_split_over_a_batch_axis(problems):
+    """A stage leaf split over a batch axis too (w2's D over `data`): stage_fn gathers it, and the gather's transpose
+    brings every shard's contribution to the owner, so its gradient is only averaged over the other batch shards."""
+    p = problems[LAST]
+    gathering_fn = lambda q, x_BTD: stage_fn(dict(q, w2=jax.lax.all_gather(q["w2"], "data", axis=2, tiled=True)),
                                              x_BTD)
     specs = {"w1": P("pipeline"), "w2": P("pipeline", None, None, "data")}
-    step = pipeline_value_and_grad(gathering_fn, head_loss_fn, mesh, "1f1b", M, first_fn=embed_fn,
+    step = pipeline_value_and_grad(gathering_fn, head_loss_fn, p.mesh, "1f1b", p.M, first_fn=embed_fn,
                                    stage_param_specs=specs)
-    loss, grads = step(stage_params, first, last, tokens, targets)
+    loss, grads = step(p.stage_params, p.first, p.last, p.tokens, p.targets)
     assert grads[0]["w2"].sharding.spec[:4] == ("pipeline", None, None, "data"), grads[0]["w2"].sharding
-    check((loss, grads), want)
-    print("split stage leaf ok")
-
-    # Side inputs, a pytree activation (hidden state, running penalty) and aux outputs, on the last mesh (PP=2):
-    # every stage scales its rows by side["scale"] and adds a penalty; stats (positive entries per stage) and
-    # metrics (rows seen) come back summed over micro-batches and batch shards.
-    def stage_aux(p, carried, side):
-        x_BTD, penalty = carried
-        x_BTD = stage_fn(p, x_BTD) * side["scale"][:, None, None]
-        return (x_BTD, penalty + jnp.mean(x_BTD ** 2)), jnp.sum(x_BTD > 0, dtype=jnp.float32)
-
-    def loss_aux(p, carried, targets_BT, side):
-        x_BTD, penalty = carried
-        return head_loss_fn(p, x_BTD, targets_BT) + 0.1 * penalty, {"rows": jnp.float32(x_BTD.shape[0])}
-
-    def sequential_aux(stage_params, first, last, tokens_MBT, targets_MBT, scale_MB):
-        def one(tokens_BT, targets_BT, scale_B):
-            carried = (embed_fn(first, tokens_BT), 0.0)
-            counts = []
-            for s in range(stage_params["w1"].shape[0]):
-                carried, count = stage_aux(jax.tree.map(lambda a: a[s], stage_params), carried, {"scale": scale_B})
-                counts.append(count)
-            return loss_aux(last, carried, targets_BT, None)[0], jnp.stack(counts)
-        losses, counts = jax.vmap(one)(tokens_MBT, targets_MBT, scale_MB)
-        return jnp.mean(losses), counts.sum(0)
-
-    scale = rng.uniform(0.5, 1.5, (M, B)).astype(np.float32)
-    (want_loss, want_counts), want_grads = jax.value_and_grad(sequential_aux, argnums=(0, 1, 2), has_aux=True)(
-        stage_params, first, last, tokens, targets, scale)
-    for name in ("1f1b", "dualpipe"):
-        step = pipeline_value_and_grad(stage_aux, loss_aux, mesh, name, M, has_aux=True,
-                                       first_fn=lambda p, tokens_BT, side: (embed_fn(p, tokens_BT), jnp.zeros(())))
-        (loss, (counts, metrics)), grads = step(stage_params, first, last, tokens, targets, {"scale": scale})
-        check((loss, grads), (want_loss, want_grads))
-        np.testing.assert_array_equal(counts, want_counts)
-        assert float(metrics["rows"]) == M * B and counts.sharding.spec[0] == "pipeline"
-        print("side and aux", name, "ok")
-
-    # No embedding or head: inputs are the activations, loss_fn gets () for its parameters.
-    x_MBTD = rng.normal(0, 1, (4, 2, T, D)).astype(np.float32)
-    mse = lambda _, x_BTD, y_BTD: jnp.mean((x_BTD - y_BTD) ** 2)
-    want = jax.value_and_grad(sequential_loss, argnums=(0, 1, 2))(stage_params, (), (), x_MBTD, x_MBTD, mse)
-    check(pipeline_value_and_grad(stage_fn, mse, mesh, "1f1b", 4)(stage_params, (), (), x_MBTD, x_MBTD), want)
-
-    # Sizes that do not fit: one-line errors.
-    mesh = build_mesh(dict(pipeline=4, data=2))
-    stage_params_4 = jax.tree.map(lambda a: np.concatenate([a, a]), stage_params)
-    for make in (lambda: pipeline_value_and_grad(stage_fn, mse, mesh, "dualpipe", 6),
-                 lambda: pipeline_value_and_grad(stage_fn, mse, mesh, "1f1b", 8)(
-                     stage_params_4, (), (), x_MBTD, x_MBTD),
-                 lambda: pipeline_value_and_grad(stage_fn, mse, mesh, "1f1b", 4)(
-                     stage_params, (), (), x_MBTD, x_MBTD),
-                 lambda: pipeline_value_and_grad(stage_fn, mse, mesh, "1f1b", 4)(
-                     stage_params_4, (), (), x_MBTD[:, :1], x_MBTD[:, :1]),
-                 lambda: pipeline_value_and_grad(stage_fn, mse, mesh, "1f1b", 4,
-                                                 stage_param_specs={"w1": P(None, "pipeline"), "w2": P("pipeline")})(
-                     stage_params_4, (), (), x_MBTD, x_MBTD)):
-        try:
-            make()
-        except ValueError as error:
-            assert "\\n" not in str(error), str(error)
-            print("error:", error)
-        else:
-            raise AssertionError("no error")
-    print("ok")
-""")
+    check((loss, grads), p.want, f"{LAST} 1f1b, w2 split over data")
 
 
-def test_pipeline_schedules_match_single_device_value_and_grad():
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr[-3000:]
-    assert result.stdout.count(" ok\n") == 9 and result.stdout.count("error:") == 5, result.stdout
-    for message in ("dualpipe: needs an even number of micro-batches ≥ 2·PP = 8, got 6",
-                    "pipeline: inputs leaf of shape (4, 2, 3, 8) needs leading axis 8",
-                    "pipeline: stage_params leaf of shape (2, 2, 8, 12) needs leading axis 4",
-                    "pipeline: micro-batch of shape (1, 3, 8) does not split over 2 batch shards (",
-                    "pipeline: stage_param_specs entry (None, 'pipeline') must start with 'pipeline'"):
-        assert "error: " + message in result.stdout, result.stdout
+def stage_aux(p, carried, side):
+    x_BTD, penalty = carried
+    x_BTD = stage_fn(p, x_BTD) * side["scale"][:, None, None]
+    return (x_BTD, penalty + jnp.mean(x_BTD ** 2)), jnp.sum(x_BTD > 0, dtype=jnp.float32)
+
+
+def loss_aux(p, carried, targets_BT, side):
+    x_BTD, penalty = carried
+    return head_loss_fn(p, x_BTD, targets_BT) + 0.1 * penalty, {"rows": jnp.float32(x_BTD.shape[0])}
+
+
+def sequential_aux(stage_params, first, last, tokens_MBT, targets_MBT, scale_MB):
+    def one(tokens_BT, targets_BT, scale_B):
+        carried = (embed_fn(first, tokens_BT), 0.0)
+        counts = []
+        for s in range(stage_params["w1"].shape[0]):
+            carried, count = stage_aux(jax.tree.map(lambda a: a[s], stage_params), carried, {"scale": scale_B})
+            counts.append(count)
+        return loss_aux(last, carried, targets_BT, None)[0], jnp.stack(counts)
+    losses, counts = jax.vmap(one)(tokens_MBT, targets_MBT, scale_MB)
+    return jnp.mean(losses), counts.sum(0)
+
+
+@pytest.fixture(scope="module")
+def aux_want(problems):
+    p = problems[LAST]
+    return jax.value_and_grad(sequential_aux, argnums=(0, 1, 2), has_aux=True)(
+        p.stage_params, p.first, p.last, p.tokens, p.targets, p.scale)
+
+
+@pytest.mark.parametrize("name", ["1f1b", "dualpipe"])
+def test_side_inputs_pytree_activation_and_aux_outputs(problems, aux_want, name):
+    """Side inputs, a pytree activation (hidden state, running penalty) and aux outputs, on the last mesh (PP=2):
+    every stage scales its rows by side["scale"] and adds a penalty; stats (positive entries per stage) and metrics
+    (rows seen) come back summed over micro-batches and batch shards."""
+    p, ((want_loss, want_counts), want_grads) = problems[LAST], aux_want
+    step = pipeline_value_and_grad(stage_aux, loss_aux, p.mesh, name, p.M, has_aux=True,
+                                   first_fn=lambda q, tokens_BT, side: (embed_fn(q, tokens_BT), jnp.zeros(())))
+    (loss, (counts, metrics)), grads = step(p.stage_params, p.first, p.last, p.tokens, p.targets, {"scale": p.scale})
+    check((loss, grads), (want_loss, want_grads), f"{LAST} {name} with side inputs and aux outputs")
+    np.testing.assert_array_equal(counts, want_counts, err_msg=f"stage stats of {name}")
+    assert float(metrics["rows"]) == p.M * p.B, f"metrics['rows'] = {float(metrics['rows'])}, not {p.M * p.B}"
+    assert counts.sharding.spec[0] == "pipeline", f"stage stats {counts.sharding.spec}: not over `pipeline`"
+
+
+def test_no_embedding_or_head(problems):
+    """Inputs are the activations, loss_fn gets () for its parameters."""
+    p = problems[LAST]
+    want = jax.value_and_grad(sequential_loss, argnums=(0, 1, 2))(p.stage_params, (), (), p.x_MBTD, p.x_MBTD, mse)
+    got = pipeline_value_and_grad(stage_fn, mse, p.mesh, "1f1b", 4)(p.stage_params, (), (), p.x_MBTD, p.x_MBTD)
+    check(got, want, f"{LAST} 1f1b without embedding or head")
+
+
+def stages_4(p):   # the last problem's 2 stages, twice: 4
+    return {key: np.concatenate([a, a]) for key, a in p.stage_params.items()}
+
+
+pvg = pipeline_value_and_grad
+# (a call on pipeline=4 × data=2 and the last problem, the one-line ValueError it raises)
+DOES_NOT_FIT = [
+    pytest.param(lambda mesh, p: pvg(stage_fn, mse, mesh, "dualpipe", 6),
+                 "dualpipe: needs an even number of micro-batches ≥ 2·PP = 8, got 6", id="dualpipe-6-micro-batches"),
+    pytest.param(lambda mesh, p: pvg(stage_fn, mse, mesh, "1f1b", 8)(stages_4(p), (), (), p.x_MBTD, p.x_MBTD),
+                 "pipeline: inputs leaf of shape (4, 2, 3, 8) needs leading axis 8", id="inputs-not-M"),
+    pytest.param(lambda mesh, p: pvg(stage_fn, mse, mesh, "1f1b", 4)(p.stage_params, (), (), p.x_MBTD, p.x_MBTD),
+                 "pipeline: stage_params leaf of shape (2, 2, 8, 12) needs leading axis 4", id="stages-not-PP"),
+    pytest.param(lambda mesh, p: pvg(stage_fn, mse, mesh, "1f1b", 4)(stages_4(p), (), (), p.x_MBTD[:, :1],
+                                                                     p.x_MBTD[:, :1]),
+                 "pipeline: micro-batch of shape (1, 3, 8) does not split over 2 batch shards (", id="rows-not-split"),
+    pytest.param(lambda mesh, p: pvg(stage_fn, mse, mesh, "1f1b", 4,
+                                     stage_param_specs={"w1": P(None, "pipeline"), "w2": P("pipeline")})(
+                     stages_4(p), (), (), p.x_MBTD, p.x_MBTD),
+                 "pipeline: stage_param_specs entry (None, 'pipeline') must start with 'pipeline'",
+                 id="spec-not-pipeline-first"),
+]
+
+
+@pytest.mark.parametrize("make, message", DOES_NOT_FIT)
+def test_sizes_that_do_not_fit_fail_in_one_line(problems, cpu_devices, make, message):
+    with pytest.raises(ValueError) as error:
+        make(build_mesh(dict(pipeline=4, data=2), cpu_devices), problems[LAST])
+    assert message in str(error.value), f"{str(error.value)!r} does not say {message!r}"
+    assert "\n" not in str(error.value), str(error.value)

@@ -1,16 +1,13 @@
 """Logical-axis rules: mesh specs per strategy, divisibility, ZeRO-1 placement; and the sharded train step
 on 8 simulated devices equals the single-device one for several meshes and strategies."""
 
-import subprocess
-import sys
-import textwrap
+from types import SimpleNamespace
 
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from sharding.rules import logical_rules, mesh_spec
-from tests.fast_compile import ROOT, subprocess_env
-
+from tests.fast_compile import cheap_compiles, cpu_devices  # noqa: F401  (fixtures; cheap_compiles is autouse)
 
 
 class FakeMesh:
@@ -53,54 +50,72 @@ def test_unknown_strategy_is_named():
         logical_rules("zero3")
 
 
-SHARDED_STEP_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    import jax, jax.numpy as jnp, numpy as np
+@pytest.fixture(scope="module")
+def single_device(cpu_devices):
+    """The tiny model's train step (2 layers, float32) and its result on one device: what every mesh must give."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import dataclasses
+
     from dsv3_jax import get_preset
-    from dsv3_jax.train.loss import LossConfig
+    from dsv3_jax.kernels import REFERENCE
     from dsv3_jax.train.optimizer import OptimizerConfig
+    from dsv3_jax.train.run_config import compile_run
     from dsv3_jax.train.schedule import ScheduleConfig
-    from dsv3_jax.train.sharded import jit_sharded_step, state_shardings
     from dsv3_jax.train.step import BalanceConfig, create_train_state, make_train_step
-    from sharding import build_mesh, put_batch
 
     config = get_preset("tiny").replace(n_layers=2, vocab_size=128, dtype="float32")
     # eps above float noise: Adam's first step g / (|g| + eps) must not amplify reduction-order differences.
-    tx, step = make_train_step(config, LossConfig(), ScheduleConfig(peak_lr=1e-2, warmup=1), OptimizerConfig(eps=1e-3),
-                               BalanceConfig(gamma=0.01))
+    run = dataclasses.replace(compile_run(config, batch=16, seq_len=32),
+                              schedule=ScheduleConfig(peak_lr=1e-2, warmup=1), optimizer=OptimizerConfig(eps=1e-3),
+                              balance=BalanceConfig(gamma=0.01))
+    tx, step = make_train_step(config, REFERENCE, run.loss, run.schedule, run.optimizer, run.balance)
     tokens = np.random.default_rng(0).integers(0, 128, size=(1, 16, 32)).astype(np.int32)
     init = lambda: create_train_state(config, tx, jax.random.PRNGKey(0))
     args = (jnp.float32(0), jnp.float32(np.inf))
-    one, one_metrics = jax.jit(step)(init(), {"tokens": jnp.asarray(tokens)}, *args)
-
-    for axes, strategy in [({"data": 8}, "zero1"), ({"fsdp": 4, "expert": 2}, "fsdp"), ({"data": 2, "expert": 4}, "replicated")]:
-        mesh = build_mesh(axes)
-        shardings = state_shardings(config, tx, jax.eval_shape(init), mesh, strategy)
-        state = jax.jit(init, out_shardings=shardings)()
-        run, batch = jit_sharded_step(step, shardings, mesh), put_batch(mesh, {"tokens": tokens}, 1)
-        # Experts split over `expert` exchange tokens with all_to_all (sharding.expert_parallel).
-        lowered = run.lower(state, batch, *args)
-        assert ("all_to_all" in lowered.as_text()) == (axes.get("expert", 1) > 1)
-        new, metrics = lowered.compile()(state, batch, *args)
-        np.testing.assert_allclose(float(metrics["loss"]), float(one_metrics["loss"]), rtol=1e-5)
-        for a, b in zip(jax.tree.leaves((one.params, one.moe_bias, one.opt_state)),
-                        jax.tree.leaves((new.params, new.moe_bias, new.opt_state))):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-        experts = new.params["moe_layers"]["moe"]["experts_gate"]
-        assert experts.sharding.spec[1] == "expert" or axes.get("expert", 1) == 1, experts.sharding.spec
-        moment = new.opt_state.inner_state[1].mu["moe_layers"]["moe"]["experts_gate"]
-        if strategy == "zero1":
-            assert len(moment.addressable_shards[0].data.flatten()) * 8 == moment.size, moment.sharding.spec
-        if strategy == "fsdp":
-            assert "fsdp" in str(experts.sharding.spec), experts.sharding.spec
-        print(axes, strategy, "ok", flush=True)
-    print("all ok")
-""")
+    state, metrics = jax.jit(step)(init(), {"tokens": jnp.asarray(tokens)}, *args)
+    return SimpleNamespace(run=run, tokens=tokens, args=args, state=state, metrics=metrics)
 
 
-def test_sharded_step_equals_single_device_step():
-    result = subprocess.run([sys.executable, "-c", SHARDED_STEP_SCRIPT], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0 and result.stdout.strip().endswith("all ok"), \
-        result.stdout[-2000:] + result.stderr[-3000:]
+@pytest.mark.parametrize("axes, strategy", [({"data": 8}, "zero1"), ({"fsdp": 4, "expert": 2}, "fsdp"),
+                                            ({"data": 2, "expert": 4}, "replicated")],
+                         ids=["data8-zero1", "fsdp4-expert2-fsdp", "data2-expert4-replicated"])
+def test_sharded_step_equals_single_device_step(single_device, cpu_devices, axes, strategy):
+    """On 8 devices the sharded step gives the single-device loss, parameters, moe_bias and optimizer state, with the
+    experts split over `expert`, ZeRO-1 moments split 8 ways and FSDP parameters over `fsdp`."""
+    import jax
+    import numpy as np
+
+    import dataclasses
+
+    from dsv3_jax.train.build import build_step
+    from sharding import build_mesh, put_batch
+
+    one, where = single_device, f"{axes} {strategy}"
+    mesh = build_mesh(axes, cpu_devices)
+    built = build_step(dataclasses.replace(one.run, mesh=dataclasses.replace(one.run.mesh, strategy=strategy)), mesh)
+    state, run, batch = built.init_state(), built.jitted, put_batch(mesh, {"tokens": one.tokens}, 1)
+    # Experts split over `expert` exchange tokens with all_to_all (sharding.expert_parallel).
+    lowered = run.lower(state, batch, *one.args)
+    assert ("all_to_all" in lowered.as_text()) == (axes.get("expert", 1) > 1), \
+        f"all_to_all in the lowered step on {where}: {'all_to_all' in lowered.as_text()}"
+    new, metrics = lowered.compile()(state, batch, *one.args)
+    np.testing.assert_allclose(float(metrics["loss"]), float(one.metrics["loss"]), rtol=1e-5,
+                               err_msg=f"loss on {where}")
+    want = jax.tree_util.tree_leaves_with_path((one.state.params, one.state.moe_bias, one.state.opt_state))
+    got = jax.tree.leaves((new.params, new.moe_bias, new.opt_state))
+    assert len(got) == len(want), f"{len(got)} state leaves on {where}, {len(want)} on one device"
+    for (path, a), b in zip(want, got):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6,
+                                   err_msg=f"(params, moe_bias, opt_state){jax.tree_util.keystr(path)} on {where}")
+    experts = new.params["moe_layers"]["moe"]["experts_gate"]
+    assert experts.sharding.spec[1] == "expert" or axes.get("expert", 1) == 1, \
+        f"experts_gate {experts.sharding.spec} on {where}: its expert dimension is not split over `expert`"
+    moment = new.opt_state.inner_state[1].mu["moe_layers"]["moe"]["experts_gate"]
+    if strategy == "zero1":
+        assert len(moment.addressable_shards[0].data.flatten()) * 8 == moment.size, \
+            f"ZeRO-1 moment of experts_gate {moment.sharding.spec} is not split 8 ways"
+    if strategy == "fsdp":
+        assert "fsdp" in str(experts.sharding.spec), f"FSDP left experts_gate {experts.sharding.spec} off `fsdp`"

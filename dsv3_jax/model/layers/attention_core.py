@@ -1,7 +1,7 @@
 """MLA's training attention core, softmax(q·kᵀ·scale + causal and same-document mask)·v, by `model.attention_impl`.
 
-  auto       what a real chip runs (`auto_impl`; dsv3_jax.kernels resolves it for the kernel target): xla on CPUs,
-             splash on TPUs, blockwise on GPUs (cudnn on bf16/fp16 GPUs from JAX 0.11 on, see below)
+  auto       what a real chip runs, resolved by dsv3_jax.kernels (kernels.attention_for): xla on CPUs, splash on
+             TPUs, blockwise on GPUs (cudnn on bf16/fp16 GPUs from JAX 0.11 on, see below)
   xla        the einsums and float32 softmax of layers.attention (the scores are materialised; any backend)
   blockwise  layers.flash_attention: the same function blockwise in plain JAX with an online softmax and a custom VJP,
              never holding the (B, H, T, S) scores (any backend)
@@ -32,28 +32,7 @@ from sharding.per_shard import on_batch_shards
 # The `implementation` argument of jax.nn.dot_product_attention for each config value that goes through it
 # (a test maps "cudnn" to "xla" to run the same code path on a CPU).
 JAX_NN_IMPLEMENTATION = {"cudnn": "cudnn"}
-IMPLS = ("xla", "blockwise", "splash", "cudnn", "cudnn_mla")   # what `auto` resolves among
 SPLASH_BLOCK = 128   # the splash kernel's tile (its default); T is padded up to a multiple of it
-
-
-def _cudnn_skips_mask_gradient() -> bool:
-    major, minor = (int(part) for part in jax.__version__.split(".")[:2])
-    return (major, minor) >= (0, 11)
-
-
-def auto_impl(platform: str, hopper: bool, dtype: str, qk_head_dim: int, v_head_dim: int) -> str:
-    """The core a real chip of `platform` ("cpu" | "gpu" | "tpu") runs for these head dims and compute dtype.
-
-    cpu: xla (exact, and the fastest there). tpu: splash. gpu: cudnn when it can take the shapes (bf16/fp16, head
-    dims multiples of 8 up to 256 on Hopper or 128 before, v no wider than q/k) and JAX no longer asks it for the
-    packed-document mask's gradient (0.11+); blockwise otherwise."""
-    if platform == "tpu":
-        return "splash"
-    if platform == "gpu":
-        fits = (dtype in ("bfloat16", "float16") and qk_head_dim % 8 == 0 and qk_head_dim <= (256 if hopper else 128)
-                and v_head_dim <= qk_head_dim)
-        return "cudnn" if fits and _cudnn_skips_mask_gradient() else "blockwise"
-    return "xla"
 
 
 def attention_core(impl: str, q_nope_BTHU, q_rope_BTHR, k_nope_BSHU, k_rope_BSR, v_BSHA, scale: float,
@@ -62,8 +41,7 @@ def attention_core(impl: str, q_nope_BTHU, q_rope_BTHR, k_nope_BSHU, k_rope_BSR,
     is the fused paths' compute dtype (cuDNN takes bfloat16 or float16), default that of v. `interpret` runs the
     splash kernel in its CPU interpreter."""
     if impl == "auto":
-        raise ValueError("attention_core takes a concrete impl: 'auto' is resolved by dsv3_jax.kernels.select "
-                         "(attention_core.auto_impl for the kernel target)")
+        raise ValueError("attention_core takes a concrete impl: 'auto' is resolved by dsv3_jax.kernels.resolve")
     if impl == "blockwise":
         return flash_attention(q_nope_BTHU, q_rope_BTHR, k_nope_BSHU, k_rope_BSR, v_BSHA, scale, segment_ids_BT)
     if impl == "xla":
@@ -83,7 +61,7 @@ def attention_core(impl: str, q_nope_BTHU, q_rope_BTHR, k_nope_BSHU, k_rope_BSR,
         return padded_dot_product_attention(q_BTHQ, k_BSHQ, v_BSHA, scale, mask_B1TS, JAX_NN_IMPLEMENTATION[impl])
     if impl == "cudnn_mla":
         return cudnn_mla_attention(q_BTHQ, k_BSHQ, v_BSHA, scale, mask_B1TS)
-    raise ValueError(f"model.attention_impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    raise ValueError(f"model.attention_impl must be one of xla, blockwise, splash, cudnn, cudnn_mla, got {impl!r}")
 
 
 def segment_mask(segment_ids_BT):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dsv3_jax import kernels
+from dsv3_jax.kernels import KernelSet
 from dsv3_jax.model import fp8_weights
 from dsv3_jax.model.layers.fp8_linear import fp8_linear
 
@@ -22,7 +22,7 @@ class Linear(nn.Module):
     out_dtype: jnp.dtype | None = None   # accumulate into this dtype (e.g. float32 logits from bf16 inputs)
     fp8: bool = False                    # block-scaled E4M3 operands in the forward and both gradients
     fp8_power_of_two_scales: bool = False
-    fp8_impl: str = "reference"          # the pallas_kernels.fp8 kernel (dsv3_jax.kernels picks it)
+    fp8_impl: str = "reference"          # the pallas_kernels.fp8 kernel (KernelSet.fp8_matmul)
     interpret: bool = False              # run that kernel in its CPU interpreter
 
     @nn.compact
@@ -40,11 +40,10 @@ class Linear(nn.Module):
         return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
 
 
-def make_linear(config, features: int, axes: tuple[str, str], name: str, out_dtype=None,
-                allow_fp8: bool = True) -> Linear:
-    """A projection of `config`'s dtypes; FP8 when `config.fp8`, unless `allow_fp8=False` (the output head,
-    which DeepSeek-V3 keeps in high precision)."""
-    chosen = kernels.select(config)
+def make_linear(config, kernels: KernelSet, features: int, axes: tuple[str, str], name: str | None = None,
+                out_dtype=None, allow_fp8: bool = True) -> Linear:
+    """A projection of `config`'s dtypes running `kernels`' FP8 matmul; FP8 when `config.fp8`, unless
+    `allow_fp8=False` (the output head, which DeepSeek-V3 keeps in high precision)."""
     return Linear(features, axes, config.initializer_range, config.jnp_dtype, config.jnp_param_dtype, out_dtype,
-                  config.fp8 and allow_fp8, config.fp8_power_of_two_scales, chosen.fp8_matmul, chosen.interpret,
+                  config.fp8 and allow_fp8, config.fp8_power_of_two_scales, kernels.fp8_matmul, kernels.interpret,
                   name=name)

@@ -3,8 +3,8 @@ cache, the decode forms (naive: expanded keys and values; absorbed: attention in
 
 q = W_q x, or W_qb RMSNorm(W_qa x) with q-LoRA; [c_kv ; k_rope] = W_kva x; c_kv is normalised and
 expanded per head into [k_nope ; v] by W_kvb; k_rope is one rotary head shared by all heads.
-Given a `CacheStep`, MLA writes the new tokens' RMSNorm(c_kv) and k_rope into the cache (dsv3_jax.infer.cache keeps
-one per layer) and attends over it; the model's DecoderBlock passes it through, so decoding runs the model's block.
+Given a `LayerCache`, MLA writes the new tokens' RMSNorm(c_kv) and k_rope into it at their positions and attends over
+it; the model's blocks pass it through, so decoding runs the model's own modules.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from dsv3_jax import kernels
+from dsv3_jax.kernels import KernelSet
 from dsv3_jax.model import fp8_weights
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.layers.attention import softmax_attention
@@ -44,13 +44,16 @@ def project(c: ModelConfig, x_BTD, rope_cos_sin, linear, norm):
     return q_BTHQ[..., :Dn], apply_rope(q_BTHQ[..., Dn:], cos, sin), latent_BTW, k_rope_BTR
 
 
-class CacheStep(NamedTuple):
-    """One layer's latent cache for the tokens of a decoding step: cached RMSNorm(c_kv) and k_rope per slot, the new
-    tokens' positions (their slots), and which attention form reads it."""
+class LayerCache(NamedTuple):
+    """One layer's latent cache: RMSNorm(c_kv) and the RoPE'd shared key per slot (a token's position is its slot)."""
     latent_BSW: jnp.ndarray
     rope_BSR: jnp.ndarray
-    positions_BT: jnp.ndarray
-    absorbed: bool = True
+
+
+class LatentCache(NamedTuple):
+    """A stack's latent caches: LayerCache's arrays with a leading layer axis (the layer scan slices it)."""
+    latent_LBSW: jnp.ndarray
+    rope_LBSR: jnp.ndarray
 
 
 def write_slots(cache_BSX, new_BTX, positions_BT):
@@ -96,40 +99,43 @@ def attend_absorbed(c: ModelConfig, p: dict, q_nope_BTHU, q_rope_BTHR, latent_BS
     return jnp.einsum("bthw,wha->btha", out_lat_BTHW, w_uv_WHA)
 
 
-def attend_cached(c: ModelConfig, p: dict, q_nope_BTHU, q_rope_BTHR, latent_BTW, k_rope_BTR, cache: CacheStep):
-    """The new tokens' latents written into the cache, then attention over it: (out_BTHA, the updated CacheStep).
-    `p`: MLA's parameters (W_kvb is read from them, never applied as a layer)."""
-    latent_BSW = write_slots(cache.latent_BSW, latent_BTW, cache.positions_BT)
-    rope_BSR = write_slots(cache.rope_BSR, k_rope_BTR, cache.positions_BT)
-    visible_BTS = visible_slots(cache.positions_BT, latent_BSW.shape[1])
-    attend = attend_absorbed if cache.absorbed else attend_naive
+def attend_cached(c: ModelConfig, p: dict, q_nope_BTHU, q_rope_BTHR, latent_BTW, k_rope_BTR, cache: LayerCache,
+                  positions_BT, absorbed: bool):
+    """The new tokens' latents written into the cache at `positions_BT`, then attention over it, absorbed or naive:
+    (out_BTHA, the updated LayerCache). `p`: MLA's parameters (W_kvb is read from them, never applied as a layer)."""
+    latent_BSW = write_slots(cache.latent_BSW, latent_BTW, positions_BT)
+    rope_BSR = write_slots(cache.rope_BSR, k_rope_BTR, positions_BT)
+    visible_BTS = visible_slots(positions_BT, latent_BSW.shape[1])
+    attend = attend_absorbed if absorbed else attend_naive
     out_BTHA = attend(c, p, q_nope_BTHU, q_rope_BTHR, latent_BSW, rope_BSR, visible_BTS)
-    return out_BTHA, cache._replace(latent_BSW=latent_BSW, rope_BSR=rope_BSR)
+    return out_BTHA, LayerCache(latent_BSW, rope_BSR)
 
 
 class MLA(nn.Module):
     config: ModelConfig
+    kernels: KernelSet
+    absorbed: bool = True   # with a cache: attention in latent space, or keys and values expanded (naive)
 
     @nn.compact
-    def __call__(self, x_BTD, rope_cos_sin, segment_ids_BT=None, cache: CacheStep | None = None):
-        """out_BTD; with a `cache` (decoding, segment_ids_BT unused), (out_BTD, the updated cache)."""
-        c = self.config
+    def __call__(self, x_BTD, rope_cos_sin, segment_ids_BT=None, positions_BT=None, cache: LayerCache | None = None):
+        """out_BTD; with a `cache` (decoding: the new tokens at positions_BT; segment_ids_BT unused), (out_BTD, the
+        updated cache)."""
+        c, ks = self.config, self.kernels
         B, T, _ = x_BTD.shape
         H, Dn, Dv = c.n_heads, c.qk_nope_head_dim, c.v_head_dim
-        linear = lambda name, features, axes: make_linear(c, features, axes, name)
+        linear = lambda name, features, axes: make_linear(c, ks, features, axes, name)
         norm = lambda name: RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name=name)
         q_nope_BTHU, q_rope_BTHR, latent_BTW, k_rope_BTR = project(c, x_BTD, rope_cos_sin, linear, norm)
 
         if cache is not None:
             out_BTHA, cache = attend_cached(c, self.variables["params"], q_nope_BTHU, q_rope_BTHR, latent_BTW,
-                                            k_rope_BTR, cache)
+                                            k_rope_BTR, cache, positions_BT, self.absorbed)
         else:
-            wkv_b = make_linear(c, H * (Dn + Dv), ("kv_lora", "heads"), "wkv_b")
+            wkv_b = make_linear(c, ks, H * (Dn + Dv), ("kv_lora", "heads"), "wkv_b")
             kv_BTHX = wkv_b(latent_BTW).reshape(B, T, H, Dn + Dv)
             k_nope_BSHU, v_BSHA = kv_BTHX[..., :Dn], kv_BTHX[..., Dn:]
-            chosen = kernels.select(c)   # resolves attention_impl=auto for the kernel target
-            out_BTHA = attention_core(chosen.attention, q_nope_BTHU, q_rope_BTHR, k_nope_BSHU, k_rope_BTR, v_BSHA,
-                                      c.softmax_scale, segment_ids_BT, c.jnp_dtype, chosen.interpret)
+            out_BTHA = attention_core(ks.attention, q_nope_BTHU, q_rope_BTHR, k_nope_BSHU, k_rope_BTR, v_BSHA,
+                                      c.softmax_scale, segment_ids_BT, c.jnp_dtype, ks.interpret)
             out_BTHA = checkpoint_name(out_BTHA, "attn_out")
-        out_BTD = make_linear(c, c.dim, ("heads", "embed"), "wo")(out_BTHA.reshape(B, T, H * Dv))
+        out_BTD = make_linear(c, ks, c.dim, ("heads", "embed"), "wo")(out_BTHA.reshape(B, T, H * Dv))
         return out_BTD if cache is None else (out_BTD, cache)

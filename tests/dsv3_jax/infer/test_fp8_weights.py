@@ -13,6 +13,7 @@ import pytest
 
 from dsv3_jax.model import fp8_weights
 from dsv3_jax.infer import forward_with_cache, init_cache
+from dsv3_jax.kernels import REFERENCE
 from dsv3_jax.model.layers.linear import Linear, make_linear
 from dsv3_jax.model.moe.layer import EXPERT_WEIGHTS
 from pallas_kernels.fp8 import dequantize, quantize_1x128, quantize_128x128
@@ -44,7 +45,7 @@ def quantize_weights(params: dict) -> tuple[dict, dict]:
         elif key == "kernel" or key in EXPERT_WEIGHTS:
             q, s = quantize(value)
             fp8[key], fp8[key + fp8_weights.SCALE_SUFFIX] = q, s
-            real[key] = fp8_weights.dequantize(q, s, value.dtype)
+            real[key] = dequantize(q, s, (128, 128), value.dtype)
         else:
             fp8[key] = real[key] = value
     return fp8, real
@@ -71,12 +72,12 @@ def test_kept_linear_is_the_fp8_matmul_of_its_quantised_input():
     w = 0.05 * jax.random.normal(jax.random.PRNGKey(1), (200, 300))
     q, s = quantize_128x128(w)
     assert s.shape == (2, 3)
-    y = make_linear(FP8_CONFIG, 300, ("mlp", "embed"), "down").apply(
+    y = make_linear(FP8_CONFIG, REFERENCE, 300, ("mlp", "embed"), "down").apply(
         {"params": {"kernel": q, "kernel_scale": s}}, x)
     x_q, x_s = quantize_1x128(x.reshape(-1, 200))
     expected = dequantize(x_q, x_s, (1, 128)) @ dequantize(q, s, (128, 128))
     np.testing.assert_allclose(y.reshape(-1, 300), expected, rtol=1e-5, atol=1e-6)
-    plain = x @ fp8_weights.dequantize(q, s)
+    plain = x @ dequantize(q, s, (128, 128))
     assert 0 < deepgemm_diff(y, plain) < 1e-3   # only the activations' quantisation separates them
 
 

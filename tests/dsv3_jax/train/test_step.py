@@ -12,6 +12,7 @@ import pytest
 from dsv3_jax import get_preset
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.train.balance import bias_step
+from dsv3_jax.kernels import REFERENCE
 from dsv3_jax.train.loss import LossConfig
 from dsv3_jax.train.optimizer import OptimizerConfig, decay_mask
 from dsv3_jax.train.schedule import ScheduleConfig
@@ -26,7 +27,7 @@ SCHEDULE, BALANCE = ScheduleConfig(peak_lr=1e-2, warmup=1, decay=0), BalanceConf
 @functools.lru_cache(maxsize=None)
 def jitted_step(loss=LossConfig(), eps=1e-3):
     # eps well above float noise, so Adam's first step g / (|g| + eps) is continuous in g.
-    tx, step = make_train_step(CONFIG, loss, SCHEDULE, OptimizerConfig(eps=eps), BALANCE)
+    tx, step = make_train_step(CONFIG, REFERENCE, loss, SCHEDULE, OptimizerConfig(eps=eps), BALANCE)
     return tx, jax.jit(step)
 
 
@@ -87,7 +88,7 @@ def padded_batch(seed, shape=(1, 4, 16)):
 
 @functools.lru_cache(maxsize=None)
 def jitted_accumulate():
-    return jax.jit(make_accumulate(CONFIG, LossConfig()))
+    return jax.jit(make_accumulate(CONFIG, REFERENCE, LossConfig()))
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.model.layers.fp8_linear import fp8_linear
+from dsv3_jax.kernels import REFERENCE
 from dsv3_jax.model.layers.linear import make_linear
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.config.presets import PRESETS
@@ -69,8 +70,8 @@ def random_variables(config):
 
 def test_tiny_model_runs_fp8_close_to_the_unquantized_model():
     fp8_config = CONFIG.with_overrides("fp8=true")
-    assert make_linear(fp8_config, 8, ("embed", "heads"), "wq").fp8
-    assert not make_linear(fp8_config, 8, ("embed", "vocab"), "lm_head", jnp.float32, allow_fp8=False).fp8
+    assert make_linear(fp8_config, REFERENCE, 8, ("embed", "heads"), "wq").fp8
+    assert not make_linear(fp8_config, REFERENCE, 8, ("embed", "vocab"), "lm_head", jnp.float32, allow_fp8=False).fp8
     shapes, variables = random_variables(CONFIG)
     assert random_variables(fp8_config)[0] == shapes            # the same parameters with and without FP8
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, CONFIG.vocab_size)

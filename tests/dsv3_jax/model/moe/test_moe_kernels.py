@@ -1,7 +1,7 @@
 """The MoE layer on the Pallas kernels equals the reference layer (forward, and gradients with respect to the
 input and every parameter), with no change to the model: the TPU kernels (interpret mode) in float32 and with
 the routed experts in FP8 (the float32 TPU kernels are held to the reference in tests/pallas_kernels), and the GPU kernels (Mosaic GPU grouped matmul + Pallas GPU dispatch, interpret
-mode) in bf16, all chosen by the config (model.kernels / model.kernel_target)."""
+mode) in bf16, all resolved from the config (model.kernels / model.kernel_target) into the layer's KernelSet."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsv3_jax import kernels
 from dsv3_jax.model.moe.layer import MoE
 from dsv3_jax.config.presets import PRESETS
 
@@ -19,7 +20,7 @@ CONFIG = dataclasses.replace(PRESETS["tiny"], n_routed_experts=8, num_experts_pe
 
 
 def loss_and_grads(config, x_BTD, variables):
-    layer = MoE(config)
+    layer = MoE(config, kernels.resolve(config, jax.devices()[:1]))
 
     def loss(params, x):
         out, _ = layer.apply({**variables, "params": params}, x)
@@ -40,7 +41,7 @@ def max_rel(a, b):
 ])
 def test_kernels_equal_the_reference_layer(name, config, target, tol):
     x_BTD = jax.random.normal(jax.random.key(1), (1, 16, config.dim), jnp.float32).astype(config.jnp_dtype)
-    variables = MoE(config).init(jax.random.key(0), x_BTD)
+    variables = MoE(config, kernels.REFERENCE).init(jax.random.key(0), x_BTD)
     ref_out, ref_grads = loss_and_grads(config.replace(kernels="reference"), x_BTD, variables)
     out, grads = loss_and_grads(config.replace(kernels="pallas", kernel_target=target), x_BTD, variables)
     assert max_rel(out, ref_out) < tol
@@ -50,7 +51,7 @@ def test_kernels_equal_the_reference_layer(name, config, target, tol):
 
 def test_fp8_routed_experts_stay_close_to_bf16_compute():
     x_BTD = jax.random.normal(jax.random.key(2), (2, 32, CONFIG.dim), jnp.float32)
-    variables = MoE(CONFIG).init(jax.random.key(0), x_BTD)
+    variables = MoE(CONFIG, kernels.REFERENCE).init(jax.random.key(0), x_BTD)
     exact, _ = loss_and_grads(CONFIG, x_BTD, variables)
     fp8, _ = loss_and_grads(dataclasses.replace(CONFIG, fp8=True), x_BTD, variables)
     x, y = np.asarray(fp8, np.float64), np.asarray(exact, np.float64)

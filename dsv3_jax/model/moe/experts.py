@@ -1,10 +1,5 @@
-"""The routed experts' SwiGLU over rows grouped by expert: the one definition that the MoE layer
-(dsv3_jax.model.moe.layer, every expert local) and the expert-parallel exchange (sharding.expert_parallel, a rank's
-local experts on the rows it received) both run.
-
-It lives here because dsv3_jax imports sharding/ while sharding/ imports neither dsv3_jax nor pallas_kernels; the
-grouped matmul is an argument, so which kernel runs (reference, Pallas, FP8) stays the caller's choice.
-"""
+"""The routed experts' SwiGLU over rows grouped by expert: what the MoE layer runs with every expert local, and what
+it hands the expert-parallel exchange (sharding.expert_parallel) to run on the rows a rank receives."""
 
 from __future__ import annotations
 
