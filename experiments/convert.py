@@ -1,17 +1,6 @@
-"""Convert between Hugging Face DeepSeek-V2/V3 checkpoints and pre-training checkpoints.
-
-    python -m experiments.convert --hf-dir DIR --out WORKDIR [--param-dtype float32] [--seed 0] [--fp8]
-        HF safetensors (BF16, or FP8 + weight_scale_inv; MTP included) -> WORKDIR/checkpoints/0, which
-        `python -m experiments.pretrain --workdir WORKDIR` resumes (with a model config equal to config.json's).
-        --fp8 keeps an FP8 checkpoint's E4M3 weights as they are (1 byte each, plus their 128x128 block scales)
-        instead of dequantising them: `experiments.generate --ckpt` then runs them as FP8 matmuls, while
-        pre-training and --export dequantise them into master weights when they read the checkpoint.
-    python -m experiments.convert --export --ckpt WORKDIR --out-hf DIR [--step N]
-        a pre-training checkpoint's params and routing biases -> HF layout (config.json + safetensors).
-
-Tensors are read, converted and written one at a time (see dsv3_jax/io/convert.py). Bad input (missing,
-mis-shaped or truncated tensors, an --out that already holds a checkpoint) exits with code 2 and one line
-on stderr, leaving no output behind.
+"""Convert between Hugging Face DeepSeek-V2/V3 checkpoints and pre-training checkpoints, one tensor at a time:
+`--hf-dir DIR --out WORKDIR [--fp8]` imports (WORKDIR is what experiments.pretrain resumes), `--export --ckpt WORKDIR
+--out-hf DIR [--step N]` exports. Bad input exits with code 2 and one line on stderr, leaving no output behind.
 """
 
 from __future__ import annotations
@@ -50,6 +39,20 @@ def resume_command(hf_dir: str, workdir: str, config) -> str:
 
 
 def main(argv=None) -> int:
+    """The command line; the exit code.
+
+        python -m experiments.convert --hf-dir DIR --out WORKDIR [--param-dtype float32] [--seed 0] [--fp8]
+            HF safetensors (BF16, or FP8 + weight_scale_inv; MTP included) -> WORKDIR/checkpoints/0, which
+            `python -m experiments.pretrain --workdir WORKDIR` resumes (with a model config equal to config.json's).
+            --fp8 keeps an FP8 checkpoint's E4M3 weights as they are (1 byte each, plus their 128x128 block scales)
+            instead of dequantising them: `experiments.generate --ckpt` then runs them as FP8 matmuls, while
+            pre-training and --export dequantise them into master weights when they read the checkpoint.
+        python -m experiments.convert --export --ckpt WORKDIR --out-hf DIR [--step N]
+            a pre-training checkpoint's params and routing biases -> HF layout (config.json + safetensors).
+
+    Tensors are read, converted and written one at a time (dsv3_jax.io.convert). Bad input (missing, mis-shaped or
+    truncated tensors, an --out that already holds a checkpoint) exits with code 2 and one line on stderr, leaving no
+    output behind."""
     parser = build_parser()
     args = parser.parse_args(argv)
     export = args.export or args.ckpt is not None or args.out_hf is not None

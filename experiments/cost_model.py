@@ -1,10 +1,6 @@
-"""Analytic cost model of DeepSeek-V3 pre-training: FLOPs per token, per-device memory under PP × EP × ZeRO-1 DP,
-pipeline bubble, expert all-to-all bytes, and GPU-hours per trillion tokens, checked against the V3 report.
-
-`python -m experiments.cost_model [--mfu 0.4] [--schedule dualpipe] [--weights bf16|fp8] ...` prints the
-`v3-671b` run. The same functions size the small presets, where experiments.scaling's AOT-compiled numbers check
-them: `executed_flops_per_token` (what XLA counts for this implementation) and `train_state_bytes` (params and
-AdamW state of the project's TrainState). Every estimate lists its terms; the assumptions are in the docstrings.
+"""Analytic cost model of DeepSeek-V3 pre-training, checked against the V3 report; prints the `v3-671b` run.
+FLOPs per token, per-device memory under PP × EP × ZeRO-1 DP, pipeline bubble, expert all-to-all bytes, GPU-hours per
+trillion tokens: every estimate lists its terms, and the assumptions are in the functions' docstrings.
 """
 
 from __future__ import annotations
@@ -18,16 +14,16 @@ from dsv3_jax.model.counting import attention_params, count_params, mlp_params, 
 from sharding.pipeline_schedules import Costs, ScheduleError, bubble_formula, make_schedule, simulate
 
 GB = 1e9
-# Facts from the DeepSeek-V3 report (deepseek_v3.md "Training recipe"): the numbers the model is checked against.
+# Facts from the DeepSeek-V3 technical report (its training costs): the numbers the model is checked against.
 REPORT_GPU_HOURS_PER_TRILLION = 180e3
 REPORT_PRETRAIN_TOKENS = 14.8e12
 REPORT_PRETRAIN_GPU_HOURS = 2.664e6
 REPORT_CONTEXT_EXTENSION_GPU_HOURS = 119e3
 REPORT_POST_TRAINING_GPU_HOURS = 5e3
 REPORT_TOTAL_GPU_HOURS = 2.788e6
-# Context extension (report §4.3): 1000 steps at 32K × 1920 sequences, then 1000 steps at 128K × 480.
+# Context extension, as the report runs it: 1000 steps at 32K × 1920 sequences, then 1000 steps at 128K × 480.
 CONTEXT_EXTENSION_PHASES = ((32768, 1920, 1000), (131072, 480, 1000))
-# DeepEP internode (RDMA) bandwidth per GPU for EP16–64 (deepseek_v3.md: 43–58 GB/s); the estimate takes 50.
+# DeepEP's internode (RDMA) bandwidth per GPU for EP16–64, as reported: 43–58 GB/s; the estimate takes 50.
 DEEPEP_RDMA_GBPS = 50.0
 TILE = 128   # FP8 scales: one float32 per 128 values (1×128 activation tiles, 128×128 weight blocks)
 
@@ -365,6 +361,10 @@ def format_report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """`python -m experiments.cost_model [--mfu 0.4] [--schedule dualpipe] [--weights bf16|fp8] ...` prints the
+    `v3-671b` run. The same functions size the small presets, where experiments.scaling's AOT-compiled numbers check
+    them: `executed_flops_per_token` (what XLA counts for this implementation) and `train_state_bytes` (params and
+    AdamW state of the project's TrainState)."""
     from dsv3_jax.config.presets import get_preset
 
     p = argparse.ArgumentParser(prog="python -m experiments.cost_model", description=__doc__.splitlines()[0])

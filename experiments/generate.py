@@ -1,12 +1,6 @@
-"""Generate text from a trained model: `python -m experiments.generate (--ckpt WORKDIR | --hf-dir DIR)
-(--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N [--temperature T --top-p P --seed S]
-[--speculative mtp [--draft-tokens N]] [--tokenizer tokenizer.json]`.
-
-Tokens are printed as they are chosen; tokens/s is reported at the end. Decoding uses the absorbed-MLA
-latent cache (dsv3_jax.infer). `--speculative mtp` drafts N tokens per step with the MTP module, chained over
-its own hidden states, and the main model verifies them in one step: greedy's tokens at temperature 0, the
-same distribution as plain sampling otherwise; the acceptance rate is reported. A checkpoint converted with
-`experiments.convert --fp8` runs its FP8 weights as FP8 matmuls with their stored block scales.
+"""Generate text from a trained model (`--ckpt WORKDIR` or `--hf-dir DIR`) over the absorbed-MLA latent cache, printing
+tokens as they are chosen and tokens/s at the end. `--speculative mtp` lets the MTP module draft tokens that the main
+model verifies in one step: greedy's tokens at temperature 0, the same distribution as plain sampling otherwise.
 """
 
 from __future__ import annotations
@@ -58,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_train_checkpoint(path: str, dtype: str) -> tuple[ModelConfig, dict]:
     """(ModelConfig from the checkpoint's metadata, {'params', 'moe_bias'}) of the newest step under `path`;
-    the optimizer state is not read. FP8 weights kept by `experiments.convert --fp8` come with their scales."""
+    the optimizer state is not read. FP8 weights kept by `experiments.convert --fp8` come with their scales, and
+    generation runs them as FP8 matmuls with those block scales."""
     import numpy as np
 
     from dsv3_jax.io import convert

@@ -1,13 +1,6 @@
-"""Every GPU number still owed, in one command sized for under 10 minutes on one H100/H200 (`make gpu-check`):
-the benchmarks of experiments.bench, each against its own baseline in the same run, one subprocess each.
-
-    python -m experiments.gpu_check [--out DIR] [--only NAME,...] [--dry-run]
-
-Runs fp8_gemm, moe, train_step (`small`, BF16 and with model.fp8=true, each against transformers' grouped_mm
-experts) and decode (`small`, batch 1, 8 and 64, against transformers' generate), writing DIR/<check>.json and
-DIR/<check>.log (its output). A check that fails or overruns its time limit is reported and the next one runs; the
-exit code is 1 if any failed, and a summary table ends the output. `--dry-run` prints the commands and runs nothing.
-Bad arguments: one line naming the argument, exit code 2.
+"""Every GPU number still owed, in one command sized for under 10 minutes on one H100/H200 (`make gpu-check`): the
+benchmarks of experiments.bench, each against its own baseline, one subprocess each, writing DIR/<check>.json and
+.log. Exit code 1 if a check failed or overran its limit, 2 on a bad argument; `--dry-run` prints the commands.
 """
 
 from __future__ import annotations
@@ -104,6 +97,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv=None, run=run_check) -> int:
+    """`python -m experiments.gpu_check [--out DIR] [--only NAME,...] [--dry-run]`: the CHECKS in turn, fp8_gemm, moe,
+    train_step (`small`, BF16 and with model.fp8=true, each against transformers' grouped_mm experts) and decode
+    (`small`, batch 1, 8 and 64, against transformers' generate). A check that fails or overruns its time limit is
+    reported and the next one runs; a summary table ends the output. Bad arguments: one line naming the argument."""
     parser = _Parser(prog="python -m experiments.gpu_check", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_results", help="directory for the JSON and logs (default: "

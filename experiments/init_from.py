@@ -1,13 +1,5 @@
 """`checkpoint.init_from=DIR`: a new run that starts from another run's weights, as DeepSeek-V3's context-extension
 stages start from the 4K pre-training (experiments.presets: v3-671b → v3-671b-ext32k → v3-671b-ext128k).
-
-DIR is the other run's --workdir (or its checkpoints/ folder, or a converted checkpoint's); its newest checkpoint is
-read, never written. Carried over: the parameters, the routing biases and the AdamW state (moments and their step
-count: the stage continues the same optimizer, at its own learning rate). Started afresh: the step counter (the new
-run's schedule counts from 0), tokens seen, the data stream and the loss's running mean. The models must agree in
-every field that shapes the parameters; the position fields (RoPE theta, YaRN, max positions) may differ, which is
-what a context extension changes. Used only while the run's own workdir holds no checkpoint: a stage that was
-interrupted resumes from its own checkpoints.
 """
 
 from __future__ import annotations
@@ -43,7 +35,15 @@ def check_same_parameters(saved_signature: dict, model: ModelConfig, where: str)
 
 
 class InitSource:
-    """The newest checkpoint under `init_from`, checked against `model` (ConfigError / CheckpointMismatch, one line)."""
+    """The newest checkpoint under `init_from`, checked against `model` (ConfigError / CheckpointMismatch, one line).
+
+    `init_from` is the other run's --workdir (or its checkpoints/ folder, or a converted checkpoint's); its newest
+    checkpoint is read, never written. Carried over: the parameters, the routing biases and the AdamW state (moments
+    and their step count: the stage continues the same optimizer, at its own learning rate). Started afresh: the step
+    counter (the new run's schedule counts from 0), tokens seen, the data stream and the loss's running mean. The
+    models must agree in every field that shapes the parameters; the position fields (RoPE theta, YaRN, max
+    positions) may differ, which is what a context extension changes. Used only while the run's own workdir holds
+    no checkpoint: a stage that was interrupted resumes from its own checkpoints."""
 
     def __init__(self, init_from: str, model: ModelConfig):
         directory = checkpoints_dir(os.path.expanduser(init_from))

@@ -1,8 +1,5 @@
-"""Plot a training run: `python -m experiments.plot WORKDIR` writes loss.png and expert_load.png there.
-
-loss.png: total, next-token and MTP losses (and the learning rate) against tokens seen.
-expert_load.png: per MoE layer, each expert's share of tokens relative to the mean at the last
-logged step, beside each layer's maximal load violation (max/mean − 1) over time.
+"""Plot a training run: `python -m experiments.plot WORKDIR` writes loss.png (the losses and the learning rate against
+tokens seen) and expert_load.png (each MoE layer's expert loads) there.
 """
 
 from __future__ import annotations
@@ -23,6 +20,7 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def plot_losses(records: list[dict], out_path: str) -> None:
+    """loss.png: total, next-token and MTP losses (and the learning rate) against tokens seen."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -46,6 +44,8 @@ def plot_losses(records: list[dict], out_path: str) -> None:
 
 
 def plot_expert_load(load_records: list[dict], records: list[dict], out_path: str) -> None:
+    """expert_load.png: per MoE layer, each expert's share of tokens relative to the mean at the last logged step,
+    beside each layer's maximal load violation (max/mean − 1) over time."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,8 +1,6 @@
-"""Pre-train DeepSeek-V3: `python -m experiments.pretrain --config tiny --workdir DIR [--steps N]
-[--data PATH_OR_GLOB] [--tokenizer tokenizer.json] [--set section.field=value ...]`.
-
-Re-running the same command resumes from the newest checkpoint in DIR. With no --data, trains on
-the Python standard library's sources and documentation topics with a BPE trained on them.
+"""Pre-train DeepSeek-V3: `python -m experiments.pretrain --config tiny --workdir DIR [--steps N] [--data PATH_OR_GLOB]
+[--tokenizer tokenizer.json] [--set section.field=value ...]`. Re-running it resumes from DIR's newest checkpoint;
+with no --data it trains on the Python standard library's sources and documentation, with a BPE trained on them.
 """
 
 from __future__ import annotations

@@ -1,29 +1,6 @@
 """Scaling study: the sharded train step AOT-compiled per (preset, mesh, FP8, pipeline schedule) for this machine's
-devices or for a cluster it does not have (--target), with XLA's per-device memory, FLOPs, collectives and custom
-calls, on TPU targets XLA's cost-model step time and MFU, and on real accelerators the measured step time,
-tokens/s and MFU.
-
-    python -m experiments.scaling --presets tiny,small --meshes data=8 fsdp=8 data=2,expert=4 \\
-        [--target cpu|h100xN|v5p:8x8x8|...] [--fp8 off|on|both] [--schedules gpipe,1f1b,dualpipe] \\
-        [--simulate-devices N] [--cost-depths K1,K2] [--out DIR]
-
---target: omitted, the devices JAX has (simulated CPU devices on a CPU host, as many as the largest mesh); `cpu`,
-this host's CPU devices; any other sharding.targets name (h100, h100xN, v5e:2x2, v5p:2x2x1, v6e:2x4, ...) compiles
-for compile-only devices of that chip, every mesh using all of them, and never runs a step. The model's kernels are
-what the target's chips would run (dsv3_jax.kernels.resolve, through dsv3_jax.train.build).
-
-A mesh is `axis=size[,axis=size...][/strategy]` over the axes data, fsdp, expert, pipeline, tensor; the strategy
-(replicated | zero1 | fsdp) defaults to fsdp when the mesh has an fsdp axis, else zero1. Schedules apply to meshes
-with pipeline > 1 (one point per schedule, over --micro micro-batches, default 2 × PP). Layers are compiled
-unrolled (`scan_layers=false`, overridable with --set) so that XLA's cost analysis, which counts a loop body once,
-sees every layer; a pipelined step scans over its schedule's ticks, so there XLA counts one tick (and no cost-model
-MFU is given). A model too deep to compile unrolled compiles scanned (--set scan_layers=true: exact memory) with
---cost-depths K1,K2, which takes FLOPs and the cost model's step time from two shallow unrolled copies, extrapolated
-to the full depth. The XLA/model column divides XLA's FLOPs by experiments.cost_model's executed FLOPs per device.
-Writes DIR/scaling.csv and three plots: memory_by_mesh.png, mfu_by_model_size.png, bubble_by_schedule.png
-(simulated bubble fraction, F = 1, B = 2). A point that fails (e.g. does not fit the chip's memory) is a row with
-its error; the others go on, and the exit code is then 1.
-Bad arguments: one line naming the argument, exit code 2, before anything compiles.
+devices or a cluster it does not have (--target): per-device memory, FLOPs, collectives, on TPU targets the cost
+model's step time and MFU, on accelerators measured tokens/s and MFU. Writes DIR/scaling.csv and three plots.
 """
 
 from __future__ import annotations
@@ -341,6 +318,31 @@ def _describe_target(target: str | None, devices: list) -> str:
 
 
 def main(argv=None) -> int:
+    """The study; the exit code.
+
+        python -m experiments.scaling --presets tiny,small --meshes data=8 fsdp=8 data=2,expert=4 \\
+            [--target cpu|h100xN|v5p:8x8x8|...] [--fp8 off|on|both] [--schedules gpipe,1f1b,dualpipe] \\
+            [--simulate-devices N] [--cost-depths K1,K2] [--out DIR]
+
+    --target: omitted, the devices JAX has (simulated CPU devices on a CPU host, as many as the largest mesh); `cpu`,
+    this host's CPU devices; any other sharding.targets name (h100, h100xN, v5e:2x2, v5p:2x2x1, v6e:2x4, ...)
+    compiles for compile-only devices of that chip, every mesh using all of them, and never runs a step. The model's
+    kernels are what the target's chips would run (dsv3_jax.kernels.resolve, through dsv3_jax.train.build).
+
+    A mesh is `axis=size[,axis=size...][/strategy]` over the axes data, fsdp, expert, pipeline, tensor; the strategy
+    (replicated | zero1 | fsdp) defaults to fsdp when the mesh has an fsdp axis, else zero1. Schedules apply to meshes
+    with pipeline > 1 (one point per schedule, over --micro micro-batches, default 2 × PP). Layers are compiled
+    unrolled (`scan_layers=false`, overridable with --set) so that XLA's cost analysis, which counts a loop body once,
+    sees every layer; a pipelined step scans over its schedule's ticks, so there XLA counts one tick (and no
+    cost-model MFU is given). A model too deep to compile unrolled compiles scanned (--set scan_layers=true: exact
+    memory) with --cost-depths K1,K2, which takes FLOPs and the cost model's step time from two shallow unrolled
+    copies, extrapolated to the full depth. The XLA/model column divides XLA's FLOPs by experiments.cost_model's
+    executed FLOPs per device.
+
+    Writes DIR/scaling.csv and three plots: memory_by_mesh.png, mfu_by_model_size.png, bubble_by_schedule.png
+    (simulated bubble fraction, F = 1, B = 2). A point that fails (e.g. does not fit the chip's memory) is a row with
+    its error; the others go on, and the exit code is then 1. Bad arguments: one line naming the argument, exit code
+    2, before anything compiles."""
     try:
         args = build_parser().parse_args(argv)
         meshes = parse_meshes(args.meshes)

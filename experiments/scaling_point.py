@@ -1,11 +1,6 @@
-"""One point of the scaling study: the sharded train step AOT-compiled for a mesh (jit(...).lower(...).compile()) on
-abstract arguments, never on arrays, so that it works for compile-only devices (sharding.targets) as well as real
-ones; XLA's per-device memory and FLOPs, the compiled program's collectives and custom calls, on TPU the cost
-model's step time, and, when asked (real accelerators only), a few real steps timed (tokens/s and MFU).
-
-Per-device numbers come from the compiled SPMD program: `memory_analysis` (argument, output, alias, temp) and
-`cost_analysis` (FLOPs; on TPU also `optimal_seconds`); the exact state bytes of device 0 come from the shardings
-(experiments.bench.sharding_memory).
+"""One point of the scaling study: the sharded train step AOT-compiled for a mesh on abstract arguments, never arrays,
+so that it works for compile-only devices (sharding.targets) as well as real ones; XLA's per-device memory, FLOPs,
+collectives and custom calls, on TPU the cost model's step time, and on request a few real steps timed.
 """
 
 from __future__ import annotations
@@ -89,7 +84,11 @@ def describe(point, config: ModelConfig, batch: int, seq_len: int, target: str) 
 def measure(point, config: ModelConfig, devices: list, batch: int, seq_len: int, timed_steps: int,
             target: str) -> dict:
     """Compile the step for `point` (an experiments.scaling.Point) on `devices[:point.n_devices]` and measure it;
-    `timed_steps` > 0 also runs it (the devices must be real). Exceptions propagate: the caller records them."""
+    `timed_steps` > 0 also runs it (the devices must be real). Exceptions propagate: the caller records them.
+
+    Per-device numbers come from the compiled SPMD program (jit(...).lower(...).compile()): `memory_analysis`
+    (argument, output, alias, temp) and `cost_analysis` (FLOPs; on TPU also `optimal_seconds`); the exact state bytes
+    of device 0 come from the shardings (experiments.bench.sharding_memory)."""
     mesh = build_mesh(point.axes, devices[:point.n_devices])
     row = describe(point, config, batch, seq_len, target)
     step = build_step(compile_run(config, batch=batch, seq_len=seq_len, micro=point.micro, strategy=point.strategy,

@@ -1,13 +1,6 @@
-"""The scaling study on the machines people rent, compile-only: DeepSeek-V3 671B in the V3 report's layout on 2048
-H100-class GPUs and on a TPU v5p-1024 slice (512 chips), and smaller rungs (V2-Lite 16B on 8 H100s, a v5e-16 and a
-v6e-8; `small` on one chip of each). Each rung is one `experiments.scaling --target ...` run into OUT/<rung>/; the
-rows are joined into OUT/scaling_real.csv with two figures: peak memory per device against the chip's HBM
-(memory_vs_hbm.png) and XLA's TPU cost-model MFU per mesh (tpu_cost_model_mfu.png).
-
-    python -m experiments.scaling_real [--only RUNG[,RUNG...]] [--out DIR]      (make scaling-real)
-
-The 671B points take 5 to 11 minutes each to compile on a 2-core machine, the whole study about an hour. A rung
-whose points fail (e.g. do not fit) keeps its error rows; the exit code is then 1.
+"""The scaling study on the machines people rent, compile-only (`make scaling-real`): DeepSeek-V3 671B in the V3
+report's layout on 2048 H100-class GPUs and on a TPU v5p-1024 slice, and smaller rungs; each rung is one
+`experiments.scaling --target ...` run, joined into OUT/scaling_real.csv with two figures.
 """
 
 from __future__ import annotations
@@ -66,6 +59,14 @@ def read_rows(path: str) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    """`python -m experiments.scaling_real [--only RUNG[,RUNG...]] [--out DIR]`: DeepSeek-V3 671B on 2048 H100-class
+    GPUs and on a TPU v5p-1024 slice (512 chips), and smaller rungs (V2-Lite 16B on 8 H100s, a v5e-16 and a v6e-8;
+    `small` on one chip of each). Each rung of RUNGS is one `experiments.scaling --target ...` run into OUT/<rung>/;
+    the rows are joined into OUT/scaling_real.csv with two figures: peak memory per device against the chip's HBM
+    (memory_vs_hbm.png) and XLA's TPU cost-model MFU per mesh (tpu_cost_model_mfu.png).
+
+    The 671B points take 5 to 11 minutes each to compile on a 2-core machine, the whole study about an hour. A rung
+    whose points fail (e.g. do not fit) keeps its error rows; the exit code is then 1."""
     p = argparse.ArgumentParser(prog="python -m experiments.scaling_real", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(RUNGS), help="comma-separated rungs (default: all)")

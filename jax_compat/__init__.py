@@ -1,20 +1,6 @@
-"""The one module that touches private or version-dependent JAX and orbax APIs; everything else calls it.
-
-A top-level package below all three floors: `pallas_kernels/`, `sharding/` and `dsv3_jax/` may each import it,
-and it imports nothing of theirs (only jax at import time; each private module when its entry is first used), so
-the arrows still point only downward. Each entry names the API it leans on in `ENTRIES`; when an upgrade moves or
-changes one, the entry raises `PrivateAPIError` naming that API and the installed JAX and orbax versions, and
-tests/jax_compat/ (one test per entry) fails with the same message.
-
-  manual_axes        a value's manual-axis typing under `jax.shard_map(check_vma=True)`: the aval's
-                     `.manual_axis_type.varying` (JAX 0.10+; `.vma` before), `lax.pcast` (`lax.pvary` before),
-                     `ShapeDtypeStruct(manual_axis_type=...)`
-  cudnn_attention    `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`: cuDNN flash attention with
-                     v's head dim unequal to q/k's, which `jax.nn.dot_product_attention` does not take
-  gpu_interpreter    `jax._src.pallas.mosaic_gpu.interpret`: Mosaic GPU interpret mode, with our WGMMA callback in
-                     place of JAX's (which cannot read operands through a trailing `plgpu.transpose_ref`)
-  orbax_lazy_leaves  `orbax.checkpoint._src.futures` and the private `NumpyHandler._background_serialize` /
-                     `_open_and_write`: a type handler that builds each leaf only when orbax writes it
+"""The one package that touches private or version-dependent JAX and orbax APIs; everything else calls it. It sits below
+all three floors (only jax at import time; each private module when its entry is first used), and each entry of
+`ENTRIES` raises `PrivateAPIError`, naming the API and the installed versions, when an upgrade moves what it uses.
 """
 
 from __future__ import annotations
@@ -345,6 +331,20 @@ def _probe_orbax_lazy_leaves() -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
+    """One private API this package leans on, and the probe that checks it; tests/jax_compat/ runs one test per entry
+    and fails with the probe's message when an upgrade moves or changes the API. The entries (ENTRIES):
+
+      manual_axes        a value's manual-axis typing under `jax.shard_map(check_vma=True)`: the aval's
+                         `.manual_axis_type.varying` (JAX 0.10+; `.vma` before), `lax.pcast` (`lax.pvary` before),
+                         `ShapeDtypeStruct(manual_axis_type=...)`
+      cudnn_attention    `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`: cuDNN flash attention with
+                         v's head dim unequal to q/k's, which `jax.nn.dot_product_attention` does not take
+      gpu_interpreter    `jax._src.pallas.mosaic_gpu.interpret`: Mosaic GPU interpret mode, with our WGMMA callback in
+                         place of JAX's (which cannot read operands through a trailing `plgpu.transpose_ref`)
+      orbax_lazy_leaves  `orbax.checkpoint._src.futures` and the private `NumpyHandler._background_serialize` /
+                         `_open_and_write`: a type handler that builds each leaf only when orbax writes it
+    """
+
     api: str                 # what it leans on
     probe: Callable[[], None]   # raises PrivateAPIError when that has moved or changed
 

@@ -1,11 +1,6 @@
-"""How a kernel's result varies over the manual mesh axes of an enclosing `jax.shard_map` (its `check_vma` typing).
-
-The kernels compute per-device results from per-device operands, so a result varies over every manual axis any
-operand varies over. A TPU `pallas_call` traced under `check_vma=True` must say so on its out_shape (`out_struct`);
-a Mosaic GPU kernel (`plgpu.kernel`) is traced with the check off and returns a result typed as the same on every
-device, which `vary_like` types back as varying. Both are types only: nothing moves between devices, and the
-kernels' custom VJPs (not these casts) define their gradients. Outside a shard_map every operand varies over nothing
-and both are the identity.
+"""How a kernel's result varies over the manual mesh axes of an enclosing `jax.shard_map` (its `check_vma` typing): a
+result varies over every manual axis any operand varies over. Types only: nothing moves, and the kernels' custom
+VJPs (not these casts) define their gradients; outside a shard_map both helpers are the identity.
 """
 
 from __future__ import annotations
@@ -21,10 +16,12 @@ def varying_axes(*operands) -> frozenset:
 
 
 def out_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
-    """A pallas_call out_shape for a result of `shape` and `dtype` computed from `operands`."""
+    """A pallas_call out_shape for a result of `shape` and `dtype` computed from `operands`: a TPU `pallas_call`
+    traced under `check_vma=True` must say on its out_shape how its result varies."""
     return jax_compat.typed_struct(shape, dtype, varying_axes(*operands))
 
 
 def vary_like(result, *operands):
-    """`result` typed as varying over the manual axes `operands` vary over (a GPU kernel's result)."""
+    """`result` typed as varying over the manual axes `operands` vary over (a GPU kernel's result: a Mosaic GPU
+    kernel, `plgpu.kernel`, is traced with the check off and returns a result typed as the same on every device)."""
     return jax_compat.cast_varying(result, varying_axes(*operands))

@@ -1,10 +1,4 @@
-"""Multi-process start-up: `jax.distributed.initialize` from command-line flags or the cluster's environment.
-
-Explicit: coordinator HOST:PORT, number of processes, this process's id (all three, or none).
-Implicit: SLURM (more than one task), Cloud TPU VMs of several hosts, and `JAX_COORDINATOR_ADDRESS` +
-`JAX_NUM_PROCESSES` + `JAX_PROCESS_ID`. A single process needs nothing. CPU processes exchange over gloo.
-Call it before anything asks JAX for its devices.
-"""
+"""Multi-process start-up: `jax.distributed.initialize` from command-line flags or the cluster's environment."""
 
 from __future__ import annotations
 
@@ -31,7 +25,11 @@ def cluster_from_environment(env: Mapping[str, str]) -> str | None:
 
 def resolve(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
             env: Mapping[str, str] = os.environ) -> dict | None:
-    """Keyword arguments for jax.distributed.initialize, or None for a single-process run."""
+    """Keyword arguments for jax.distributed.initialize, or None for a single-process run.
+
+    Explicit: coordinator HOST:PORT, number of processes, this process's id (all three, or none). Implicit: SLURM
+    (more than one task), Cloud TPU VMs of several hosts, and `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` +
+    `JAX_PROCESS_ID`. A single process needs nothing. CPU processes exchange over gloo."""
     given = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
     if any(v is not None for v in given.values()):
         missing = [flag for flag, v in given.items() if v is None]
@@ -67,7 +65,8 @@ def _checked(coordinator: str, num_processes: int, process_id: int, style: str) 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
                env: Mapping[str, str] = os.environ) -> bool:
-    """Start jax.distributed when this is a multi-process run; True if it did."""
+    """Start jax.distributed when this is a multi-process run (see `resolve`); True if it did. Call it before anything
+    asks JAX for its devices."""
     kwargs = resolve(coordinator, num_processes, process_id, env)
     if kwargs is None or kwargs.get("num_processes") == 1:
         return False

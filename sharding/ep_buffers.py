@@ -1,9 +1,4 @@
-"""Receive-buffer sizes of the expert-parallel exchange, next to the balanced and the worst-case sizes.
-
-Per round, each rank sends at most C rows to each peer, so it receives at most EP·C rows, with
-C = ceil(capacity_factor · T_local·K / EP) rounded up to `block_multiple`. A buffer sized for the worst case
-(every rank sends all its rows that can reach one rank to that rank) needs T_local·K·min(EP, E/K) rows.
-"""
+"""Receive-buffer sizes of the expert-parallel exchange, next to the balanced and the worst-case sizes."""
 
 from __future__ import annotations
 
@@ -16,7 +11,9 @@ from sharding.ep_layout import check_expert_parallel
 
 
 def capacity_per_peer(rows_per_rank: int, ep: int, capacity_factor: float, block_multiple: int = 8) -> int:
-    """C: rows one rank may send to one peer in one round."""
+    """C: rows one rank may send to one peer in one round, ceil(capacity_factor · T_local·K / EP) rounded up to
+    `block_multiple`. Per round each rank so receives at most EP·C rows, where a buffer sized for the worst case
+    (every rank sends all its rows that can reach one rank to that rank) needs T_local·K·min(EP, E/K) rows."""
     rows = max(1, math.ceil(capacity_factor * rows_per_rank / ep))
     return -(-rows // block_multiple) * block_multiple
 

@@ -1,8 +1,5 @@
-"""A plain reference of lax.ragged_all_to_all built from all_gather, for platforms that cannot compile it.
-
-Same contract (call inside shard_map): sender s writes operand_s[input_offsets_s[d] : + send_sizes_s[d]] into
-receiver d's output at output_offsets_s[d]. It gathers every rank's operand, so it costs EP× the memory:
-a test oracle for the ragged exchange path on XLA:CPU, not a transport.
+"""A plain reference of lax.ragged_all_to_all built from all_gather, for platforms that cannot compile it: a test
+oracle for the ragged exchange path on XLA:CPU, not a transport (it costs EP× the memory).
 """
 
 from __future__ import annotations
@@ -13,6 +10,9 @@ from jax import lax
 
 def ragged_all_to_all_reference(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
                                 axis_name):
+    """lax.ragged_all_to_all's contract (call inside shard_map): sender s writes
+    operand_s[input_offsets_s[d] : + send_sizes_s[d]] into receiver d's output at output_offsets_s[d]. It gathers
+    every rank's operand, so it costs EP× the memory."""
     del recv_sizes   # implied by the senders' send_sizes
     me = lax.axis_index(axis_name)
     operand_PNX = lax.all_gather(operand, axis_name)

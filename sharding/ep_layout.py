@@ -1,8 +1,5 @@
-"""Where experts live under expert parallelism, and the checks that reject a layout before tracing.
-
-Experts are laid out contiguously: EP rank r holds experts [r·E/EP, (r+1)·E/EP). Routing groups are
-contiguous too, so with `n_group` groups each group sits on whole ranks (or spans whole ranks), and
-node-limited routing (a token picks experts from at most `topk_group` groups) bounds its destination ranks.
+"""Where experts live under expert parallelism, and the checks that reject a layout before tracing. Experts are laid
+out contiguously: EP rank r holds experts [r·E/EP, (r+1)·E/EP), so each routing group sits on (or spans) whole ranks.
 """
 
 from __future__ import annotations
@@ -51,7 +48,8 @@ def group_ranks(n_group: int, ep: int) -> list[tuple[int, ...]]:
 
 
 def max_ranks_per_token(n_group: int, topk_group: int, ep: int) -> int:
-    """The most EP ranks a token can reach when it picks experts from `topk_group` of `n_group` groups."""
+    """The most EP ranks a token can reach when it picks experts from `topk_group` of `n_group` groups: routing groups
+    are contiguous like the experts, so node-limited routing bounds a token's destination ranks."""
     if not 1 <= topk_group <= n_group:
         raise ValueError(f"topk_group={topk_group}: must be in [1, n_group={n_group}]")
     return min(ep, topk_group * len(group_ranks(n_group, ep)[0]))

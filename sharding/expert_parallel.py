@@ -1,25 +1,5 @@
-"""Expert parallelism: E/EP experts per rank; token rows travel to their experts and back in bounded rounds.
-
-Dropless, with a bounded buffer:
- 1. Each rank sorts its T·K (token, choice) rows by expert. Experts are contiguous per rank, so the rows are
-    grouped by destination rank and, within it, by local expert.
- 2. One small all_to_all gives every peer the per-local-expert row counts and where each block starts, so
-    every rank knows what it sends and receives, and the local expert of every row it receives.
- 3. Rows move in rounds: per round at most C rows go from a rank to a peer (`ep_buffers.capacity_per_peer`,
-    C ≈ capacity_factor · T·K / EP), so a rank receives at most EP·C ≈ capacity_factor × the balanced T·K
-    rows whatever the routing. Skew adds rounds (max over pairs of ceil(rows / C), agreed by a pmax over
-    the expert axis), never buffer rows; balanced routing takes one round.
- 4. Each round the owner runs its experts (the caller's `expert_ffn`, e.g. a grouped SwiGLU) on the buffer and returns each
-    result to the row it came from; after the last round the rows are un-sorted and combined with the weights in
-    float32.
- 5. The backward replays the rounds (x and dy rows travel together, dx comes back), recomputing the expert
-    forward, so nothing is kept per round; expert-weight gradients accumulate in float32.
-
-Transports: `all_to_all` moves padded [EP, C] blocks with lax.all_to_all (runs everywhere); `ragged` moves
-only the filled rows with lax.ragged_all_to_all (GPU/TPU: XLA:CPU lowers but cannot compile it);
-`ragged_reference` is the ragged path with that collective emulated by all_gather (a test oracle).
-`all_to_all=` swaps the collective of the `all_to_all` transport for any callable with lax.all_to_all's
-signature, e.g. the Pallas TPU remote-DMA kernel (pallas_kernels.all_to_all); the tiny count exchange stays lax.
+"""Expert parallelism: E/EP experts per rank; token rows travel to their experts and back in bounded, dropless rounds
+(the steps: `expert_parallel_ffn_local`; the transports: `expert_parallel_ffn`).
 """
 
 from __future__ import annotations
@@ -184,7 +164,23 @@ def expert_parallel_ffn_local(x_TD, experts_TK, weights_TK, expert_weights: tupl
     """The per-rank body: call inside a shard_map where `expert_axis` is manual. x_TD and the routing are this
     rank's tokens; `expert_weights` (each expert-axis first) its E/EP local experts, which
     expert_ffn(x_ND, group_sizes_e, *expert_weights) runs on rows grouped by local expert; `capacity` is C. Stats
-    are scalars. `all_to_all`: the row collective of impl="all_to_all" (default lax.all_to_all)."""
+    are scalars. `all_to_all`: the row collective of impl="all_to_all" (default lax.all_to_all).
+
+    Dropless, with a bounded buffer:
+     1. Each rank sorts its T·K (token, choice) rows by expert. Experts are contiguous per rank, so the rows are
+        grouped by destination rank and, within it, by local expert.
+     2. One small all_to_all gives every peer the per-local-expert row counts and where each block starts, so
+        every rank knows what it sends and receives, and the local expert of every row it receives.
+     3. Rows move in rounds: per round at most C rows go from a rank to a peer (`ep_buffers.capacity_per_peer`,
+        C ≈ capacity_factor · T·K / EP), so a rank receives at most EP·C ≈ capacity_factor × the balanced T·K
+        rows whatever the routing. Skew adds rounds (max over pairs of ceil(rows / C), agreed by a pmax over
+        the expert axis), never buffer rows; balanced routing takes one round.
+     4. Each round the owner runs its experts (the caller's `expert_ffn`, e.g. a grouped SwiGLU) on the buffer and
+        returns each result to the row it came from; after the last round the rows are un-sorted and combined with
+        the weights in float32.
+     5. The backward replays the rounds (x and dy rows travel together, dx comes back), recomputing the expert
+        forward, so nothing is kept per round; expert-weight gradients accumulate in float32.
+    """
     if all_to_all is not None and impl != "all_to_all":
         raise ValueError(f"expert_parallel.all_to_all is a transport for impl='all_to_all', not impl={impl!r}")
     ep = lax.axis_size(expert_axis)
@@ -237,7 +233,14 @@ def expert_parallel_ffn(x_TD, experts_TK, weights_TK, expert_weights: tuple, *, 
 
     Tokens are split over `token_axes` then `expert_axis`; each of `expert_weights` (E first) over `expert_axis`,
     gathered over every other axis. Equals the single-device routed-expert output; dropless unless
-    `max_rounds` is set. Returns out_TD and EPStats (each [token shards]).
+    `max_rounds` is set. Returns out_TD and EPStats (each [token shards]). The exchange itself:
+    `expert_parallel_ffn_local`.
+
+    Transports (`impl`): `all_to_all` moves padded [EP, C] blocks with lax.all_to_all (runs everywhere); `ragged`
+    moves only the filled rows with lax.ragged_all_to_all (GPU/TPU: XLA:CPU lowers but cannot compile it);
+    `ragged_reference` is the ragged path with that collective emulated by all_gather (a test oracle).
+    `all_to_all=` swaps the collective of the `all_to_all` transport for any callable with lax.all_to_all's
+    signature, e.g. the Pallas TPU remote-DMA kernel (pallas_kernels.all_to_all); the tiny count exchange stays lax.
     """
     if expert_axis not in mesh.shape:
         raise ValueError(f"expert_parallel.expert_axis={expert_axis!r}: not an axis of the mesh "

@@ -1,8 +1,5 @@
-"""Meshes from axis sizes, and placing train batches and state on them.
-
-Axes, outermost first: `data` (replicas), `fsdp` (parameter-sharded replicas), `expert`, `pipeline`,
-`tensor`. A size of -1 takes the devices the other axes leave. Batches are split over the batch-like
-axes (`data`, `fsdp`, and `expert`, whose ranks hold different tokens); every process contributes the rows it read itself.
+"""Meshes from axis sizes, and placing train batches and state on them. Axes, outermost first: `data` (replicas),
+`fsdp` (parameter-sharded replicas), `expert`, `pipeline`, `tensor`; a size of -1 takes what the others leave.
 """
 
 from __future__ import annotations
@@ -67,6 +64,7 @@ def batch_sharding(mesh: Mesh, batch_dim: int = 0, ndim: int = 2) -> NamedShardi
 
 
 def put_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray], batch_dim: int = 0) -> dict[str, jax.Array]:
-    """Global arrays from this process's rows: each process passes its own slice of `batch_dim`."""
+    """Global arrays from this process's rows: each process passes its own slice of `batch_dim`. Batches are split
+    over the batch-like axes (`data`, `fsdp`, and `expert`, whose ranks hold different tokens)."""
     return {name: jax.make_array_from_process_local_data(batch_sharding(mesh, batch_dim, array.ndim), array)
             for name, array in local_batch.items()}

@@ -1,14 +1,5 @@
 """Running a function once per batch shard of a mesh, inside a shard_map: how kernels that XLA cannot partition
 (Pallas TPU and Mosaic GPU custom calls) run on a sharded mesh.
-
-The leading arguments are split on their first dimension over the mesh's batch axes (sharding.mesh.BATCH_AXES),
-every output likewise; the remaining arguments are whole on every device (XLA gathers a parameter-sharded one
-first, as FSDP does anyway, and the shard_map's transpose sums its gradient over the batch shards).
-
-`on_batch_shards(fn, n)` does so under the mesh of an enclosing `jax.set_mesh` (dsv3_jax.train.sharded traces the
-step under one) when XLA would otherwise have to partition `fn`: the mesh spans several devices and none of its
-axes is manual yet. Inside a shard_map (expert parallelism, the pipeline executor) `fn` already sees one device's
-data and runs as it is.
 """
 
 from __future__ import annotations
@@ -40,7 +31,9 @@ def per_batch_shard(fn: Callable, mesh, n_split: int) -> Callable:
 
     Every mesh axis is manual inside, so `fn` sees one device's rows; the varying-axes check is off because not
     every kernel types its results by the axes they vary over (pallas_kernels.vma). The split dimension must divide
-    by the product of the batch axes (batch rows do, being split so already).
+    by the product of the batch axes (batch rows do, being split so already). The whole arguments are whole on
+    every device: XLA gathers a parameter-sharded one first, as FSDP does anyway, and the shard_map's transpose sums
+    its gradient over the batch shards.
     """
     rows = P(batch_axes(mesh) or None)
 
@@ -52,6 +45,11 @@ def per_batch_shard(fn: Callable, mesh, n_split: int) -> Callable:
 
 
 def on_batch_shards(fn: Callable, n_split: int) -> Callable:
-    """per_batch_shard over `auto_mesh()` where there is one; `fn` itself otherwise."""
+    """per_batch_shard over `auto_mesh()` where there is one; `fn` itself otherwise.
+
+    That is, under the mesh of an enclosing `jax.set_mesh` (dsv3_jax.train.sharded traces the step under one) when
+    XLA would otherwise have to partition `fn`: the mesh spans several devices and none of its axes is manual yet.
+    Inside a shard_map (expert parallelism, the pipeline executor) `fn` already sees one device's data and runs as it
+    is."""
     mesh = auto_mesh()
     return fn if mesh is None else per_batch_shard(fn, mesh, n_split)

@@ -1,9 +1,5 @@
-"""Pipeline-parallel loss and gradients: a schedule's tick table executed with `jax.shard_map` over "pipeline".
-
-Each tick every device runs the forward or backward its table names (or idles), then neighbours swap one message
-each way with `ppermute`: activations travel towards later stages, cotangents towards earlier ones. The backward is
-written out per tick (recompute the stage from its saved input, apply its vjp), not derived by differentiating a
-forward pipeline, so the schedule decides the order of work and how many activations are held.
+"""Pipeline-parallel loss and gradients: a schedule's tick table executed with `jax.shard_map` over "pipeline", the
+backward written out per tick (recompute, then vjp) so that the schedule decides the order of work.
 """
 
 from __future__ import annotations
@@ -131,6 +127,11 @@ def pipeline_value_and_grad(
     `last_params`, over batch axes only: first_fn / loss_fn get the local slices (and gather what they use whole).
     `schedule` is a name of SCHEDULE_NAMES or a Schedule. A device saves each stage input until that micro-batch's
     backward, which recomputes the stage forward under `jax.vjp` (one extra forward per stage, no stored residuals).
+
+    Each tick every device runs the forward or backward its table names (or idles), then neighbours swap one message
+    each way with `ppermute`: activations travel towards later stages, cotangents towards earlier ones. The backward
+    is written out per tick, not derived by differentiating a forward pipeline, so the schedule decides the order of
+    work and how many activations are held.
     """
     n_stages = mesh.shape[axis]
     if isinstance(schedule, str):

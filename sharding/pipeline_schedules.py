@@ -1,9 +1,5 @@
 """Pipeline schedules (GPipe, 1F1B, DualPipe) as explicit per-device programs, and a timeline simulator.
-
-A schedule says, for each of PP devices, the ordered work it does on M micro-batches: F(micro, stage) forwards and
-B(micro, stage) full backwards (no split weight-gradient unit: W = 0). `tick_table` lays the programs out on unit
-ticks; `simulate` times them under unit costs F, B (and F&B, an overlapped forward/backward pair). Pure Python.
-`python -m sharding.pipeline_schedules --pp 4 --micro 8` prints every schedule's timeline and bubble.
+Pure Python: `python -m sharding.pipeline_schedules --pp 4 --micro 8` prints every schedule's timeline and bubble.
 """
 
 from __future__ import annotations
@@ -40,6 +36,9 @@ Slot = tuple[Action, ...]
 class Schedule:
     """Per-device programs for `n_devices` stages (stage s of the model is one chunk of work) and `n_micro` micros.
 
+    For each of PP devices, the ordered work it does on M micro-batches: F(micro, stage) forwards and B(micro, stage)
+    full backwards (no split weight-gradient unit: W = 0). `tick_table` lays the programs out on unit ticks;
+    `simulate` times them under unit costs F, B (and F&B, an overlapped forward/backward pair).
     Unidirectional (GPipe, 1F1B): stage s runs on device s. Bidirectional (DualPipe): micro-batches
     [0, M/2) travel down (stage s on device s), [M/2, M) travel up (stage s on device PP−1−s), so device d holds
     chunk 0 = stage d and chunk 1 = stage PP−1−d: twice the parameters.
@@ -209,7 +208,7 @@ def simulate(schedule: Schedule, costs: Costs = Costs()) -> Timeline:
       GPipe, 1F1B: bubble = (PP−1)(F+B) on every device;
       DualPipe:    bubble = (PP/2−1)(F&B+B) on every device when F&B = F+B, i.e. (PP/2−1)(F+2B); when F&B < F+B
                    the middle devices have exactly that and the outer ones less.
-    These are the table's formulas in deepseek_v3.md with W = 0 (the backward is not split). A program that waits
+    These are the DeepSeek-V3 report's bubble formulas with W = 0 (the backward is not split). A program that waits
     on work that can never come raises ScheduleError.
     """
     ends: dict[Action, float] = {}
@@ -273,7 +272,7 @@ def format_timeline(timeline: Timeline) -> str:
 
 
 def bubble_formula(schedule: Schedule, costs: Costs) -> float:
-    """The bubble the deepseek_v3.md table gives for this schedule (W = 0)."""
+    """The bubble the DeepSeek-V3 report's formulas give for this schedule with W = 0 (see `simulate`)."""
     fb = costs.f + costs.b if costs.fb is None else costs.fb
     if schedule.bidirectional:
         return (schedule.n_devices // 2 - 1) * (fb + costs.b)

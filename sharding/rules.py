@@ -1,15 +1,5 @@
-"""Logical-axis rules: how the model's logical axis names map onto mesh axes, per parameter strategy.
-
-The model names every parameter dimension (`embed`, `heads`, `mlp`, `expert`, `vocab`, `layers`, ...)
-and every main activation (`batch`, `length`, `embed`, ...). A rule list maps each name to the mesh
-axes that split it; the first mesh axes not already taken by an earlier dimension of the same array,
-and that divide the dimension, are used, so one rule list serves parameters and activations.
-
-Strategies for parameters and optimizer state (the `strategy` argument):
-  replicated   parameters and optimizer moments whole on every replica (experts still split over `expert`);
-  zero1        parameters replicated, optimizer moments additionally split over the data-parallel axes
-               (ZeRO stage 1): each replica updates its slice, XLA gathers the new parameters;
-  fsdp         parameters and moments split over `fsdp` along `embed` (ZeRO-3 style: gathered per use).
+"""Logical-axis rules: how the model's logical axis names map onto mesh axes, per parameter strategy (replicated,
+zero1, fsdp); one rule list serves parameters and activations.
 """
 
 from __future__ import annotations
@@ -27,7 +17,17 @@ Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
 
 def logical_rules(strategy: str = "replicated") -> Rules:
-    """(logical name, mesh axes) pairs for `strategy`; names not listed are replicated."""
+    """(logical name, mesh axes) pairs for `strategy`; names not listed are replicated.
+
+    The model names every parameter dimension (`embed`, `heads`, `mlp`, `expert`, `vocab`, `layers`, ...) and every
+    main activation (`batch`, `length`, `embed`, ...); a rule maps each name to the mesh axes that split it.
+    Strategies for parameters and optimizer state:
+      replicated   parameters and optimizer moments whole on every replica (experts still split over `expert`);
+      zero1        parameters replicated, optimizer moments additionally split over the data-parallel axes
+                   (ZeRO stage 1): each replica updates its slice, XLA gathers the new parameters;
+      fsdp         parameters and moments split over `fsdp` (and `expert`) along `embed` (ZeRO-3 style: gathered
+                   per use).
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"sharding strategy {strategy!r} unknown; choose one of {', '.join(STRATEGIES)}")
     rules: list[tuple[str, tuple[str, ...]]] = [
@@ -47,7 +47,8 @@ def mesh_spec(logical_spec: Sequence[str | None] | None, shape: Sequence[int], m
               extra: Iterable[str] = ()) -> PartitionSpec:
     """The mesh PartitionSpec of an array with `shape` whose dimensions have the logical names `logical_spec`.
 
-    A mesh axis splits at most one dimension; axes that do not divide a dimension are left out. Axes in
+    A mesh axis splits at most one dimension: the first mesh axes not already taken by an earlier dimension of the
+    same array, and that divide the dimension, are used, so one rule list serves parameters and activations. Axes in
     `extra` (e.g. the data axes for ZeRO-1 moments) then split the largest dimension they still divide.
     """
     table = dict(rules)

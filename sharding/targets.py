@@ -1,18 +1,5 @@
-"""Compile-only devices for chips this machine does not have: XLA compiles for them, nothing runs on them.
-
-    devices("v5p:2x2x1")   4 TPU v5p chips (libtpu, from `pip install "jax[tpu]"`); any TPU topology name
-    devices("v5e:1")       one chip of a v5e host (also v5p:1, v6e:1): libtpu describes no 1-chip topology
-    devices("h100")        one H100 SXM (the CUDA plugin, from `pip install "jax[cuda12]"`, ptxas included)
-    devices("h100x8")      8 H100s; `h100xN` for any N (the topology is 1 × ⌈N/8⌉ nodes × 8 GPUs)
-    devices("cpu")         this host's (possibly simulated) CPU devices, which do run
-
-Use them as the devices of a `jax.sharding.Mesh` and lower with `jax.ShapeDtypeStruct(shape, dtype,
-sharding=...)` for every argument (no array can be placed on a compile-only device), then `.compile()`:
-`memory_analysis()` gives per-device bytes, and on TPU `cost_analysis()` has XLA's TPU cost model.
-
-The H100 is described from the chip's public figures (below); the CUDA plugin needs no driver for this, but its
-import checks for one unless JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1, which `devices` sets. libtpu takes a lock per
-process; ALLOW_MULTIPLE_LIBTPU_LOAD=1 (set here too) lets several processes (test workers) load it.
+"""Compile-only devices for chips this machine does not have (H100s, TPU topologies): XLA compiles for them, nothing
+runs on them; and `platform_of`, the kernel platform of a device.
 """
 
 from __future__ import annotations
@@ -128,7 +115,21 @@ def device_count(name: str) -> int | None:
 
 
 def devices(name: str) -> list:
-    """The target's devices (compile-only unless `cpu`), cached per process."""
+    """The target's devices (compile-only unless `cpu`), cached per process.
+
+        devices("v5p:2x2x1")   4 TPU v5p chips (libtpu, from `pip install "jax[tpu]"`); any TPU topology name
+        devices("v5e:1")       one chip of a v5e host (also v5p:1, v6e:1): libtpu describes no 1-chip topology
+        devices("h100")        one H100 SXM (the CUDA plugin, from `pip install "jax[cuda12]"`, ptxas included)
+        devices("h100x8")      8 H100s; `h100xN` for any N (the topology is 1 × ⌈N/8⌉ nodes × 8 GPUs)
+        devices("cpu")         this host's (possibly simulated) CPU devices, which do run
+
+    Use them as the devices of a `jax.sharding.Mesh` and lower with `jax.ShapeDtypeStruct(shape, dtype,
+    sharding=...)` for every argument (no array can be placed on a compile-only device), then `.compile()`:
+    `memory_analysis()` gives per-device bytes, and on TPU `cost_analysis()` has XLA's TPU cost model.
+
+    The H100 is described from the chip's public figures (H100_SXM); the CUDA plugin needs no driver for this, but
+    its import checks for one unless JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1, which this sets. libtpu takes a lock per
+    process; ALLOW_MULTIPLE_LIBTPU_LOAD=1 (set here too) lets several processes (test workers) load it."""
     return list(_devices(check_name(name)))
 
 

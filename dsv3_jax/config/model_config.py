@@ -1,8 +1,6 @@
 """ModelConfig: every shape and switch of a DeepSeek-V2/V3 network, its checks, and the HF config.json mapping.
-
-A frozen dataclass (presets, as plain Python, are in dsv3_jax.config.presets); `with_overrides("a=1", ...)` applies
-`--set` strings (parsed by dsv3_jax.config.overrides). `validate()` raises one-line `ConfigError`s that name the field at
-fault.
+A frozen dataclass: `validate()` raises one-line `ConfigError`s naming the field at fault, `with_overrides` applies
+`--set` strings (dsv3_jax.config.overrides); the presets, plain Python, are in dsv3_jax.config.presets.
 """
 
 from __future__ import annotations
@@ -103,8 +101,8 @@ class ModelConfig:
 
     # FP8 training (DeepSeek-V3 recipe): block-scaled E4M3 matmuls, forward and both gradients, in every
     # `make_linear` projection (MLA, dense and shared-expert MLPs, MTP eh_proj) and in the routed experts' grouped
-    # matmuls (pallas_kernels.grouped_matmul_fp8); the embedding, output head, router, norms and attention core
-    # keep `dtype`. Power-of-two scales round each scale up to 2^e (UE8M0).
+    # matmuls (pallas_kernels.grouped_matmul.grouped_matmul_fp8); the embedding, output head, router, norms and
+    # attention core keep `dtype`. Power-of-two scales round each scale up to 2^e (UE8M0).
     fp8: bool = False
     fp8_power_of_two_scales: bool = False
 

@@ -1,8 +1,6 @@
 """`--set section.field=value`: text assigned to a field of a frozen dataclass, nested ones by dotted paths.
-
-The text is parsed into the type of the field's present value (int, float, bool, str, tuple of numbers); a field
-typed as a dataclass takes a JSON object, or `none` when it may be None. Every mistake raises a one-line
-`ConfigError` naming the field.
+The text takes the type of the field's present value (int, float, bool, str, tuple of numbers), a dataclass-typed
+field a JSON object (or `none` where it may be None); every mistake raises a one-line `ConfigError` naming the field.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
 """Pre-training data for DeepSeek-V3: read documents, tokenize, pack into seq_len rows, shuffle, batch (grain).
-
-    tokenizer = load_tokenizer(cfg)
-    it = make_batch_iterator(cfg, tokenizer, process_index, process_count)
-    batch = next(it)  # {"tokens", "segment_ids", "positions"}: int32[batch_size // process_count, seq_len]
-
-The grain pipeline is imported on first use, so code that only needs DataConfig (benchmarks, the GPU image,
-which has no grain) imports this package without grain.
+The grain pipeline (make_batch_iterator) is imported on first use, so code that only needs DataConfig (benchmarks,
+the GPU image, which has no grain) imports this package without grain.
 """
 
 from dsv3_jax.data._config import DataConfig, DataError

@@ -1,8 +1,4 @@
-"""Byte-level BPE trained on the corpus on first use, cached under cache_dir.
-
-The cache key hashes everything that shapes the result (corpus identity, vocabulary size, sample size,
-trainer settings, Python and tokenizers versions), so a second call loads the same tokenizer in milliseconds.
-"""
+"""Byte-level BPE trained on the corpus on first use, cached under cache_dir."""
 
 from __future__ import annotations
 
@@ -46,6 +42,9 @@ def train_bpe(texts: Iterator[str], vocab_size: int) -> tokenizers.Tokenizer:
 
 
 def cache_path(documents: Documents, vocab_size: int, max_chars: int, cache_dir: str) -> str:
+    """Where the BPE for these settings is cached. The key hashes everything that shapes the result (corpus identity,
+    vocabulary size, sample size, trainer settings, Python and tokenizers versions), so a second call loads the same
+    tokenizer in milliseconds."""
     key = json.dumps({
         "corpus": documents.identity, "vocab_size": vocab_size, "max_chars": max_chars, "settings": _SETTINGS,
         "python": sys.version, "tokenizers": tokenizers.__version__,

@@ -1,7 +1,6 @@
-"""The embedded default corpus: the Python standard library's own .py sources plus pydoc's topic texts.
-
-Needs no download and is the same on every machine with the same Python version: files are listed in
-sorted order, and test suites, site-packages and caches are left out (about 12 MB of text).
+"""The embedded default corpus: the Python standard library's own .py sources plus pydoc's topic texts (about 12 MB).
+Needs no download and is the same on every machine with the same Python version: files are listed in sorted order,
+and test suites, site-packages and caches are left out.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """Random-access readers of documents, one kind per file format: text, JSONL(.gz), Parquet, ArrayRecord.
-
-A reader is opened (and checked) eagerly, so bad files fail before training starts; `read(j)` returns
-the j-th non-empty document of the file as a string.
+A reader is opened (and checked) eagerly, so bad files fail before training starts; `read(j)` returns the j-th
+non-empty document of the file as a string.
 """
 
 from __future__ import annotations

@@ -1,14 +1,4 @@
-"""make_batch_iterator: documents -> tokens + EOS -> packed seq_len rows -> shuffled -> batches, in grain.
-
-Per process:
-  1. shard: every process_count-th document from process_index on (document-level, deterministic);
-  2. shuffle the shard's documents, a fresh order each epoch (grain folds the epoch into the seed), repeat;
-  3. read and tokenize each document in grain's reader threads, appending EOS;
-  4. concatenate and split into rows of seq_len (grain's ConcatThenSplit): each document, or each chunk of
-     a longer one, is a segment numbered 1, 2, ... within its row, with positions restarting at 0;
-  5. shuffle rows within a window, so one long document's chunks spread over many batches;
-  6. batch; a short final batch (finite num_epochs only) is filled with padding rows (segment 0).
-"""
+"""make_batch_iterator: documents -> tokens + EOS -> packed seq_len rows -> shuffled -> batches, in grain."""
 
 from __future__ import annotations
 
@@ -100,7 +90,21 @@ def make_batch_iterator(
     cfg: DataConfig, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1,
     documents: Documents | None = None,
 ) -> BatchIterator:
-    """This process's stream of packed batches of cfg.batch_size // process_count rows of cfg.seq_len tokens."""
+    """This process's stream of packed batches of cfg.batch_size // process_count rows of cfg.seq_len tokens.
+
+        tokenizer = load_tokenizer(cfg)
+        it = make_batch_iterator(cfg, tokenizer, process_index, process_count)
+        batch = next(it)  # {"tokens", "segment_ids", "positions"}: int32[batch_size // process_count, seq_len]
+
+    Per process:
+      1. shard: every process_count-th document from process_index on (document-level, deterministic);
+      2. shuffle the shard's documents, a fresh order each epoch (grain folds the epoch into the seed), repeat;
+      3. read and tokenize each document in grain's reader threads, appending EOS;
+      4. concatenate and split into rows of seq_len (grain's ConcatThenSplit): each document, or each chunk of
+         a longer one, is a segment numbered 1, 2, ... within its row, with positions restarting at 0;
+      5. shuffle rows within a window, so one long document's chunks spread over many batches;
+      6. batch; a short final batch (finite num_epochs only) is filled with padding rows (segment 0).
+    """
     _check_layout(cfg, process_index, process_count)
     documents = documents if documents is not None else open_documents(cfg)
     if len(documents) < process_count:

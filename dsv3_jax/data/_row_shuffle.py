@@ -1,9 +1,4 @@
-"""RowShuffleIterDataset: shuffles a grain stream within consecutive windows, with exact resume.
-
-Like grain's WindowShuffleIterDataset, but each window is permuted by numpy in one call (grain's per-index
-shuffle costs milliseconds an element for small windows). The state is the parent's state at the window's
-start, the window's number and how many of its elements were emitted; restoring re-reads that window.
-"""
+"""RowShuffleIterDataset: shuffles a grain stream within consecutive windows, with exact resume."""
 
 from __future__ import annotations
 
@@ -15,6 +10,10 @@ import numpy as np
 
 
 class RowShuffleIterDataset(grain.IterDataset):
+    """Like grain's WindowShuffleIterDataset, but each window is permuted by numpy in one call (grain's per-index
+    shuffle costs milliseconds an element for small windows). The state is the parent's state at the window's
+    start, the window's number and how many of its elements were emitted; restoring re-reads that window."""
+
     def __init__(self, parent: grain.IterDataset, *, window_size: int, seed: int):
         super().__init__(parent)
         self._window_size, self._seed = window_size, seed

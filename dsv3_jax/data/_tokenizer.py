@@ -1,7 +1,6 @@
 """Tokenizer: a `tokenizers.Tokenizer` plus the EOS id that ends every packed document; load_tokenizer.
-
-Any HF tokenizer.json loads (DeepSeek-V3's included); with none given, a byte-level BPE is trained on the
-corpus and cached. Text is encoded without special tokens: the packer appends EOS itself.
+Any HF tokenizer.json loads (DeepSeek-V3's included); with none given, a byte-level BPE is trained on the corpus and
+cached. Text is encoded without special tokens: the packer appends EOS itself.
 """
 
 from __future__ import annotations

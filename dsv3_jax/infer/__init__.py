@@ -1,8 +1,5 @@
-"""Inference: a latent (absorbed-MLA) cache, prefill and decode steps, batched generation, MTP speculation.
-
-    result = generate(config, variables, [[1, 2, 3], [4, 5]], max_new_tokens=16, stop_tokens=[eos_id])
-    result = generate_speculative(config, variables, prompts, 16, n_draft=2)   # MTP drafts; greedy's tokens
-    result = generate_speculative(config, variables, prompts, 16, temperature=0.7, top_p=0.9)   # same distribution
+"""Inference: a latent (absorbed-MLA) cache, prefill and decode steps, batched generation (`generate`), and MTP
+speculative decoding (`generate_speculative`: greedy's tokens at temperature 0, the same distribution otherwise).
 """
 
 from dsv3_jax.infer.cache import DecodeCache, LatentCache, init_cache, values_per_token_per_layer

@@ -1,13 +1,5 @@
-"""The absorbed-MLA decode cache: per layer and token, only RMSNorm(c_kv) and the RoPE'd shared key.
-
-That is kv_lora_rank + qk_rope_head_dim values per token per layer (576 at DeepSeek-V3 dims, 40 for the
-`tiny` preset), instead of n_heads × (qk_head_dim + v_head_dim) for expanded keys and values.
-
-Slots are token positions: row b's token at position p lives in slot p (prompts are right-padded), so
-rows of different lengths advance independently. A query at position p sees slots 0..p, which always
-hold that row's real tokens: every step writes its new tokens before attending, and whatever lies beyond
-(prompt padding, rejected speculative drafts) is overwritten before any later query can see it. MLA's cache path
-(dsv3_jax.model.layers.mla: write_slots, visible_slots) writes and reads the slots.
+"""The absorbed-MLA decode cache: per layer and token, only RMSNorm(c_kv) and the RoPE'd shared key, in slots that are
+token positions (DecodeCache).
 """
 
 from __future__ import annotations
@@ -21,12 +13,20 @@ from dsv3_jax.model.layers.mla import LatentCache
 
 
 class DecodeCache(NamedTuple):
+    """Every layer's latent cache. Slots are token positions: row b's token at position p lives in slot p (prompts are
+    right-padded), so rows of different lengths advance independently. A query at position p sees slots 0..p, which
+    always hold that row's real tokens: every step writes its new tokens before attending, and whatever lies beyond
+    (prompt padding, rejected speculative drafts) is overwritten before any later query can see it. MLA's cache path
+    (dsv3_jax.model.layers.mla: write_slots, visible_slots) writes and reads the slots."""
+
     dense: LatentCache | None   # the first_k_dense_replace dense blocks
     moe: LatentCache | None     # the MoE blocks
     mtp: LatentCache | None     # MTP module 0's block (one layer), kept only for speculative decoding
 
 
 def values_per_token_per_layer(config: ModelConfig) -> int:
+    """kv_lora_rank + qk_rope_head_dim (576 at DeepSeek-V3 dims, 40 for the `tiny` preset), instead of
+    n_heads × (qk_head_dim + v_head_dim) for expanded keys and values."""
     return config.kv_lora_rank + config.qk_rope_head_dim
 
 

@@ -1,8 +1,5 @@
 """Inference over MLA's latent cache, through the model's own modules (DeepSeekV3.decode / .draft): prefill (the
 training-form attention writing the prompt's latents), absorbed-MLA decode steps, batched generation.
-
-An FP8-trained model is served from its master weights; FP8 weights kept by an FP8 import run as FP8 matmuls with
-their stored scales (dsv3_jax.model.fp8_weights).
 """
 
 from __future__ import annotations
@@ -138,7 +135,10 @@ def generate(config: ModelConfig, variables: dict, prompts, max_new_tokens: int,
              cache_len: int | None = None) -> Generation:
     """Batched generation from token-id prompts of any lengths (right-padded internally); each row stops at
     its first stop token or after max_new_tokens. `on_token(row, id)` streams tokens as they are chosen.
-    `cache_len` (slots per row, default longest prompt + max_new_tokens) fixes the compiled shapes."""
+    `cache_len` (slots per row, default longest prompt + max_new_tokens) fixes the compiled shapes.
+
+        result = generate(config, variables, [[1, 2, 3], [4, 5]], max_new_tokens=16, stop_tokens=[eos_id])
+    """
     tokens_BT, lengths_B = pad_prompts(prompts)
     B, T = tokens_BT.shape
     emitter = Emitter(B, max_new_tokens, stop_tokens, on_token)

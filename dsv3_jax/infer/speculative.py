@@ -1,22 +1,5 @@
 """Speculative decoding: MTP module 0 drafts Z tokens, the main model verifies them in one step of length Z+1.
-
-Drafting. MTP at position j reads a hidden state for j and the token at j+1 and gives logits for the token
-at j+2. Draft 1 uses the main model's hidden state; draft k+1 runs the module again one position further on,
-with its own output hidden state in place of the main model's (not computed yet) and draft k as the token:
-the module chained autoregressively over its own hidden states. DeepSeek-V3 ships one MTP module, so every
-depth reuses module 0 (vLLM and SGLang do the same for more than one speculative token); a model with more
-modules drafts with its first only.
-
-A step: MTP drafts Z tokens from its output at the position before `last`; the main model verifies
-[last, drafts]; MTP runs over the verified positions (its entries there overwrite the chain's) and its output
-at the last kept position is what the next step drafts from. Everything stays on the device but the tokens.
-
-Verification (speculative sampling). The main model runs [last, d_1 .. d_Z] and gives
-p_0 .. p_Z; draft d_k is kept with probability min(1, p_{k-1}(d_k) / q_k(d_k)) while every draft before it
-was kept; at the first rejection the step's last token is drawn from normalize(max(0, p - q)) at that
-position, and after Z acceptances from p_Z. A step emits 1..Z+1 tokens, distributed as plain sampling with
-the same temperature and top-p. At temperature 0 p and q are one-hot at their argmax: a draft is kept iff it
-is the main model's argmax and the correction is that argmax, so the output is greedy decoding's exactly.
+At temperature 0 the output is greedy decoding's exactly; otherwise it is distributed as plain sampling.
 """
 
 from __future__ import annotations
@@ -42,7 +25,14 @@ def draw(q_BV, key):
 def accept_drafts(p_BTV, q_BZV, drafts_BZ, key):
     """The accept/reject rule on probabilities: p_BTV the main model's Z+1 distributions, q_BZV the drafts'.
     Returns (accepted_B, tokens_BT): the row emits tokens[:accepted + 1], its kept drafts and then the
-    correction (or, all Z kept, the bonus token)."""
+    correction (or, all Z kept, the bonus token).
+
+    Speculative sampling: the main model ran [last, d_1 .. d_Z] and gave p_0 .. p_Z; draft d_k is kept with
+    probability min(1, p_{k-1}(d_k) / q_k(d_k)) while every draft before it was kept; at the first rejection the
+    step's last token is drawn from normalize(max(0, p - q)) at that position, and after Z acceptances from p_Z. A
+    step emits 1..Z+1 tokens, distributed as plain sampling with the same temperature and top-p. At temperature 0
+    p and q are one-hot at their argmax: a draft is kept iff it is the main model's argmax and the correction is
+    that argmax, so the output is greedy decoding's exactly."""
     B, Z = drafts_BZ.shape
     rows_B = jnp.arange(B)
     accept_key, residual_key = jax.random.split(key)
@@ -63,7 +53,14 @@ def _draft_chain(config, kernels, variables, logits_BV, hidden_BD, positions_B, 
                  top_p):
     """Z drafts from MTP's logits and hidden output at `positions_B`: (drafts_BZ, q_BZV, cache). Drafts after the
     first rerun MTP one position further on, over its own hidden state and the previous draft (a scan: one
-    compiled MTP call whatever Z)."""
+    compiled MTP call whatever Z).
+
+    MTP at position j reads a hidden state for j and the token at j+1 and gives logits for the token at j+2.
+    Draft 1 uses the main model's hidden state; draft k+1 runs the module again one position further on, with its
+    own output hidden state in place of the main model's (not computed yet) and draft k as the token: the module
+    chained autoregressively over its own hidden states. DeepSeek-V3 ships one MTP module, so every depth reuses
+    module 0 (as common serving engines do for more than one speculative token); a model with more modules drafts
+    with its first only."""
     key, first_key = jax.random.split(key)
     q_BV = token_probs(logits_BV, temperature, top_p)
     draft_B = draw(q_BV, first_key)
@@ -110,7 +107,12 @@ def speculative_step(config: ModelConfig, variables: dict, last_B, positions_B, 
     """Draft Z tokens after `last` (at `positions_B`) from MTP's output one position back, verify [last, drafts]
     at position .. position + Z, and run MTP over the verified positions: (tokens_BT, accepted_B, the next
     last_B, positions_B, mtp_logits_BV, mtp_hidden_BD, cache); the row emits tokens[:accepted + 1].
-    `temperature` and `top_p` are traced: one compiled step serves every setting."""
+    `temperature` and `top_p` are traced: one compiled step serves every setting.
+
+    MTP drafts from its output at the position before `last`; the main model verifies [last, drafts]
+    (`accept_drafts`); MTP then runs over the verified positions (its entries there overwrite the chain's), and its
+    output at the last kept position is what the next step drafts from. Everything stays on the device but the
+    tokens."""
     B = last_B.shape[0]
     rows_B = jnp.arange(B)
     accept_key, draft_key = jax.random.split(key)
@@ -133,7 +135,11 @@ def generate_speculative(config: ModelConfig, variables: dict, prompts, max_new_
                          temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_tokens=(),
                          on_token=None, cache_len: int | None = None) -> Generation:
     """Generation as `decode.generate` (the same tokens at temperature 0, the same distribution otherwise) with
-    `n_draft` MTP drafts per main-model step; the result also counts drafts and accepted drafts."""
+    `n_draft` MTP drafts per main-model step; the result also counts drafts and accepted drafts.
+
+        result = generate_speculative(config, variables, prompts, 16, n_draft=2)   # greedy's tokens
+        result = generate_speculative(config, variables, prompts, 16, temperature=0.7, top_p=0.9)   # same distribution
+    """
     if config.num_mtp_modules < 1 or "mtp_0" not in variables["params"]:
         raise ValueError("speculative decoding needs the model's MTP module (num_mtp_modules >= 1)")
     if n_draft < 1:

@@ -1,9 +1,5 @@
-"""Training checkpoints with orbax: the train state, the data-iterator state and run metadata.
-
-Each step directory is written asynchronously and committed atomically by orbax, so a directory
-that a crash left half-written is never listed, never restored, and cleaned up on the next start.
-Before restoring, the stored model config is compared with the running one: a checkpoint of a
-different model shape is refused with one line naming the first differing field.
+"""Training checkpoints with orbax: the train state, the data-iterator state and run metadata. Before restoring, the
+stored model config is compared with the running one: another model's checkpoint is refused, naming the first field.
 """
 
 from __future__ import annotations
@@ -35,6 +31,9 @@ def model_signature(model_config) -> dict[str, Any]:
 
 
 class Checkpointer:
+    """Step directories under `directory`. Each is written asynchronously and committed atomically by orbax, so a
+    directory that a crash left half-written is never listed, never restored, and cleaned up on the next start."""
+
     def __init__(self, directory: str, keep: int, every: int, use_async: bool = True):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(

@@ -1,51 +1,5 @@
-"""Convert Hugging Face DeepSeek-V2/V3 checkpoints to pre-training checkpoints and back.
-
-    import_hf(hf_dir, workdir)     # HF safetensors (BF16, or FP8 + weight_scale_inv; MTP included)
-                                   #   -> workdir/checkpoints/0/{state,data,meta}, what experiments.pretrain resumes
-    import_hf(hf_dir, workdir, keep_fp8=True)   # FP8 weights stay FP8, their block scales in item fp8_scales
-    export_hf(ckpt, out_hf)        # a pre-training checkpoint's params + moe_bias -> HF layout (save_pretrained)
-
-Import
-------
-The HF directory is checked completely first (config.json, every safetensors header, every tensor's name,
-shape and dtype: `dsv3_jax.io.hf.open_checked`), before anything is written, so a bad or truncated checkpoint
-fails with hf's one-line `CheckpointError` and leaves no output. The output is an orbax step 0 under
-`workdir/checkpoints`, with the items `dsv3_jax.io.checkpoint.Checkpointer` restores:
-
-* `state`: TrainState(step=0, params, moe_bias, opt_state, rng). params/moe_bias are what
-  `hf.load_pretrained` would return (the same per-leaf code, `hf.build_leaf`, so bit-identical). opt_state is a fresh
-  `make_optimizer(OptimizerConfig())` state: all zeros (moments, count, injected learning rate), which is
-  what `tx.init` produces. rng is `create_train_state`'s state key for `seed`.
-* `meta`: {"model": model_signature(config), "tokens_seen": 0, "loss_ema": None, "converted_from": ...}.
-* `data`: {"fresh": true, ...}: a marker, since a real data-iterator state needs the run's data config,
-  tokenizer and fingerprint; pre-training starts its data stream afresh when it sees it
-  (`dsv3_jax.io.checkpoint.FRESH_DATA_KEY`).
-
-FP8 kept (`keep_fp8`, `experiments.convert --fp8`): the projections (every Linear kernel but the router's) and
-routed experts that the HF checkpoint stores as float8_e4m3fn with 128x128 `weight_scale_inv` blocks are written
-as float8_e4m3fn (transposed, exactly) into `state`, and their scales (transposed) into a fourth item,
-`fp8_scales`, a tree shaped like the part of `params` they scale; `meta["fp8_scales"]` is true. That halves those
-weights' bytes against BF16 (a quarter of float32). The AdamW moments stay in the master dtype. Weights stored
-in any other way (BF16, E5M2, other block sizes are refused) are dequantised as without the flag. Readers:
-`experiments.generate --ckpt` runs the kept kernels as FP8 matmuls with their scales (dsv3_jax.model.fp8_weights);
-pre-training (`Checkpointer.restore`) and `export_hf` dequantise them into master weights, the same values as an
-import without the flag.
-
-Memory: every leaf of `state` is a `_Lazy` placeholder (shape, dtype, produce()). A type handler registered
-for it (a NumpyHandler with private methods overridden: jax_compat.register_lazy_leaf_handler) produces and
-writes the leaves strictly one after another, awaiting each write before
-building the next, so the host holds one of our leaves (plus the HF tensor being copied into it) at a time
-rather than the whole model. The leaves are written with orbax's PyTreeSave, the same on-disk format
-StandardSave writes (typed 'np.ndarray'); restoring with StandardRestore(abstract) yields jax arrays.
-orbax writes into a temporary directory and renames it on success: an interrupted conversion is never
-listed as a step; a failed one removes what it created.
-
-Export
-------
-`open_checkpoint` reads the step's `meta` for the model config and opens each params/moe_bias array of the
-`state` item (and the scales of kept FP8 weights) as a lazy tensorstore view; `export_hf` hands those to
-`hf.save_pretrained`, which slices (one layer / expert at a time), transposes and writes one HF tensor at a time,
-FP8 weights dequantised slice by slice. Opt state is not read (`experiments.generate --ckpt` reads the same way).
+"""Convert Hugging Face DeepSeek-V2/V3 checkpoints to pre-training checkpoints (`import_hf`) and back (`export_hf`),
+a leaf or an HF tensor at a time, so the host never holds the whole model.
 """
 
 from __future__ import annotations
@@ -87,7 +41,14 @@ SLICED_WRITE_BYTES = 256 << 20   # leaves above this (and made of HF tensors) ar
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Lazy:
-    """A leaf that exists only as its shape and dtype until `produce()` builds it."""
+    """A leaf that exists only as its shape and dtype until `produce()` builds it.
+
+    Every leaf of an imported `state` is one. The type handler registered for it (a NumpyHandler with private
+    methods overridden: jax_compat.register_lazy_leaf_handler) produces and writes the leaves strictly one after
+    another, awaiting each write before building the next, so the host holds one of our leaves (plus the HF tensor
+    being copied into it) at a time rather than the whole model. The leaves are written with orbax's PyTreeSave,
+    the same on-disk format StandardSave writes (typed 'np.ndarray'); restoring with StandardRestore(abstract)
+    yields jax arrays."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
@@ -236,7 +197,37 @@ def _manager(directory: str) -> ocp.CheckpointManager:
 
 def import_hf(hf_dir: str, workdir: str, param_dtype: str = "float32", seed: int = 0,
               keep_fp8: bool = False) -> ImportReport:
-    """Write `workdir/checkpoints/0` from the HF checkpoint in `hf_dir` (see the module docstring)."""
+    """Write `workdir/checkpoints/0` from the HF checkpoint in `hf_dir`: what experiments.pretrain resumes.
+
+        import_hf(hf_dir, workdir)                  # HF safetensors (BF16, or FP8 + weight_scale_inv; MTP included)
+        import_hf(hf_dir, workdir, keep_fp8=True)   # FP8 weights stay FP8, their block scales in item fp8_scales
+
+    The HF directory is checked completely first (config.json, every safetensors header, every tensor's name,
+    shape and dtype: `dsv3_jax.io.hf.open_checked`), before anything is written, so a bad or truncated checkpoint
+    fails with hf's one-line `CheckpointError` and leaves no output. The output is an orbax step 0 under
+    `workdir/checkpoints`, with the items `dsv3_jax.io.checkpoint.Checkpointer` restores:
+
+    * `state`: TrainState(step=0, params, moe_bias, opt_state, rng). params/moe_bias are what
+      `hf.load_pretrained` would return (the same per-leaf code, `hf.build_leaf`, so bit-identical). opt_state is a
+      fresh `make_optimizer(OptimizerConfig())` state: all zeros (moments, count, injected learning rate), which is
+      what `tx.init` produces. rng is `create_train_state`'s state key for `seed`.
+    * `meta`: {"model": model_signature(config), "tokens_seen": 0, "loss_ema": None, "converted_from": ...}.
+    * `data`: {"fresh": true, ...}: a marker, since a real data-iterator state needs the run's data config,
+      tokenizer and fingerprint; pre-training starts its data stream afresh when it sees it
+      (`dsv3_jax.io.checkpoint.FRESH_DATA_KEY`).
+
+    FP8 kept (`keep_fp8`, `experiments.convert --fp8`): the projections (every Linear kernel but the router's) and
+    routed experts that the HF checkpoint stores as float8_e4m3fn with 128x128 `weight_scale_inv` blocks are
+    written as float8_e4m3fn (transposed, exactly) into `state`, and their scales (transposed) into a fourth item,
+    `fp8_scales`, a tree shaped like the part of `params` they scale; `meta["fp8_scales"]` is true. That halves
+    those weights' bytes against BF16 (a quarter of float32). The AdamW moments stay in the master dtype. Weights
+    stored in any other way (BF16, E5M2, other block sizes are refused) are dequantised as without the flag.
+    Readers: `experiments.generate --ckpt` runs the kept kernels as FP8 matmuls with their scales
+    (dsv3_jax.model.fp8_weights); pre-training (`Checkpointer.restore`) and `export_hf` dequantise them into master
+    weights, the same values as an import without the flag.
+
+    orbax writes into a temporary directory and renames it on success: an interrupted conversion is never listed
+    as a step; a failed one removes what it created."""
     hf_dir, workdir = os.path.abspath(hf_dir), os.path.abspath(workdir)
     _register_lazy_handler()
     config, variables, scales = lazy_variables(hf_dir, param_dtype, keep_fp8)
@@ -391,7 +382,14 @@ class _CachedLeaf:
 def export_hf(ckpt: str, out_hf: str, step: int | None = None,
               max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES) -> ModelConfig:
     """Write the params and routing biases of a pre-training checkpoint as an HF checkpoint directory (weights
-    kept as FP8 are dequantised into the parameter dtype)."""
+    kept as FP8 are dequantised into the parameter dtype).
+
+        export_hf(ckpt, out_hf)   # a pre-training checkpoint's params + moe_bias -> HF layout (save_pretrained)
+
+    `open_checkpoint` reads the step's `meta` for the model config and opens each params/moe_bias array of the
+    `state` item (and the scales of kept FP8 weights) as a lazy tensorstore view; `hf.save_pretrained` slices them
+    (one layer / expert at a time), transposes and writes one HF tensor at a time, FP8 weights dequantised slice by
+    slice. The optimizer state is not read (`experiments.generate --ckpt` reads the same way)."""
     opened = open_checkpoint(ckpt, step)
     variables = opened.variables
     specs = hf.leaf_specs(opened.config)

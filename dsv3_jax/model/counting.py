@@ -1,7 +1,5 @@
-"""Parameter counts from a ModelConfig alone: total, activated per token, and the MTP modules.
-
-"Activated" follows DeepSeek's convention (V2-Lite 2.4B, V2 21B, V3 37B): every weight a token's
-forward pass multiplies, i.e. all but the embedding table and the unchosen routed experts.
+"""Parameter counts from a ModelConfig alone (total, activated per token, the MTP modules), and the model FLOPs of a
+training token.
 """
 
 from __future__ import annotations
@@ -13,6 +11,9 @@ from dsv3_jax.config import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class ParamCount:
+    """Parameter counts. Activated follows DeepSeek's convention (V2-Lite 2.4B, V2 21B, V3 37B): every weight a
+    token's forward pass multiplies, i.e. all but the embedding table and the unchosen routed experts."""
+
     total: int            # main model (embedding, layers, final norm, head); no MTP
     activated: int        # per token, main model
     embedding: int        # the embedding table (not activated)

@@ -1,16 +1,6 @@
 """FP8 weights kept as DeepSeek's FP8 checkpoints store them: float8_e4m3fn with one float32 scale per 128×128 block.
-
-`experiments.convert --fp8` keeps them so (1 byte a weight instead of 2 or 4) instead of dequantising.
-In a params tree a kept weight `w` (..., C, J) has a sibling `w_scale` (..., ceil(C/128), ceil(J/128)):
-
-* a `Linear` whose params hold `kernel_scale` multiplies with `pallas_kernels.fp8.fp8_matmul` and the stored
-  scales, the activations quantised per 1×128 tile as DeepSeek's inference does (`matmul`);
-* the routed experts, whose grouped matmul has no FP8 path, are dequantised to the compute dtype one layer at a
-  time inside the decoder's layer scan (`dequantize_siblings`), so only one layer's worth exists unpacked.
-
-On disk (orbax) the scales are their own item, `fp8_scales`, shaped like the part of `params` they scale, so the
-`state` item keeps the layout pre-training restores; restoring for training multiplies the scales back into the
-master weights (`dequantize_params`), which gives the same values as importing without `--fp8`.
+`experiments.convert --fp8` keeps them so (1 byte a weight instead of 2 or 4) instead of dequantising: in a params
+tree a kept weight `w` (..., C, J) has a sibling `w_scale` (..., ceil(C/128), ceil(J/128)).
 """
 
 from __future__ import annotations
@@ -34,8 +24,11 @@ def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def matmul(x_XC, w_q_CJ, scale_CbJb, out_dtype, impl: str = "reference", interpret: bool = False):
-    """x · (w_q · scale): x quantised per 1×128 tile, then the block-scaled FP8 matmul (float32 accumulation) by the
-    `pallas_kernels.fp8` kernel `impl`."""
+    """x · (w_q · scale): x quantised per 1×128 tile, as DeepSeek's inference does, then the block-scaled FP8 matmul
+    (float32 accumulation) by the `pallas_kernels.fp8` kernel `impl`. A `Linear` whose params hold `kernel_scale`
+    multiplies this way. (The routed experts, whose grouped matmul has no path for kept FP8 weights, are dequantised
+    to the compute dtype by the MoE layer, one layer at a time inside the decoder's layer scan, so only one layer's
+    worth exists unpacked.)"""
     if w_q_CJ.dtype != FP8_DTYPE:
         raise ValueError(f"an FP8 kernel (one with a kernel_scale) must be {FP8_DTYPE.__name__}, got {w_q_CJ.dtype}")
     lead, C = x_XC.shape[:-1], x_XC.shape[-1]
@@ -46,7 +39,8 @@ def matmul(x_XC, w_q_CJ, scale_CbJb, out_dtype, impl: str = "reference", interpr
 
 
 def dequantize_siblings(tree: dict, dtype) -> dict:
-    """A params dict (one level) with each `w` that has a `w_scale` sibling dequantised to `dtype`, scales dropped."""
+    """A params dict (one level) with each `w` that has a `w_scale` sibling dequantised to `dtype`, scales dropped
+    (MLA's absorbed decoding reads its kv up-projection so)."""
     out = {k: v for k, v in tree.items() if not (k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in tree)}
     for name in out:
         if name + SCALE_SUFFIX in tree:
@@ -69,7 +63,11 @@ def with_scales(params: dict, scales: dict) -> dict:
 
 def dequantize_params(params: dict, scales: dict) -> dict:
     """`params` with each weight that `scales` covers replaced by weight · scale, in the weight's dtype and
-    placement (the FP8 values arrive cast exactly into the master dtype by orbax)."""
+    placement (the FP8 values arrive cast exactly into the master dtype by orbax).
+
+    On disk (orbax) the scales are their own item, `fp8_scales` (SCALES_ITEM), shaped like the part of `params` they
+    scale, so the `state` item keeps the layout pre-training restores; restoring for training multiplies the scales
+    back into the master weights here, which gives the same values as importing without `--fp8`."""
     out = dict(params)
     for key, value in scales.items():
         if isinstance(value, dict):

@@ -1,7 +1,5 @@
-"""Multi-Token Prediction module k: h' = W_proj [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)] → block.
-
-The embedding and output head are the main model's; the module owns only its norms, projection, block and the norm
-before the shared head.
+"""Multi-Token Prediction module k: h' = W_proj [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)] → block. The embedding and
+output head are the main model's; the module owns only its norms, projection, block and the norm before the head.
 """
 
 from __future__ import annotations

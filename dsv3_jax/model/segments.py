@@ -1,7 +1,5 @@
-"""Packed rows: segment ids number a row's documents 1, 2, ... and 0 marks padding.
-
-`same_segment` says which positions may use the token `offset` places later: the losses' valid targets, and the
-positions whose tokens the routers' statistics count (padding never does).
+"""Packed rows: segment ids number a row's documents 1, 2, ... and 0 marks padding. `same_segment` says which positions
+may use the token `offset` places later: the losses' valid targets, and the tokens the routers' statistics count.
 """
 
 from __future__ import annotations

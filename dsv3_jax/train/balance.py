@@ -1,7 +1,5 @@
-"""Auxiliary-loss-free load balancing: after each step, b_i += γ · sign(mean load − load_i) per router.
-
-Applied outside the optimizer to the `moe_bias` collection; the bias only changes which experts are
-selected, never the combine weights.
+"""Auxiliary-loss-free load balancing: after each step, b_i += γ · sign(mean load − load_i) per router, applied outside
+the optimizer to the `moe_bias` collection; the bias only changes which experts are selected, never the weights.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
 """The one way to build a train step: from a run config and a mesh (real or compile-only devices), the kernels
 (resolved once), the optimizer, the state with its shardings, the pipeline schedule, the jitted step and its compile.
-
-    step = build_step(run, mesh)             # pretrain, scaling, benches and the AOT tests all start here
-    state = step.init_state()                # or ckpt.restore(..., step.placed_state())
-    compiled = step.compile()                # abstract arguments only: works for chips this machine lacks
-    compiled.peak_bytes                      # per device: argument + output − alias + temp
 """
 
 from __future__ import annotations
@@ -127,7 +122,13 @@ class TrainStep:
 def build_step(run: RunConfig, mesh: Mesh) -> TrainStep:
     """The train step of `run` on `mesh`: kernels resolved from the mesh's devices (KernelSet, visible in
     TrainStep.kernels), the pipelined step on a `pipeline` axis (train.pipeline_schedule over train.grad_accum
-    micro-batches), expert parallelism over an `expert` axis, state placed by mesh.strategy."""
+    micro-batches), expert parallelism over an `expert` axis, state placed by mesh.strategy.
+
+        step = build_step(run, mesh)             # pretrain, scaling, benches and the AOT tests all start here
+        state = step.init_state()                # or ckpt.restore(..., step.placed_state())
+        compiled = step.compile()                # abstract arguments only: works for chips this machine lacks
+        compiled.peak_bytes                      # per device: argument + output − alias + temp
+    """
     model = run.model.validate()
     kernels = kernel_registry.resolve(model, mesh)
     parts = (run.loss, run.schedule, run.optimizer, run.balance)

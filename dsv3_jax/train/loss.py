@@ -1,10 +1,6 @@
-"""Losses: next-token and MTP cross-entropy that never cross a packed-document boundary, the
-sequence-wise balance loss, and an optional z-loss.
-
-Segment id 0 marks padding; a target is valid only when it lies in the same segment as the input
-position it is predicted from. The cross-entropy takes the head's inputs, not logits: `head_cross_entropy` applies
-the head to `logits_chunk` positions of every row at a time and recomputes them in the backward pass, so training
-never holds [B, T, V] float32 logits (the train step and the pipeline's last stage both go through it).
+"""Losses: next-token and MTP cross-entropy that never cross a packed-document boundary (segment id 0 is padding), the
+sequence-wise balance loss and an optional z-loss. The cross-entropy takes the head's inputs, not logits, so training
+never holds [B, T, V] float32 logits (`head_cross_entropy`; the train step and the pipeline's last stage use it).
 """
 
 from __future__ import annotations
@@ -32,7 +28,8 @@ class LossConfig:
 
 
 def shifted_targets(tokens_BT, segment_ids_BT, offset: int):
-    """Targets tokens[i + offset] and a mask that is True where they exist in the same segment as i."""
+    """Targets tokens[i + offset] and a mask that is True where they exist in the same segment as i (a target is
+    valid only when it lies in the same segment as the input position it is predicted from; segment 0 is padding)."""
     targets_BT = jnp.pad(tokens_BT[:, offset:], ((0, 0), (0, offset)))
     return targets_BT, same_segment(segment_ids_BT, offset, tokens_BT.shape)
 

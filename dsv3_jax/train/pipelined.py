@@ -1,8 +1,5 @@
 """The pipeline-parallel train step: make_train_step's state, batches and results, with the model's gradients from
 sharding.pipeline's executor over the mesh's `pipeline` axis (micro-batches = gradient-accumulation micro-batches).
-
-The state keeps the ordinary parameter layout (checkpoints are interchangeable); each step splits it into stages
-(dsv3_jax.train.stages) and joins the gradients back before AdamW, the routing-bias update and the skip guard.
 """
 
 from __future__ import annotations
@@ -43,6 +40,8 @@ def make_pipelined_train_step(model_config: ModelConfig, kernels: KernelSet, los
     With mesh.expert > 1 the stages' MoE layers run expert-parallel (E/EP routed experts per rank); the MTP
     modules' too. The first and last stages' leaves of at least `split_min_size` elements are split over the batch
     axes and gathered where used (stages.end_specs).
+    The state keeps the ordinary parameter layout (checkpoints are interchangeable); each step splits it into stages
+    (dsv3_jax.train.stages) and joins the gradients back before AdamW, the routing-bias update and the skip guard.
     """
     n_stages = mesh.shape["pipeline"]
     expert_axis = "expert" if mesh.shape.get("expert", 1) > 1 else None

@@ -1,20 +1,5 @@
 """DeepSeekV3 cut into pipeline stages: the embedding and dense blocks first, slices of the MoE stack, then the head,
 MTP modules and loss. Each part runs the model's own modules on its slice of the ordinary parameter tree.
-
-The MoE stack need not split evenly (V3's 58 MoE layers over 16 stages): every stage runs the same number of layer
-slots (SPMD), and a stage with fewer real layers fills its last slots with padding layers whose parameters are
-zeros, which makes a block the identity (every residual branch ends in a zero projection); their gradients and
-router statistics are dropped. The padding goes to the stages that also run the embedding and dense blocks, or the
-head and MTP modules (StageLayout.balanced), so that each stage's work is about the same.
-
-The activation passed between stages is (x_BTD, balance): the hidden state and the running sum of the MoE layers'
-sequence-wise balance losses, so that they enter the loss (and get their gradient) at the last stage.
-
-On a mesh with an `expert` axis the stages run expert-parallel: each rank holds E/EP routed experts of its stage
-(stage_specs) and its MoE layers exchange tokens over `expert` inside the executor's shard_map; so do the MTP
-modules on the last stage. The first and last stages' other large parameters (embedding, dense blocks, head, MTP
-blocks) are split over the batch axes and gathered whole where a stage uses them (end_specs, gather_whole), so that
-no device holds all of them for the whole step.
 """
 
 from __future__ import annotations
@@ -45,7 +30,13 @@ STAGE_KEY = "moe_layers"                 # the stacked group split into stage ch
 @dataclasses.dataclass(frozen=True)
 class StageLayout:
     """Which MoE layers each pipeline stage runs: `real[s]` layers of the stack, in order, then `slots − real[s]`
-    padding layers (identities)."""
+    padding layers (identities).
+
+    The MoE stack need not split evenly (V3's 58 MoE layers over 16 stages): every stage runs the same number of
+    layer slots (SPMD), and a stage with fewer real layers fills its last slots with padding layers whose parameters
+    are zeros, which makes a block the identity (every residual branch ends in a zero projection); their gradients
+    and router statistics are dropped. The padding goes to the stages that also run the embedding and dense blocks,
+    or the head and MTP modules (`balanced`), so that each stage's work is about the same."""
     real: tuple[int, ...]
 
     @property
@@ -246,7 +237,16 @@ class LastStage(nn.Module):
 
 
 class StageFns:
-    """The executor's first_fn, stage_fn and loss_fn (with side inputs and aux outputs) for one model and loss."""
+    """The executor's first_fn, stage_fn and loss_fn (with side inputs and aux outputs) for one model and loss.
+
+    The activation passed between stages is (x_BTD, balance): the hidden state and the running sum of the MoE
+    layers' sequence-wise balance losses, so that they enter the loss (and get their gradient) at the last stage.
+
+    On a mesh with an `expert` axis the stages run expert-parallel: each rank holds E/EP routed experts of its stage
+    (stage_specs) and its MoE layers exchange tokens over `expert` inside the executor's shard_map; so do the MTP
+    modules on the last stage. The first and last stages' other large parameters (embedding, dense blocks, head, MTP
+    blocks) are split over the batch axes and gathered whole where a stage uses them (end_specs, gather_whole), so
+    that no device holds all of them for the whole step."""
 
     def __init__(self, config: ModelConfig, kernels: KernelSet, loss: LossConfig, layout: StageLayout,
                  expert_axis: str | None = None):

@@ -1,8 +1,5 @@
 """The train step: forward with aux outputs, loss, gradients (accumulated over micro-batches),
 AdamW update, routing-bias update, and the guard that skips non-finite or spiking updates.
-
-State is a pytree (`TrainState`) so the step can be jitted with shardings and checkpointed whole.
-The tokens-seen counter lives on the host (an exact Python int) and enters as a float32 argument.
 """
 
 from __future__ import annotations
@@ -34,6 +31,8 @@ class BalanceConfig:
 
 
 class TrainState(flax.struct.PyTreeNode):
+    """The whole training state as one pytree, so the step can be jitted with shardings and checkpointed whole."""
+
     step: jnp.ndarray
     params: Any
     moe_bias: Any
@@ -110,7 +109,8 @@ def make_train_step(model_config: ModelConfig, kernels: KernelSet, loss: LossCon
                     optimizer: OptimizerConfig, balance: BalanceConfig):
     """Return (tx, step_fn), the model running `kernels` (dsv3_jax.kernels.resolve).
 
-    step_fn(state, batches, tokens_seen, loss_limit) -> (state, metrics) is pure and jittable.
+    step_fn(state, batches, tokens_seen, loss_limit) -> (state, metrics) is pure and jittable. The tokens-seen
+    counter lives on the host (an exact Python int) and enters as a float32 argument.
     `batches` holds `tokens` (A, B, T) int32 and optionally `segment_ids` and `positions`: A micro-batches
     whose gradients are accumulated into the step's (make_accumulate). An update whose loss or gradient norm is not
     finite, or whose loss exceeds `loss_limit`, is not applied (metrics["skipped"] = 1); the step counter still

@@ -1,14 +1,6 @@
 """Benchmarks: programs that print a table and write JSON, each against a named baseline measured in the same run.
-
-    python -m experiments.bench --list
-    python -m experiments.bench <name> [--out PATH] [--simulate-devices N] [benchmark options]
-
-Each benchmark is a module of this package with NAME, SUMMARY, BASELINE, DEVICES (the XLA devices it wants; 0 for
-none; USES_JAX = True marks one that runs JAX on the default devices), add_arguments(parser), run(args) -> dict (its `rows` and `baseline`) and table(result) -> str.
-The JSON goes to `--out` (default bench_results/<name>.json) with the date, device and command added.
-
-`--simulate-devices N` (default: the benchmark's DEVICES) asks XLA:CPU for N host devices by setting XLA_FLAGS,
-which only works before JAX is imported: this package imports JAX only inside the benchmarks.
+`python -m experiments.bench --list` names them; `python -m experiments.bench NAME [--out PATH]
+[--simulate-devices N] [options]` runs one.
 """
 
 from __future__ import annotations
@@ -41,7 +33,9 @@ def simulate_devices(n: int) -> bool:
     """Ask XLA:CPU for `n` host devices if JAX is not imported yet; True if the flag was set.
 
     An existing device-count flag in XLA_FLAGS is replaced. Once JAX is imported the flag may no longer take
-    effect, so it is left alone (the benchmark then runs on the devices JAX has, or says which it lacks).
+    effect, so it is left alone (the benchmark then runs on the devices JAX has, or says which it lacks). This
+    package imports JAX only inside the benchmarks, so `--simulate-devices N` (default: the benchmark's DEVICES)
+    takes effect.
     """
     if n <= 0 or "jax" in sys.modules:
         return False
@@ -136,7 +130,12 @@ def _parser(modules: dict) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, print_fn: Callable[[str], None] = print) -> dict | None:
-    """Run the benchmark named in `argv`: print its table, write its JSON, and return the result."""
+    """Run the benchmark named in `argv`: print its table, write its JSON, and return the result.
+
+    Each benchmark is a module of this package with NAME, SUMMARY, BASELINE, DEVICES (the XLA devices it wants; 0
+    for none; USES_JAX = True marks one that runs JAX on the default devices), add_arguments(parser), run(args) ->
+    dict (its `rows` and `baseline`) and table(result) -> str. The JSON goes to `--out` (default
+    bench_results/<name>.json) with the date, device and command added."""
     argv = list(sys.argv[1:] if argv is None else argv)
     modules = {name: load(name) for name in BENCHMARKS}
     parser = _parser(modules)

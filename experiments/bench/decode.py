@@ -1,19 +1,5 @@
 """Decoding speed and cache size: our absorbed-MLA latent-cache decoder (dsv3_jax.infer) against Hugging Face
 transformers' `generate` on the same weights, greedy, per batch size; plus MTP speculative decoding at batch 1.
-
-Weights: random, drawn like the preset's initialisation (seed 0), or `--hf-dir` (a real checkpoint). They are
-written with our `save_pretrained` and read by `DeepseekV3ForCausalLM.from_pretrained` (sdpa attention;
-transformers 5 caches the MLA latent as well, and expands per-head keys and values from all of it every step),
-on CUDA when torch has it, else on the CPU. Every row is timed after a warm-up run (compilation excluded), the
-median of `--repeats` runs: decode tokens/s counts the tokens after each row's first one over the time from the
-first token to the end; prefill is the time to the first token. Cache bytes per token are measured on the
-caches themselves (ours: the latent cache's arrays; HF: the tensors of the returned past_key_values), over every
-layer, per token of one row.
-
-Speculative rows (batch 1): `--draft-tokens` MTP drafts per main-model step, chained over the module's own
-hidden states, with the given weights (random weights draft almost nothing right) and with the weights changed
-so that every draft is right (each block's output projections zeroed, MTP's projection keeping the embedding:
-the same compute, acceptance 1, the mechanism's upper bound). Speed-up is against our plain decoding at batch 1.
 Baseline: transformers `generate`.
 """
 
@@ -184,6 +170,19 @@ def _hf_generate(model, device: str, prompts, new_tokens: int) -> dict:
 
 
 def run(args) -> dict:
+    """Weights: random, drawn like the preset's initialisation (seed 0), or `--hf-dir` (a real checkpoint). They are
+    written with our `save_pretrained` and read by `DeepseekV3ForCausalLM.from_pretrained` (sdpa attention;
+    transformers 5 caches the MLA latent as well, and expands per-head keys and values from all of it every step),
+    on CUDA when torch has it, else on the CPU. Every row is timed after a warm-up run (compilation excluded), the
+    median of `--repeats` runs: decode tokens/s counts the tokens after each row's first one over the time from the
+    first token to the end; prefill is the time to the first token. Cache bytes per token are measured on the
+    caches themselves (ours: the latent cache's arrays; HF: the tensors of the returned past_key_values), over every
+    layer, per token of one row.
+
+    Speculative rows (batch 1): `--draft-tokens` MTP drafts per main-model step, chained over the module's own
+    hidden states, with the given weights (random weights draft almost nothing right) and with the weights changed
+    so that every draft is right (`all_accepting`: the same compute, acceptance 1, the mechanism's upper bound).
+    Speed-up is against our plain decoding at batch 1."""
     import tempfile
 
     import jax

@@ -1,11 +1,5 @@
-"""Expert-parallel receive buffers: rows each rank receives per round under uniform and skewed routing.
-
-For each EP size the exchange of sharding.expert_parallel runs once (forward) per routing scenario
-(`measure_buffers`: uniform; skew90, 90 % of choices to expert 0; hot_rank, every choice on rank
-0's experts) on an `expert` mesh. Reported per scenario: exchange rounds, the fullest round's filled rows (peak),
-the most rows one rank computed over all rounds (what a single-shot dropless buffer would need for this routing),
-the bounded per-round buffer EP·C, and the single-shot worst case EP·T·min(K, E/EP) (sharding.ep_buffers).
-Baseline: the balanced size T·K; every size is also given as a ratio to it.
+"""Expert-parallel receive buffers: rows each rank receives per round under uniform and skewed routing, beside the
+bounded per-round buffer and the single-shot worst case (sharding.ep_buffers). Baseline: the balanced size T·K.
 """
 
 from __future__ import annotations
@@ -89,6 +83,12 @@ def measure_buffers(mesh, *, tokens_per_rank: int, top_k: int, n_experts: int, d
 
 
 def run(args) -> dict:
+    """For each EP size the exchange of sharding.expert_parallel runs once (forward) per routing scenario
+    (`measure_buffers`: uniform; skew90, 90 % of choices to expert 0; hot_rank, every choice on rank 0's experts) on
+    an `expert` mesh. Reported per scenario: exchange rounds, the fullest round's filled rows (peak), the most rows
+    one rank computed over all rounds (what a single-shot dropless buffer would need for this routing), the bounded
+    per-round buffer EP·C, and the single-shot worst case EP·T·min(K, E/EP) (sharding.ep_buffers). Every size is
+    also given as a ratio to the balanced size T·K."""
     from sharding.ep_buffers import ep_buffer_size
     from sharding.mesh import build_mesh
 

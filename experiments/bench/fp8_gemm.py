@@ -1,11 +1,6 @@
-"""Block-scaled FP8 GEMM: our Mosaic GPU kernel (1×128 activation and 128×128 weight scales, promotion every 128
-of K) in TFLOP/s on DeepGEMM's shapes, side by side in the same run with XLA BF16, XLA per-tensor FP8 with the
-weight stored (N, K), XLA dequantize-then-BF16, and, where torch sees a CUDA GPU, cuBLAS block-scaled FP8
-(`torch._scaled_mm`) and torch BF16. Every row checks our result against XLA's dequantize-then-dot of the same
-FP8 inputs dequantized to float32 (relative max error) and DeepGEMM's metric against the unquantized product.
-
-On a host without a Hopper GPU it runs the kernel in the GPU interpreter (`--interpret`, small shapes only):
-a correctness run of this program, not a measurement. Baseline: cuBLAS block-scaled FP8 where present, else XLA BF16.
+"""Block-scaled FP8 GEMM: our Mosaic GPU kernel in TFLOP/s on DeepGEMM's shapes, beside XLA's BF16 and FP8 paths and,
+where torch sees a CUDA GPU, cuBLAS block-scaled FP8 and torch BF16, each row checked against XLA in the same run.
+Baseline: cuBLAS block-scaled FP8 where present, else XLA BF16.
 """
 
 from __future__ import annotations
@@ -153,6 +148,14 @@ def measure(args, M, N, K) -> dict:
 
 
 def run(args) -> dict:
+    """Our kernel (1×128 activation and 128×128 weight scales, promotion every 128 of K) side by side in the same
+    run with XLA BF16, XLA per-tensor FP8 with the weight stored (N, K), XLA dequantize-then-BF16, and, where torch
+    sees a CUDA GPU, cuBLAS block-scaled FP8 (`torch._scaled_mm`) and torch BF16. Every row checks our result
+    against XLA's dequantize-then-dot of the same FP8 inputs dequantized to float32 (relative max error) and
+    DeepGEMM's metric against the unquantized product.
+
+    On a host without a Hopper GPU it runs the kernel in the GPU interpreter (`--interpret`, small shapes only): a
+    correctness run of this program, not a measurement."""
     import jax
 
     from sharding.targets import platform_of

@@ -1,9 +1,5 @@
-"""FP8 vs BF16 training: the same model, initialisation and token stream, trained with and without
-`model.fp8`; the relative difference of the cross-entropy at the end (the recipe's accuracy budget).
-
-The stream is a fixed random Markov chain (each token has 4 successors with probabilities 0.5/0.25/0.15/0.1),
-so the loss keeps falling towards a known floor (its entropy) and both runs see identical batches.
-Baseline: the BF16 run.
+"""FP8 vs BF16 training: the same model, initialisation and token stream, trained with and without `model.fp8`; the
+relative difference of the cross-entropy at the end (the recipe's accuracy budget). Baseline: the BF16 run.
 """
 
 from __future__ import annotations
@@ -32,6 +28,8 @@ def add_arguments(parser) -> None:
 
 
 def markov_stream(states: int, steps: int, batch: int, seq_len: int, seed: int = 0):
+    """A fixed random Markov chain (each token has 4 successors with probabilities 0.5/0.25/0.15/0.1), so the loss
+    keeps falling towards a known floor (its entropy) and both runs see identical batches."""
     import numpy as np
 
     rng = np.random.default_rng(seed)

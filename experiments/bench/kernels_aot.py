@@ -1,18 +1,6 @@
-"""Every Pallas kernel compiled ahead of time for chips this host does not have: the Mosaic GPU and Pallas-Triton
-kernels for an H100 (ptxas's registers, spill bytes and the launch's shared memory per Mosaic GPU kernel), the
-Pallas TPU kernels for TPU v5e, v5p and v6e (compile seconds and the flops XLA's cost model sees, which come
-from the kernels' cost estimates). Shapes are a preset's MoE layer (`--presets`, default small and v3-671b):
-tokens per device × top-k rows into n_routed_experts groups of dim → moe_intermediate_size, the dense FP8 GEMM
-dim → intermediate_size and back. A compile error is a row with its one-line message, not a crash.
-
-Beside ours (column `impl`): the grouped matmul forward + backward through its custom VJP and MLA's attention core
-(causal, packed documents; forward and forward + backward at the preset's heads and head dims, `PRESET_SEQ`-token
-rows) as the model runs them, and the same products in tokamax (the optional extra `tokamax`): ragged_dot on its
-Mosaic GPU / Mosaic TPU kernels (BF16, and our FP8 operands as qwix QArrays) and dot_product_attention on its Mosaic
-GPU / Mosaic TPU flash attention. Without tokamax those rows say it is not installed (`--no-tokamax` drops them).
-
-Nothing runs: the devices are compile-only (sharding.targets). Baseline: none; the numbers are the compilers'.
-Also the helpers tests/aot/test_kernels_aot.py compiles with (`kernel_cases`, `compile_case`).
+"""Every Pallas kernel compiled ahead of time for chips this host does not have (an H100; TPU v5e, v5p, v6e), beside
+tokamax's equivalents; nothing runs (sharding.targets). Baseline: none, the numbers are the compilers'. Also the
+helpers tests/aot/test_kernels_aot.py compiles with (`kernel_cases`, `compile_case`).
 """
 
 from __future__ import annotations
@@ -616,6 +604,19 @@ def _beside(cases: list[KernelCase]) -> list[KernelCase]:
 
 
 def run(args) -> dict:
+    """The Mosaic GPU and Pallas-Triton kernels compiled for an H100 (ptxas's registers, spill bytes and the launch's
+    shared memory per Mosaic GPU kernel), the Pallas TPU kernels for TPU v5e, v5p and v6e (compile seconds and the
+    flops XLA's cost model sees, which come from the kernels' cost estimates). Shapes are a preset's MoE layer
+    (`--presets`, default small and v3-671b): tokens per device × top-k rows into n_routed_experts groups of dim →
+    moe_intermediate_size, the dense FP8 GEMM dim → intermediate_size and back. A compile error is a row with its
+    one-line message, not a crash.
+
+    Beside ours (column `impl`): the grouped matmul forward + backward through its custom VJP and MLA's attention
+    core (causal, packed documents; forward and forward + backward at the preset's heads and head dims,
+    `PRESET_SEQ`-token rows) as the model runs them, and the same products in tokamax (the optional extra
+    `tokamax`): ragged_dot on its Mosaic GPU / Mosaic TPU kernels (BF16, and our FP8 operands as qwix QArrays) and
+    dot_product_attention on its Mosaic GPU / Mosaic TPU flash attention. Without tokamax those rows say it is not
+    installed (`--no-tokamax` drops them)."""
     # Read when JAX first initialises its backends (the CUDA plugin must not look for a driver; libtpu must load).
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

@@ -1,17 +1,6 @@
-"""MoE kernels on the GPU, three tables in one run:
-
-1. grouped GEMM TFLOP/s at DeepSeek-V3 expert shapes and the `small` preset's, ours (Mosaic GPU, BF16 and FP8
-   block-scaled) side by side with `jax.lax.ragged_dot`, JAX's example `ragged_dot_mgpu`, tokamax's BF16
-   `ragged_dot` on its Mosaic GPU kernel (the optional extra `tokamax`; a note where it is not installed), and where
-   torch sees a CUDA GPU `torch._grouped_mm` (BF16) and `torch._scaled_grouped_mm` (FP8, row-wise scales); and the
-   BF16 forward + backward (y, dx, dW: 3 GEMMs) through ours (grouped_matmul's custom VJP) and tokamax's VJP;
-2. dispatch (gather into expert order, optionally quantizing to FP8) and combine (weighted scatter-add) in GB/s
-   against a plain device-to-device copy of the same bytes;
-3. the whole MoE layer, forward and backward, with the platform's kernels against the reference path.
-
-Every kernel row is checked against the reference on the same inputs. On hosts without a Hopper GPU,
-`--interpret` runs the GPU kernels in JAX's GPU interpreter on small shapes (a correctness run, no timings).
-Baselines: torch._grouped_mm (GEMM; ragged_dot where torch has no GPU), the copy (dispatch), the reference layer.
+"""MoE kernels on the GPU, three tables in one run: grouped GEMM TFLOP/s, dispatch/combine GB/s, and the whole MoE
+layer, each row checked against the reference on the same inputs. Baselines: torch._grouped_mm (GEMM; ragged_dot
+where torch has no GPU), a plain device-to-device copy (dispatch), the reference layer.
 """
 
 from __future__ import annotations
@@ -167,6 +156,12 @@ def max_rel_err(got, want) -> float:
 
 
 def gemm_row(args, G, R, K, N) -> dict:
+    """Grouped GEMM TFLOP/s at one shape (DeepSeek-V3 expert shapes and the `small` preset's by default): ours
+    (Mosaic GPU, BF16 and FP8 block-scaled) side by side with `jax.lax.ragged_dot`, JAX's example `ragged_dot_mgpu`,
+    tokamax's BF16 `ragged_dot` on its Mosaic GPU kernel (the optional extra `tokamax`; a note where it is not
+    installed), and where torch sees a CUDA GPU `torch._grouped_mm` (BF16) and `torch._scaled_grouped_mm` (FP8,
+    row-wise scales); and the BF16 forward + backward (y, dx, dW: 3 GEMMs) through ours (grouped_matmul's custom
+    VJP) and tokamax's VJP."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -261,6 +256,8 @@ def random_routing(T: int, K: int, E: int, seed: int = 0):
 
 
 def dispatch_rows(args, T, D, K, E) -> list[dict]:
+    """Dispatch (gather into expert order, optionally quantizing to FP8) and combine (weighted scatter-add) in GB/s
+    against a plain device-to-device copy of the same bytes."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -355,6 +352,8 @@ def layer_rows(args) -> list[dict]:
 
 
 def run(args) -> dict:
+    """The three tables (`gemm_row`, `dispatch_rows`, `layer_rows`). On hosts without a Hopper GPU, `--interpret`
+    runs the GPU kernels in JAX's GPU interpreter on small shapes (a correctness run, no timings)."""
     import jax
 
     from sharding.targets import platform_of

@@ -1,10 +1,5 @@
-"""Pipeline bubbles: idle time per device of GPipe, 1F1B and DualPipe, simulated under unit costs.
-
-For each PP and number of micro-batches M, every schedule of sharding.pipeline_schedules is built, checked
-complete and timed by its `simulate` (communication free; F, B, and an overlapped F&B pair as given). Reported:
-makespan, the bubble (makespan − busy time) per device, the table's formula (`bubble_formula`), the bubble as a
-fraction of the makespan, the parameter chunks per device, and the peak number of micro-batches whose stage
-activations a device holds (forwards done minus backwards done, from the program order). Baseline: 1F1B.
+"""Pipeline bubbles: idle time per device of GPipe, 1F1B and DualPipe, simulated under unit costs (communication free)
+by sharding.pipeline_schedules. Baseline: 1F1B.
 """
 
 from __future__ import annotations
@@ -37,6 +32,11 @@ def peak_in_flight(program) -> int:
 
 
 def measure(pp: int, micro: int, costs) -> list[dict]:
+    """For this PP and number of micro-batches M, every schedule of sharding.pipeline_schedules built, checked
+    complete and timed by its `simulate` (communication free; F, B, and an overlapped F&B pair as given). Per
+    schedule: makespan, the bubble (makespan − busy time) per device, the table's formula (`bubble_formula`), the
+    bubble as a fraction of the makespan, the parameter chunks per device, and the peak number of micro-batches
+    whose stage activations a device holds (forwards done minus backwards done, from the program order)."""
     from sharding.pipeline_schedules import SCHEDULE_NAMES, ScheduleError, bubble_formula, make_schedule, simulate
 
     rows = []

@@ -1,13 +1,6 @@
-"""Per-device memory of the sharded train step, per mesh and parameter strategy, from the compiled program.
-
-For each (mesh, strategy) the train step is built (dsv3_jax.train.build) and compiled on abstract state, never
-run. Two kinds of numbers per device:
-  exact:    bytes of device 0's shard of every parameter, routing-bias and optimizer-state leaf (from the
-            shardings: the slice devices_indices_map gives device 0);
-  compiled: XLA's memory analysis of the compiled step (argument, output, aliased = donated state, temp), and
-            total = argument + output − alias + temp.
-Baseline: the same step on a one-device mesh, replicated; ratios are per-device bytes over the baseline's.
-On XLA:CPU the compiled sizes are XLA:CPU's buffer assignment; a GPU compile will differ in temp.
+"""Per-device memory of the sharded train step, per mesh and parameter strategy, from the compiled program (built by
+dsv3_jax.train.build and compiled on abstract state, never run). Baseline: the same step on a one-device mesh,
+replicated; ratios are per-device bytes over the baseline's.
 """
 
 from __future__ import annotations
@@ -106,6 +99,13 @@ def memory(compiled) -> dict:
 
 
 def run(args) -> dict:
+    """For each (mesh, strategy) the train step is built (dsv3_jax.train.build) and compiled on abstract state,
+    never run. Two kinds of numbers per device:
+      exact:    bytes of device 0's shard of every parameter, routing-bias and optimizer-state leaf (from the
+                shardings: the slice devices_indices_map gives device 0);
+      compiled: XLA's memory analysis of the compiled step (argument, output, aliased = donated state, temp), and
+                total = argument + output − alias + temp.
+    On XLA:CPU the compiled sizes are XLA:CPU's buffer assignment; a GPU compile will differ in temp."""
     import jax
 
     from dsv3_jax.train.build import build_step

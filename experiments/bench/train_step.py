@@ -1,16 +1,5 @@
-"""Whole-model training throughput on one device: our train step, built as the pre-training job builds it (run preset,
-dsv3_jax.train.build.build_step, the state donated), against Hugging Face transformers'
-DeepseekV3ForCausalLM of the same config (`ModelConfig.to_hf`), batch and AdamW (betas, eps, weight decay off the
-norms, clipping), once per `experts_implementation` (grouped_mm, eager per-expert loop).
-
-Random tokens; warm-up steps, then the median of timed steps (a JAX step is synchronised on its whole output, a
-PyTorch CUDA step timed with CUDA events). Tokens/s; MFU with the pre-training job's FLOP count
-(dsv3_jax.model.counting.train_flops_per_token; transformers has no MTP, so its rows count FLOPs without it); peak device
-memory (the allocator's peak where the device reports one, else XLA's compiled memory analysis). PyTorch runs first
-and frees its cache; JAX does not preallocate (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set), so each side finds
-the GPU free. A variant that fails leaves its error in its row.
-`--profile DIR` writes a JAX trace of a few more steps (TensorBoard/XProf `plugins/profile/...`, plus flat copies
-`DIR/jax_trace.json.gz` (Perfetto) and `DIR/jax.xplane.pb`) and puts the device time per op in the JSON.
+"""Whole-model training throughput on one device: our train step, built as the pre-training job builds it, against
+Hugging Face transformers' DeepseekV3ForCausalLM of the same config, batch and AdamW: tokens/s, MFU, peak memory.
 Baseline: transformers with experts_implementation="grouped_mm".
 """
 
@@ -298,6 +287,18 @@ def _train_torch(cfg, batch_np: dict, experts: str, args, row: dict) -> None:
 
 # ---- the benchmark -------------------------------------------------------------------------------------
 def run(args) -> dict:
+    """Ours (run preset, dsv3_jax.train.build.build_step, the state donated) against transformers'
+    DeepseekV3ForCausalLM of the same config (`ModelConfig.to_hf`), batch and AdamW (betas, eps, weight decay off the
+    norms, clipping), once per `experts_implementation` (grouped_mm, eager per-expert loop).
+
+    Random tokens; warm-up steps, then the median of timed steps (a JAX step is synchronised on its whole output, a
+    PyTorch CUDA step timed with CUDA events). Tokens/s; MFU with the pre-training job's FLOP count
+    (dsv3_jax.model.counting.train_flops_per_token; transformers has no MTP, so its rows count FLOPs without it);
+    peak device memory (the allocator's peak where the device reports one, else XLA's compiled memory analysis).
+    PyTorch runs first and frees its cache; JAX does not preallocate (XLA_PYTHON_CLIENT_PREALLOCATE=false unless
+    set), so each side finds the GPU free. A variant that fails leaves its error in its row.
+    `--profile DIR` writes a JAX trace of a few more steps (TensorBoard/XProf `plugins/profile/...`, plus flat copies
+    `DIR/jax_trace.json.gz` (Perfetto) and `DIR/jax.xplane.pb`) and puts the device time per op in the JSON."""
     from dsv3_jax.model.counting import count_params
     import jax
 

@@ -1,12 +1,5 @@
 """All-to-all over one mesh axis as a Pallas TPU kernel: every device DMAs block j of its input straight into
 slot `me` of device j's output (remote DMA, HBM to HBM), then waits for its own n − 1 incoming blocks.
-
-Call inside shard_map (the axis must be manual). A barrier semaphore first makes sure every peer has entered
-the kernel, so no DMA lands in an output buffer its owner is not done with. Each peer distance s = 1 … n−1 has
-its own send and receive DMA semaphore: device me sends to me + s and receives from me − s on semaphore s,
-so each wait counts exactly one block. Sends are issued in that staggered order, so at every step the n
-devices target n different peers. Same result as jax.lax.all_to_all (tiled or not); its transpose is the
-all-to-all with split and concat axes swapped. Runs on CPU under interpret=pltpu.InterpretParams().
 """
 
 from __future__ import annotations
@@ -25,6 +18,10 @@ from pallas_kernels.cost import cost_estimate, nbytes
 
 
 def _kernel(x_hbm, out_hbm, local_sem, send_sems, recv_sems, *, axis_name: str, n: int):
+    """A barrier semaphore first makes sure every peer has entered the kernel, so no DMA lands in an output buffer
+    its owner is not done with. Each peer distance s = 1 … n−1 has its own send and receive DMA semaphore: device me
+    sends to me + s and receives from me − s on semaphore s, so each wait counts exactly one block. Sends are issued
+    in that staggered order, so at every step the n devices target n different peers."""
     me = lax.axis_index(axis_name)
     peer = lambda s: lax.rem(me + s, n)
 
@@ -113,7 +110,10 @@ _all_to_all.defvjp(_all_to_all_fwd, _all_to_all_bwd)
 
 def all_to_all(x, axis_name: str, split_axis: int, concat_axis: int, *, tiled: bool = False, interpret=False):
     """jax.lax.all_to_all(x, axis_name, split_axis, concat_axis, tiled=tiled) by remote DMA, over one axis.
-    interpret: False on TPU; True or pltpu.InterpretParams() to simulate the devices on CPU."""
+    interpret: False on TPU; True or pltpu.InterpretParams() to simulate the devices on CPU.
+
+    Call inside shard_map (the axis must be manual). Same result as jax.lax.all_to_all (tiled or not); its
+    transpose is the all-to-all with split and concat axes swapped."""
     if not isinstance(axis_name, str):
         raise ValueError(f"all_to_all: axis_name={axis_name!r} must be one mesh axis name")
     split_axis, concat_axis = split_axis % x.ndim, concat_axis % x.ndim

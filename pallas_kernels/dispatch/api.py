@@ -1,12 +1,4 @@
-"""Entry point for dispatch/combine: implementations by name ("reference", "tpu", "gpu"), one custom_vjp for all.
-
-Every implementation provides three row operations (see `reference`): gather_rows, combine_rows and
-combine_rows_grad. The vjp composes them the same way for each:
-  dispatch  forward: gather (optionally fused FP8 quantization)   backward: unweighted combine of the row grads
-  combine   forward: weighted combine in float32                  backward: weighted gather of the output grad,
-                                                                  and dweights[t, k] = <y[row(t, k)], dout[t]>
-The FP8 outputs (x_q_ND, scale_NDb) carry no gradient: a consumer differentiates through x_ND.
-"""
+"""Entry point for dispatch/combine: implementations by name ("reference", "tpu", "gpu"), one custom_vjp for all."""
 
 from __future__ import annotations
 
@@ -28,6 +20,13 @@ IMPLEMENTATIONS = {"reference": "pallas_kernels.dispatch.reference", "tpu": "pal
 
 
 class RowOps(NamedTuple):
+    """The three row operations every implementation provides (see `reference`). The vjp composes them the same way
+    for each:
+      dispatch  forward: gather (optionally fused FP8 quantization)   backward: unweighted combine of the row grads
+      combine   forward: weighted combine in float32                  backward: weighted gather of the output grad,
+                                                                      and dweights[t, k] = <y[row(t, k)], dout[t]>
+    """
+
     gather_rows: Callable
     combine_rows: Callable
     combine_rows_grad: Callable
@@ -100,7 +99,8 @@ def dispatch(x_TD, expert_idx_TK, n_experts: int, *, impl: str = "reference", al
 
     align: pad every expert's group with zero rows to a multiple of `align` (x_ND then has
     `padded_rows(T·K, n_experts, align)` rows). quantize: also return x_q_ND (E4M3) and scale_NDb as
-    `pallas_kernels.fp8.quantize_1x128(x_ND, power_of_two)` computes them. Differentiable in x_TD.
+    `pallas_kernels.fp8.quantize_1x128(x_ND, power_of_two)` computes them. Differentiable in x_TD; the FP8 outputs
+    (x_q_ND, scale_NDb) carry no gradient: a consumer differentiates through x_ND.
     """
     check_routing(x_TD, expert_idx_TK, n_experts, align)
     im = _pick(impl, interpret)

@@ -1,12 +1,6 @@
-"""Dispatch/combine row operations as Pallas GPU kernels (Triton backend): masked pointer gathers of rows.
-
-Each program owns a tile of rows × 128 columns (the FP8 tile width); row indices are loaded as a vector and
-drive one masked gather of the tile, so any T, N, D work (tiles are powers of two, edges are masked, rows
-whose index is out of range read as 0). Epilogues:
-  gather_rows        copy (and, fused, E4M3 1×128 quantization of the tile: amax, scale, clip, cast)
-  combine_rows       K gathered tiles per token tile, weighted and summed in float32
-  combine_rows_grad  dy = w · dout[src]; dw = <y, dout[src]> accumulated over the column tiles in-program
-Same math as `reference`. On CPU they run with interpret=True; they lower for CUDA from any host.
+"""Dispatch/combine row operations as Pallas GPU kernels (Triton backend): masked pointer gathers of rows, a program per
+tile of rows × 128 columns. Same math as `reference`; on CPU they run with interpret=True, and they lower for CUDA
+from any host.
 """
 
 from __future__ import annotations
@@ -41,7 +35,11 @@ def _rows(idx_ref, start, size: int, n_idx: int, limit: int):
 
 
 def _tile(ref, rows, row_mask, col0, n_cols: int):
-    """ref[rows, col0:col0+128] as a [len(rows), 128] tile; masked entries read as 0."""
+    """ref[rows, col0:col0+128] as a [len(rows), 128] tile; masked entries read as 0.
+
+    Each program owns a tile of rows × 128 columns (the FP8 tile width); row indices are loaded as a vector and
+    drive one masked gather of the tile, so any T, N, D work (tiles are powers of two, edges are masked, rows whose
+    index is out of range read as 0)."""
     cols = col0 + jnp.arange(TILE)
     mask = row_mask[:, None] & (cols < n_cols)[None, :]
     return plt.load(ref.at[rows[:, None], cols[None, :]], mask=mask, other=0), mask, cols
@@ -86,6 +84,8 @@ def _gather_kernel(src_ref, x_ref, *out_refs, n: int, t: int, d: int, bm: int, q
 @functools.partial(jax.jit, static_argnames=("quantize", "power_of_two", "interpret", "block_rows"))
 def gather_rows(x_TD, src_N, *, quantize: bool = False, power_of_two: bool = False, interpret=False,
                 block_rows: int = BLOCK_ROWS):
+    """Rows x_TD[src_N], a copy per tile (and, with `quantize`, fused E4M3 1×128 quantization of the tile: amax,
+    scale, clip, cast)."""
     (T, D), N = x_TD.shape, src_N.shape[0]
     bm, Db = _block(N, block_rows), pl.cdiv(D, TILE)
     out_shape = [jax.ShapeDtypeStruct((N, D), x_TD.dtype)]
@@ -124,6 +124,7 @@ def _combine_kernel(row_ref, y_ref, *rest, t: int, n: int, d: int, k: int, bt: i
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "block_tokens"))
 def combine_rows(y_ND, row_TK, weights_TK, out_dtype, *, interpret=False, block_tokens: int = BLOCK_TOKENS):
+    """Per token tile, its K gathered tiles weighted and summed in float32."""
     (N, D), (T, K) = y_ND.shape, row_TK.shape
     bt = _block(T, block_tokens)
     weighted = weights_TK is not None
@@ -161,6 +162,7 @@ def _combine_grad_kernel(src_ref, dout_ref, y_ref, w_ref, dy_ref, dw_ref, *, n: 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_rows"))
 def combine_rows_grad(y_ND, dout_TD, src_N, w_N, *, interpret=False, block_rows: int = BLOCK_ROWS):
+    """dy = w · dout[src]; dw = <y, dout[src]> accumulated over the column tiles in-program."""
     (N, D), T = y_ND.shape, dout_TD.shape[0]
     bm = _block(N, block_rows)
     return pl.pallas_call(

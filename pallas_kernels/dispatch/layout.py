@@ -1,10 +1,4 @@
-"""Where each (token, choice) row goes: the expert-contiguous layout that dispatch fills and combine reads.
-
-The T·K (token, choice) pairs are sorted by expert (stably, so within an expert tokens keep their order). With
-`align` > 1 every expert's group is padded with zero rows to a multiple of `align` rows, so the buffer has a
-static worst-case length: N + min(E, N)·(align − 1) rounded down to a multiple of `align`; rows past the last
-group are padding too. Padding rows carry order_N = T·K and src_N = T (one past the end).
-"""
+"""Where each (token, choice) row goes: the expert-contiguous layout that dispatch fills and combine reads."""
 
 from __future__ import annotations
 
@@ -32,7 +26,8 @@ class Layout(NamedTuple):
 
 
 def padded_rows(n_pairs: int, n_experts: int, align: int) -> int:
-    """Static row count of an aligned buffer: enough for any routing of `n_pairs` rows over `n_experts`."""
+    """Static row count of an aligned buffer: enough for any routing of `n_pairs` rows over `n_experts`, the
+    worst-case length N + min(E, N)·(align − 1) rounded down to a multiple of `align`."""
     if align == 1:
         return n_pairs
     worst = n_pairs + min(n_experts, n_pairs) * (align - 1)
@@ -53,7 +48,12 @@ def check_routing(x_TD, expert_idx_TK, n_experts: int, align: int) -> None:
 
 
 def route_layout(expert_idx_TK, n_experts: int, align: int = 1) -> Layout:
-    """The row of every pair and the pair of every row, sorted by expert, groups padded to `align` rows."""
+    """The row of every pair and the pair of every row, sorted by expert, groups padded to `align` rows.
+
+    The T·K (token, choice) pairs are sorted by expert (stably, so within an expert tokens keep their order). With
+    `align` > 1 every expert's group is padded with zero rows to a multiple of `align` rows, so the buffer has a
+    static worst-case length (`padded_rows`); rows past the last group are padding too. Padding rows carry
+    order_N = T·K and src_N = T (one past the end)."""
     T, K = expert_idx_TK.shape
     n = T * K
     flat_N = expert_idx_TK.reshape(-1).astype(jnp.int32)

@@ -1,11 +1,6 @@
-"""Reference dispatch/combine in plain jnp: the definition the kernels are held to.
-
-dispatch: the T·K (token, choice) pairs sorted by expert (`layout.route_layout`), the token rows gathered in
-that order (zero rows where groups are padded to `align`), optionally also quantized to E4M3 in 1×128 tiles.
-combine: out[t] = Σ_k weights[t, k] · y[row of (t, k)], summed in float32.
-
-`dispatch`/`combine` are the plain definitions (differentiated by JAX). The row operations below them are the
-reference implementation behind `api`, whose custom_vjp composes them exactly as it composes the kernels'.
+"""Reference dispatch/combine in plain jnp: the definition the kernels are held to. `dispatch`/`combine` are the plain
+definitions (differentiated by JAX); the row operations below them are the reference implementation behind `api`,
+whose custom_vjp composes them exactly as it composes the kernels'.
 """
 
 from __future__ import annotations
@@ -20,6 +15,8 @@ __all__ = ["Dispatched", "combine", "combine_rows", "combine_rows_grad", "dispat
 
 def dispatch(x_TD, expert_idx_TK, n_experts: int, align: int = 1, quantize: bool = False,
              power_of_two: bool = False) -> Dispatched:
+    """The T·K (token, choice) pairs sorted by expert (`layout.route_layout`), the token rows gathered in that order
+    (zero rows where groups are padded to `align`), optionally also quantized to E4M3 in 1×128 tiles."""
     check_routing(x_TD, expert_idx_TK, n_experts, align)
     lay = route_layout(expert_idx_TK, n_experts, align)
     x_ND = jnp.take(x_TD, lay.src_N, axis=0, mode="fill", fill_value=0)
@@ -35,6 +32,7 @@ def rows_of(order_N, n_pairs: int):
 
 
 def combine(y_ND, weights_TK, order_N, out_dtype=None):
+    """out[t] = Σ_k weights[t, k] · y[row of (t, k)], summed in float32."""
     T, K = weights_TK.shape
     y_TKD = jnp.take(y_ND, rows_of(order_N, T * K), axis=0).reshape(T, K, -1)
     out_TD = (y_TKD.astype(jnp.float32) * weights_TK.astype(jnp.float32)[..., None]).sum(axis=1)

@@ -1,16 +1,5 @@
-"""Dispatch/combine row operations as Pallas TPU kernels: row gathers driven by scalar-prefetched indices.
-
-Each grid step owns a block of output rows. The row indices live in SMEM (scalar prefetch); the step issues one
-DMA per row from the HBM table into a VMEM slot, and while it computes on its rows the DMAs of the next block are
-already in flight (two slots, so the grid runs in order: "arbitrary"). Rows whose index is out of range are
-zero-filled instead of copied. TPU DMAs land single rows only in 32-bit VMEM arrays (a packed bf16 row at an odd
-sublane is not addressable), so bfloat16 tables travel as 32-bit words, column j and column j + w sharing word j
-(`_word_table`), and are unpacked exactly in the kernel; other 16- and 8-bit tables fall back to the reference
-(logged once). Epilogues:
-  gather_rows        copy (and, fused, E4M3 1×128 quantization: amax, scale, clip, cast per 128 columns)
-  combine_rows       K rows per token, weighted and summed in float32
-  combine_rows_grad  dy = w · dout[src], dw = <y, dout[src]> per row
-Same math as `reference`; runs in interpret mode (interpret=True) on CPU.
+"""Dispatch/combine row operations as Pallas TPU kernels: row gathers driven by scalar-prefetched indices, one DMA per
+row into double-buffered VMEM. Same math as `reference`; runs in interpret mode (interpret=True) on CPU.
 """
 
 from __future__ import annotations
@@ -57,7 +46,11 @@ def _kernel_dtype(op: str, dtype) -> bool:
 
 def _word_table(table_XD):
     """The table as the kernels DMA it: 32-bit dtypes as they are; bfloat16 as uint32 words [rows, w] with w = D
-    rounded up to 256, halved, and word j = bits of column j | bits of column j + w << 16 (zero columns pad D)."""
+    rounded up to 256, halved, and word j = bits of column j | bits of column j + w << 16 (zero columns pad D).
+
+    TPU DMAs land single rows only in 32-bit VMEM arrays (a packed bf16 row at an odd sublane is not addressable),
+    so bfloat16 tables travel as these words and are unpacked exactly in the kernel (`_unpacked`); other 16- and
+    8-bit tables fall back to the reference (`_kernel_dtype`, logged once)."""
     if table_XD.dtype.itemsize == 4:
         return table_XD
     D = table_XD.shape[1]
@@ -101,7 +94,12 @@ def _row_copies(idx_ref, table_hbm, buf, sem, block, slot, n_idx: int, limit: in
 
 
 def _gathered(idx_ref, table_hbm, buf, sem, n_idx: int, limit: int):
-    """This step's gathered rows (a [n_idx, D] view of the current slot), prefetching the next step's rows."""
+    """This step's gathered rows (a [n_idx, D] view of the current slot), prefetching the next step's rows.
+
+    Each grid step owns a block of output rows. The row indices live in SMEM (scalar prefetch); the step issues one
+    DMA per row from the HBM table into a VMEM slot, and while it computes on its rows the DMAs of the next block
+    are already in flight (two slots, so the grid runs in order: "arbitrary"). Rows whose index is out of range are
+    zero-filled instead of copied."""
     i, steps = pl.program_id(0), pl.num_programs(0)
     copies = functools.partial(_row_copies, idx_ref, table_hbm, buf, sem, n_idx=n_idx, limit=limit)
 
@@ -146,6 +144,8 @@ def _gather_kernel(src_ref, x_hbm, out_ref, *rest, bm: int, limit: int, quantize
 @functools.partial(jax.jit, static_argnames=("quantize", "power_of_two", "interpret", "block_rows"))
 def gather_rows(x_TD, src_N, *, quantize: bool = False, power_of_two: bool = False, interpret=False,
                 block_rows: int = BLOCK_ROWS):
+    """Rows x_TD[src_N], copied (and, with `quantize`, fused E4M3 1×128 quantization: amax, scale, clip, cast per 128
+    columns)."""
     if not _kernel_dtype("gather_rows", x_TD.dtype):
         return reference.gather_rows(x_TD, src_N, quantize=quantize, power_of_two=power_of_two)
     (T, D), N = x_TD.shape, src_N.shape[0]
@@ -190,6 +190,7 @@ def _combine_kernel(row_ref, y_hbm, *rest, bt: int, k: int, limit: int, weighted
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "block_tokens"))
 def combine_rows(y_ND, row_TK, weights_TK, out_dtype, *, interpret=False, block_tokens: int = BLOCK_TOKENS):
+    """K rows per token, weighted and summed in float32."""
     if not _kernel_dtype("combine_rows", y_ND.dtype):
         return reference.combine_rows(y_ND, row_TK, weights_TK, out_dtype)
     (N, D), (T, K) = y_ND.shape, row_TK.shape
@@ -228,6 +229,7 @@ def _combine_grad_kernel(src_ref, dout_hbm, y_ref, w_ref, dy_ref, dw_ref, buf, s
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_rows"))
 def combine_rows_grad(y_ND, dout_TD, src_N, w_N, *, interpret=False, block_rows: int = BLOCK_ROWS):
+    """dy = w · dout[src], dw = <y, dout[src]> per row."""
     if not _kernel_dtype("combine_rows_grad", dout_TD.dtype):
         return reference.combine_rows_grad(y_ND, dout_TD, src_N, w_N)
     (N, D), T = y_ND.shape, dout_TD.shape[0]

@@ -1,17 +1,5 @@
-"""Block-scaled FP8 matmul for Hopper as a Mosaic GPU Pallas kernel (warp-specialized, TMA-pipelined, FP8 WGMMA).
-
-    out[m, n] = Σ_kb (a_q[m, kb] · b_q[n, kb]) · a_scale[kb, m] · b_scale[kb, n]        (kb: 128-wide C blocks)
-
-Layout (what FP8 WGMMA needs: both operands contraction-major, it cannot transpose 8-bit operands): a_q [T, C]
-and b_q [J, C] in E4M3; a_scale [Cb, T] (1×128 activation tiles, stored block-major along C so one TMA row per step)
-and b_scale [Cb, J] (one scale per column and C block: 128×128 weight blocks expanded along J, or 128×1 tiles as
-they are). One CTA computes a (block_m, block_n) tile: a memory warpgroup streams 128-wide C slices of a, b and
-both scale rows through `stages` SMEM buffers with TMA; `compute_wgs` warpgroups each own half of the tile
-(split along T or J). Per C slice each issues a WGMMA into a fresh float32 accumulator, then promotes it:
-acc += partial · a_scale[rows] ⊗ b_scale[cols] (DeepSeek-V3's promotion every 128 elements of the contraction,
-with a separate partial accumulator, as DeepGEMM does). The epilogue casts to `out_dtype` through SMEM and stores
-with TMA.
-Tiles are scheduled persistently over the SMs in a snake order for L2 reuse. Unaligned T, J, C are zero-padded.
+"""Block-scaled FP8 matmul for Hopper as a Mosaic GPU Pallas kernel (warp-specialized, TMA-pipelined, FP8 WGMMA):
+out[m, n] = Σ_kb (a_q[m, kb] · b_q[n, kb]) · a_scale[kb, m] · b_scale[kb, n] over the 128-wide C blocks kb.
 """
 
 from __future__ import annotations
@@ -151,7 +139,18 @@ def _pad_to(x, shape):
 def fp8_matmul_nt(a_q_TC, a_scale_CbT, b_q_JC, b_scale_CbJ, out_dtype=jnp.bfloat16, config: TileConfig | None = None,
                   interpret=False):
     """The kernel on contraction-major operands: a_q [T, C], b_q [J, C] (E4M3), a_scale [Cb, T], b_scale [Cb, J]
-    float32. Returns [T, J] in out_dtype."""
+    float32. Returns [T, J] in out_dtype.
+
+    Layout: what FP8 WGMMA needs, both operands contraction-major (it cannot transpose 8-bit operands); a_scale
+    holds 1×128 activation tiles stored block-major along C, so one TMA row per step; b_scale has one scale per
+    column and C block (128×128 weight blocks expanded along J, or 128×1 tiles as they are). One CTA computes a
+    (block_m, block_n) tile: a memory warpgroup streams 128-wide C slices of a, b and both scale rows through
+    `stages` SMEM buffers with TMA; `compute_wgs` warpgroups each own half of the tile (split along T or J). Per C
+    slice each issues a WGMMA into a fresh float32 accumulator, then promotes it:
+    acc += partial · a_scale[rows] ⊗ b_scale[cols] (DeepSeek-V3's promotion every 128 elements of the contraction,
+    with a separate partial accumulator, as DeepGEMM does). The epilogue casts to `out_dtype` through SMEM and
+    stores with TMA. Tiles are scheduled persistently over the SMs in a snake order for L2 reuse. Unaligned T, J, C
+    are zero-padded."""
     (T, C), (J, C2) = a_q_TC.shape, b_q_JC.shape
     Cb = pl.cdiv(C, TILE)
     if C2 != C:

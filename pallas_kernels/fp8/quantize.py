@@ -1,11 +1,5 @@
-"""E4M3 quantization with one float32 scale per tile, as in DeepSeek-V3's FP8 recipe.
-
-`real ≈ x_q · scale`, with `scale = max(amax, AMAX_FLOOR) / 448` per tile (optionally rounded up to a power of
-two) and `x / scale` clipped to ±448 before the cast, so no finite input yields NaN (E4M3FN has no Inf: an
-overflowing cast gives NaN, hence the clip). Tiles: 1×128 (per row, per 128 columns), 128×1 (per 128 rows, per
-column) and 128×128. Edge tiles of shapes that are not multiples of 128 are zero-padded for the amax only; the
-quantized arrays keep the input's shape, the scales have ceil(dim / 128) entries along tiled axes. `dequantize` is
-the one inverse for every tiling, of any block size and with leading (layer, expert) axes, on numpy or jax arrays.
+"""E4M3 quantization with one float32 scale per tile (1×128, 128×1 or 128×128), as in DeepSeek-V3's FP8 recipe:
+`real ≈ x_q · scale`; `dequantize` is the one inverse for every tiling, on numpy or jax arrays.
 """
 
 from __future__ import annotations
@@ -43,6 +37,9 @@ def scale_from_amax(amax, power_of_two: bool = False, amax_floor: float = AMAX_F
 
 
 def _cast(x_f32, scale_f32):
+    """x / scale clipped to ±448 before the cast, so no finite input yields NaN (E4M3FN has no Inf: an overflowing
+    cast gives NaN, hence the clip). Callers zero-pad edge tiles of shapes that are not multiples of 128 for the amax
+    only; the quantized arrays keep the input's shape, the scales have ceil(dim / 128) entries along tiled axes."""
     return jnp.clip(x_f32 / scale_f32, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
 
 
@@ -75,7 +72,8 @@ def quantize_128x128(w_CJ, power_of_two: bool = False, amax_floor: float = AMAX_
 def dequantize(x_q_X, scale_X, tile: tuple[int, int], dtype=np.float32):
     """x_q · scale in float32, returned in `dtype`. Each scale covers one `tile` = (rows, cols) block of the last two
     axes (1×128, 128×1, 128×128, or a checkpoint's own block size), edge blocks cropped; leading axes (layers,
-    experts) pair one to one: scale_X is (..., ceil(rows / tile[0]), ceil(cols / tile[1]))."""
+    experts) pair one to one: scale_X is (..., ceil(rows / tile[0]), ceil(cols / tile[1])). Any block size, numpy or
+    jax arrays."""
     shape = tuple(x_q_X.shape)
     want = shape[:-2] + (pl.cdiv(shape[-2], tile[0]), pl.cdiv(shape[-1], tile[1])) if len(shape) >= 2 else None
     if tuple(scale_X.shape) != want:

@@ -1,10 +1,4 @@
-"""Reference block-scaled FP8 matmul in plain jnp: the definition the Pallas kernels are held to.
-
-For each 128-wide block k of the contraction, the FP8 operands are multiplied exactly into float32, the partial
-product is scaled by `a_scale[m, k] · b_scale[k, n]` and added to a float32 accumulator (DeepSeek-V3's
-promotion every 128 elements of the contraction). `b_scale` is per 128×128 block [Cb, Jb] (weights) or per 128×1 tile
-[Cb, J] (the token-blocked operand of a weight gradient).
-"""
+"""Reference block-scaled FP8 matmul in plain jnp: the definition the Pallas kernels are held to."""
 
 from __future__ import annotations
 
@@ -39,6 +33,11 @@ def check_operands(a_q_TC, a_scale_TCb, b_q_CJ, b_scale):
 
 def fp8_matmul(a_q_TC, a_scale_TCb, b_q_CJ, b_scale, out_dtype=jnp.bfloat16):
     """Σ_k (a_q[:, k] · b_q[k, :]) · a_scale[:, k] · b_scale[k, :], accumulated in float32, cast to out_dtype.
+
+    For each 128-wide block k of the contraction, the FP8 operands are multiplied exactly into float32, the partial
+    product is scaled by `a_scale[m, k] · b_scale[k, n]` and added to a float32 accumulator (DeepSeek-V3's promotion
+    every 128 elements of the contraction). `b_scale` is per 128×128 block [Cb, Jb] (weights) or per 128×1 tile
+    [Cb, J] (the token-blocked operand of a weight gradient).
 
     One step of a scan per 128-wide C block (C = 18,432 is 144 blocks: a loop, not 144 dots in the program)."""
     T, C, J, Cb = check_operands(a_q_TC, a_scale_TCb, b_q_CJ, b_scale)

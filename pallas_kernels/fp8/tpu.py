@@ -1,12 +1,5 @@
-"""Block-scaled FP8 matmul as a TPU Pallas kernel over an (T/bm, J/bn, C/128) grid.
-
-Each step loads a (bm, 128) tile of a and a (128, bn) tile of b, upcasts them to bf16 (exact for E4M3; chips
-without an FP8 MXU need it), multiplies on the MXU into float32, scales by the (bm, 1) and (1, bn) scale vectors
-of that C block and adds into a float32 VMEM accumulator, written out after the last C block. The scales stay
-lane-dense in memory: a_scale as [T, Cb] read in (bm, 128) blocks (one block serves 128 C steps) and b_scale as
-[Cb, J] in (8, bn) blocks; each step picks its column / row in-register (pallas_kernels.tpu_lanes), because
-(n, 1)-shaped scale arrays would be padded 128-fold in TPU memory. Operands are
-zero-padded to whole tiles and the result sliced back, so any T, J, C work. Same math as `reference.fp8_matmul`.
+"""Block-scaled FP8 matmul as a TPU Pallas kernel over an (T/bm, J/bn, C/128) grid, tiles upcast to bf16 for the MXU
+and accumulated in float32. Same math as `reference.fp8_matmul`.
 """
 
 from __future__ import annotations
@@ -24,6 +17,9 @@ from pallas_kernels.fp8.reference import check_operands, column_scales
 from pallas_kernels.tpu_lanes import div_nonneg, pick_column, pick_row, rem_nonneg
 
 def _kernel(a_ref, b_ref, sa_ref, sb_ref, out_ref, acc_ref):
+    """Each step loads a (bm, 128) tile of a and a (128, bn) tile of b, upcasts them to bf16 (exact for E4M3; chips
+    without an FP8 MXU need it), multiplies on the MXU into float32, scales by the (bm, 1) and (1, bn) scale vectors
+    of that C block and adds into a float32 VMEM accumulator, written out after the last C block."""
     k = pl.program_id(2)
 
     @pl.when(k == 0)
@@ -52,6 +48,10 @@ def _block(size: int, preferred: int) -> int:
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "block_n", "interpret"))
 def fp8_matmul(a_q_TC, a_scale_TCb, b_q_CJ, b_scale, out_dtype=jnp.bfloat16, block_m: int = 256,
                block_n: int = 256, interpret: bool = False):
+    """`reference.fp8_matmul` on the kernel. The scales stay lane-dense in memory: a_scale as [T, Cb] read in (bm, 128)
+    blocks (one block serves 128 C steps) and b_scale as [Cb, J] in (8, bn) blocks; each step picks its column / row
+    in-register (pallas_kernels.tpu_lanes), because (n, 1)-shaped scale arrays would be padded 128-fold in TPU
+    memory. Operands are zero-padded to whole tiles and the result sliced back, so any T, J, C work."""
     T, C, J, Cb = check_operands(a_q_TC, a_scale_TCb, b_q_CJ, b_scale)
     Tp, Jp, Cp = pl.cdiv(T, TILE) * TILE, pl.cdiv(J, TILE) * TILE, Cb * TILE
     bm, bn = _block(Tp, block_m), _block(Jp, block_n)

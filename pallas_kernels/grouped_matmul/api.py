@@ -1,14 +1,5 @@
-"""Entry point for grouped matmul: differentiable ops built on an implementation of the protocol
-(gmm / gmm_t / tgmm / gmm_fp8 / tgmm_fp8, see reference.py), chosen by name.
-
-grouped_matmul      y = x·W[g] per group; custom_vjp: dx = gmm_t(dy, W), dW = tgmm(x, dy).
-grouped_matmul_fp8  DeepSeek-V3's FP8 recipe for routed experts, custom_vjp:
-    forward  y  = gmm_fp8(x in 1×128 tiles, W[g]ᵀ in 128×128 blocks)
-    data     dx = gmm_fp8(dy in 1×128 tiles, W[g] = the forward's blocks transposed)
-    weight   dW = tgmm_fp8(xᵀ, dyᵀ in 1×128 tiles along the rows) on the group-aligned row layout
-             (layout.aligned_rows: each group starts at a multiple of 128 and is zero-padded to one, built with a
-             gather), so every 128-row scale tile holds rows of one group. The forward saves xᵀ quantized in that
-             layout (FP8) instead of x.
+"""Entry point for grouped matmul: differentiable ops (`grouped_matmul`, `grouped_matmul_fp8`) built on an
+implementation of the protocol (gmm / gmm_t / tgmm / gmm_fp8 / tgmm_fp8, see reference.py), chosen by name.
 """
 
 from __future__ import annotations
@@ -59,7 +50,8 @@ def _options(op: str, x_NC, w_ECJ, group_sizes_E, impl: str, interpret: bool, po
 
 def grouped_matmul(x_NC, w_ECJ, group_sizes_E, *, impl: str = "reference", interpret: bool = False):
     """y [N, J] in x's dtype: y[rows of g] = x[rows of g] · W[g] (W cast to x's dtype), 0 past sum(group_sizes).
-    Gradients: dx in x's dtype, dW in W's dtype; group_sizes_E is not differentiated."""
+    Gradients: dx in x's dtype, dW in W's dtype; group_sizes_E is not differentiated.
+    custom_vjp: dx = gmm_t(dy, W), dW = tgmm(x, dy)."""
     o = _options("grouped_matmul", x_NC, w_ECJ, group_sizes_E, impl, interpret)
     return _grouped_matmul(x_NC, w_ECJ, group_sizes_E.astype(jnp.int32), o)
 
@@ -88,8 +80,17 @@ _grouped_matmul.defvjp(_gmm_forward, _gmm_backward)
 
 def grouped_matmul_fp8(x_NC, w_ECJ, group_sizes_E, *, impl: str = "reference", interpret: bool = False,
                        power_of_two: bool = False):
-    """grouped_matmul with FP8 (E4M3) operands in all three products (module docstring), float32 accumulation
-    promoted every 128 of the contraction. `power_of_two` rounds every scale up to a power of two."""
+    """grouped_matmul with FP8 (E4M3) operands in all three products, float32 accumulation promoted every 128 of the
+    contraction. `power_of_two` rounds every scale up to a power of two.
+
+    DeepSeek-V3's FP8 recipe for routed experts, as a custom_vjp:
+        forward  y  = gmm_fp8(x in 1×128 tiles, W[g]ᵀ in 128×128 blocks)
+        data     dx = gmm_fp8(dy in 1×128 tiles, W[g] = the forward's blocks transposed)
+        weight   dW = tgmm_fp8(xᵀ, dyᵀ in 1×128 tiles along the rows) on the group-aligned row layout
+                 (layout.aligned_rows: each group starts at a multiple of 128 and is zero-padded to one, built with
+                 a gather), so every 128-row scale tile holds rows of one group. The forward saves xᵀ quantized in
+                 that layout (FP8) instead of x.
+    """
     o = _options("grouped_matmul_fp8", x_NC, w_ECJ, group_sizes_E, impl, interpret, power_of_two)
     return _grouped_matmul_fp8(x_NC, w_ECJ, group_sizes_E.astype(jnp.int32), o)
 

@@ -1,18 +1,5 @@
-"""Grouped matmul for Hopper GPUs: Mosaic GPU Pallas kernels behind the five functions of the gmm protocol.
-
-Persistent kernels: `num_ctas` CTAs walk a list of output tiles. A CTA has `compute_wgs` consumer warpgroups and
-one producer warpgroup; per tile the producer streams operand tiles with TMA into a `stages`-deep ring of
-swizzled SMEM buffers, the consumers multiply them with WGMMA into float32 register accumulators and store the
-result through SMEM with TMA.
-- gmm / gmm_t / gmm_fp8 (row kernel): tiles are (work item, J tile) pairs. A work item is a (group, row tile)
-  pair from gpu_schedule.row_tile_items: a row tile straddling a group boundary is computed once per group it
-  touches and each pass stores only its own rows. Rows past sum(group_sizes) form a pseudo-group storing zeros.
-- tgmm / tgmm_fp8 (weight-gradient kernel): tiles are (group, C tile, J tile); a tile contracts over its group's
-  rows in `block_k`-row chunks. BF16 zeroes the other groups' rows of a group's first and last chunk in SMEM.
-- FP8: per 128-wide contraction block, E4M3 WGMMA into a fresh float32 partial accumulator, waited for, then
-  acc += partial * a_scale * b_scale (DeepSeek-V3's promotion); weights stored (J, C), contraction-major, as FP8
-  WGMMA needs.
-Operands are zero-padded to whole tiles where needed and the result sliced back, so any N, C, J work.
+"""Grouped matmul for Hopper GPUs: persistent, warp-specialized Mosaic GPU Pallas kernels (TMA into an SMEM ring, WGMMA
+into float32 registers) behind the five functions of the gmm protocol; any N, C, J (zero-padded to whole tiles).
 """
 from __future__ import annotations
 
@@ -38,6 +25,12 @@ H100_SMS = 132
 @dataclasses.dataclass(frozen=True)
 class GpuTiling:
     """Tile sizes of one kernel launch.
+
+    The kernels are persistent: `num_ctas` CTAs walk a list of output tiles. A CTA has `compute_wgs` consumer
+    warpgroups and one producer warpgroup; per tile the producer streams operand tiles with TMA into a
+    `stages`-deep ring of swizzled SMEM buffers, the consumers multiply them with WGMMA into float32 register
+    accumulators and store the result through SMEM with TMA. Operands are zero-padded to whole tiles where needed
+    and the result sliced back, so any N, C, J work.
 
     block_m, block_n: output tile of a CTA (row kernel: token rows x output columns; weight-gradient kernel:
       rows x columns of dw[g]). compute_wgs consumer warpgroups split it along `wg_split` ("m" or "n"); each
@@ -194,6 +187,12 @@ def _wg_slices(t: GpuTiling, wg):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _row_kernel(a_NC, b_EX, group_sizes_E, scales, *, b_layout: str, t: GpuTiling, out_dtype, interpret):
+    """gmm / gmm_t / gmm_fp8: tiles are (work item, J tile) pairs. A work item is a (group, row tile) pair from
+    gpu_schedule.row_tile_items: a row tile straddling a group boundary is computed once per group it touches and each
+    pass stores only its own rows. Rows past sum(group_sizes) form a pseudo-group storing zeros. FP8: per 128-wide
+    contraction block, E4M3 WGMMA into a fresh float32 partial accumulator, waited for, then
+    acc += partial * a_scale * b_scale (DeepSeek-V3's promotion); weights stored (J, C), contraction-major, as FP8
+    WGMMA needs."""
     N, C = a_NC.shape
     E = b_EX.shape[0]
     J = b_EX.shape[2] if b_layout == "kn" else b_EX.shape[1]
@@ -300,7 +299,11 @@ def _row_kernel(a_NC, b_EX, group_sizes_E, scales, *, b_layout: str, t: GpuTilin
 # ----------------------------------------------------------------------------------------------------------------
 
 def _wgrad_kernel(a, b, group_sizes_E, scales, *, num_rows: int, t: GpuTiling, out_dtype, interpret):
-    """BF16: a = x (N, C), b = dy (N, J). FP8: a = a_q (C, N), b = b_q (J, N), scales = (sa (Nb, C), sb (Nb, J))."""
+    """BF16: a = x (N, C), b = dy (N, J). FP8: a = a_q (C, N), b = b_q (J, N), scales = (sa (Nb, C), sb (Nb, J)).
+
+    tgmm / tgmm_fp8: tiles are (group, C tile, J tile); a tile contracts over its group's rows in `block_k`-row
+    chunks. BF16 zeroes the other groups' rows of a group's first and last chunk in SMEM; FP8 promotes per 128 rows
+    as the row kernel does per 128 of C."""
     fp8 = scales is not None
     C = a.shape[0] if fp8 else a.shape[1]
     J = b.shape[0] if fp8 else b.shape[1]

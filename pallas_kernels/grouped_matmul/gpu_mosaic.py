@@ -1,8 +1,6 @@
-"""Mosaic GPU building blocks shared by the grouped-matmul kernels in gpu.py.
-
-Interpret-mode switch (pallas_kernels.gpu_interpret: JAX's GPU interpreter plus transposed WGMMA operands),
-swizzled SMEM layouts, a WGMMA call on optionally transposed SMEM operands, and the epilogue that stores a register tile through SMEM with TMA,
-optionally only rows [lo, hi) of it.
+"""Mosaic GPU building blocks shared by the grouped-matmul kernels in gpu.py: the interpret-mode switch
+(pallas_kernels.gpu_interpret), swizzled SMEM layouts, WGMMA on optionally transposed SMEM operands, and the
+epilogue that stores a register tile (optionally only rows [lo, hi) of it) through SMEM with TMA.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Work lists for the Mosaic GPU grouped matmuls, computed from group sizes with a few small jnp ops.
-
-`row_tile_items`: the (segment, row tile) pairs a row-ragged kernel (gmm, gmm_t, gmm_fp8) visits. Segments are
-the E groups plus a tail segment E = rows at or past sum(group_sizes), which the kernel fills with zeros. A row
-tile straddling a boundary appears once per segment it touches; each item owns rows [lo, hi) of its tile.
-`group_row_ranges`: each group's [start, end) rows, for the weight-gradient kernels (tgmm, tgmm_fp8).
+"""Work lists for the Mosaic GPU grouped matmuls, computed from group sizes with a few small jnp ops: the (segment, row
+tile) items of the row kernels and each group's row range for the weight-gradient kernels.
 """
 
 from __future__ import annotations
@@ -13,7 +9,8 @@ from jax.experimental import pallas as pl
 
 
 def group_row_ranges(group_sizes_E, num_rows: int):
-    """(start_E, end_E) int32: rows [start, end) of each group, clipped to [0, num_rows)."""
+    """(start_E, end_E) int32: rows [start, end) of each group, clipped to [0, num_rows), for the weight-gradient
+    kernels (tgmm, tgmm_fp8)."""
     sizes_E = jnp.maximum(group_sizes_E.astype(jnp.int32), 0)
     end_E = jnp.cumsum(sizes_E)
     return jnp.minimum(end_E - sizes_E, num_rows), jnp.minimum(end_E, num_rows)
@@ -29,6 +26,10 @@ def row_tile_items(group_sizes_E, num_rows: int, block_m: int):
 
     Item i computes rows [lo, hi) of row tile `tile` (rows tile*block_m ...) with segment `segment`'s weights;
     segment E means "write zeros". Unused trailing items have lo == hi == 0 and do nothing.
+
+    These are the pairs a row-ragged kernel (gmm, gmm_t, gmm_fp8) visits. Segments are the E groups plus a tail
+    segment E = rows at or past sum(group_sizes), which the kernel fills with zeros. A row tile straddling a boundary
+    appears once per segment it touches; each item owns rows [lo, hi) of its tile.
     """
     E = group_sizes_E.shape[0]
     start_E, end_E = group_row_ranges(group_sizes_E, num_rows)

@@ -1,10 +1,4 @@
-"""Row layouts of grouped operands: each row's group, and the group-aligned layout of the FP8 weight gradient.
-
-The FP8 weight gradient contracts over rows in 128-row tiles with one scale per tile, so no tile may mix groups.
-`aligned_rows` places group g at a row offset that is a multiple of `align`, each group padded with zero rows to
-a multiple of `align`; `gather_rows` builds that layout from the contiguous one with one gather. Its row count is
-static: round_up(N + E·(align-1), align) bounds every routing of N rows into E groups.
-"""
+"""Row layouts of grouped operands: each row's group, and the group-aligned layout of the FP8 weight gradient."""
 
 from __future__ import annotations
 
@@ -33,7 +27,11 @@ class AlignedRows(NamedTuple):
 
 
 def aligned_rows(group_sizes_E, N: int, align: int = 128) -> AlignedRows:
-    """The layout where group g starts at a multiple of `align` and is padded with zero rows to one."""
+    """The layout where group g starts at a multiple of `align` and is padded with zero rows to one.
+
+    The FP8 weight gradient contracts over rows in 128-row tiles with one scale per tile, so no tile may mix groups;
+    `gather_rows` builds this layout from the contiguous one with one gather. Its row count is static:
+    round_up(N + E·(align-1), align) bounds every routing of N rows into E groups."""
     E = group_sizes_E.shape[0]
     n_aligned = pl.cdiv(N + E * (align - 1), align) * align
     starts_E, ends_E = group_bounds(group_sizes_E, N)

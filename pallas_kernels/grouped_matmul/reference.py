@@ -1,13 +1,5 @@
-"""Reference grouped matmuls in plain jnp: the definition the Pallas kernels are held to (rows contiguous by
-group, rows past sum(group_sizes) give / contribute nothing).
-
-gmm      y[rows of g]  = x[rows of g] · W[g]            ragged_dot
-gmm_t    dx[rows of g] = dy[rows of g] · W[g]ᵀ          ragged_dot on W transposed
-tgmm     dW[g]         = x[rows of g]ᵀ · dy[rows of g]  ragged_dot_general, ragged contracting dimension
-gmm_fp8 / tgmm_fp8: E4M3 operands with float32 scales; per 128 of the contraction the exact FP8 products are
-summed in float32, the partial scaled by its two scales and added to a float32 accumulator (as
-pallas_kernels.fp8.reference.fp8_matmul). `grouped_matmul` is the plain differentiable form (autodiff of
-ragged_dot), kept for callers that want the reference without the api's custom_vjp.
+"""Reference grouped matmuls in plain jnp (ragged_dot): the definition the Pallas kernels are held to (rows contiguous
+by group, rows past sum(group_sizes) give / contribute nothing).
 """
 
 from __future__ import annotations
@@ -106,7 +98,7 @@ def _precision(dtype):
 
 
 def gmm(x_NC, w_ECJ, group_sizes_E, *, out_dtype, interpret: bool = False):
-    """y[rows of g] = x[rows of g] · w[g]; float32 accumulation."""
+    """y[rows of g] = x[rows of g] · w[g] (ragged_dot); float32 accumulation."""
     del interpret
     check_rows("gmm", x_NC, w_ECJ, group_sizes_E, contract_axis=1)
     dtype = jnp.promote_types(x_NC.dtype, w_ECJ.dtype)
@@ -116,14 +108,15 @@ def gmm(x_NC, w_ECJ, group_sizes_E, *, out_dtype, interpret: bool = False):
 
 
 def gmm_t(dy_NJ, w_ECJ, group_sizes_E, *, out_dtype, interpret: bool = False):
-    """dx[rows of g] = dy[rows of g] · w[g]ᵀ; float32 accumulation."""
+    """dx[rows of g] = dy[rows of g] · w[g]ᵀ (ragged_dot on w transposed); float32 accumulation."""
     del interpret
     check_rows("gmm_t", dy_NJ, w_ECJ, group_sizes_E, contract_axis=2)
     return gmm(dy_NJ, jnp.swapaxes(w_ECJ, 1, 2), group_sizes_E, out_dtype=out_dtype)
 
 
 def tgmm(x_NC, dy_NJ, group_sizes_E, *, out_dtype, interpret: bool = False):
-    """dw[g] = x[rows of g]ᵀ · dy[rows of g] -> [E, C, J]; zeros for empty groups; float32 accumulation."""
+    """dw[g] = x[rows of g]ᵀ · dy[rows of g] -> [E, C, J]; zeros for empty groups; float32 accumulation
+    (ragged_dot_general with a ragged contracting dimension)."""
     del interpret
     check_tgmm("tgmm", x_NC, dy_NJ, group_sizes_E)
     dtype = jnp.promote_types(x_NC.dtype, dy_NJ.dtype)
@@ -134,7 +127,9 @@ def tgmm(x_NC, dy_NJ, group_sizes_E, *, out_dtype, interpret: bool = False):
 
 
 def gmm_fp8(a_q_NC, a_scale_NCb, b_q_EJC, b_scale_EJbCb, group_sizes_E, *, out_dtype, interpret: bool = False):
-    """y[rows of g] = dequant(a)[rows of g] · dequant(b[g])ᵀ, a in 1×128 tiles, b [E, J, C] in 128×128 blocks."""
+    """y[rows of g] = dequant(a)[rows of g] · dequant(b[g])ᵀ, a in 1×128 tiles, b [E, J, C] in 128×128 blocks.
+    Per 128 of the contraction the exact FP8 products are summed in float32, the partial scaled by its two scales and
+    added to a float32 accumulator (as pallas_kernels.fp8.reference.fp8_matmul); tgmm_fp8 likewise."""
     del interpret
     N, C, J, E = check_gmm_fp8("gmm_fp8", a_q_NC, a_scale_NCb, b_q_EJC, b_scale_EJbCb, group_sizes_E)
     Cb = pl.cdiv(C, TILE)
@@ -182,5 +177,7 @@ def tgmm_fp8(a_q_CN, a_scale_CNb, b_q_JN, b_scale_JNb, group_sizes_E, *, out_dty
 
 
 def grouped_matmul(x_NC, w_ECJ, group_sizes_E):
-    """Rows of x are contiguous by group (sizes `group_sizes_E`, summing to <= N); other rows give 0."""
+    """Rows of x are contiguous by group (sizes `group_sizes_E`, summing to <= N); other rows give 0. The plain
+    differentiable form (autodiff of ragged_dot), kept for callers that want the reference without the api's
+    custom_vjp."""
     return jax.lax.ragged_dot(x_NC, w_ECJ.astype(x_NC.dtype), group_sizes_E.astype(jnp.int32))

@@ -1,20 +1,5 @@
-"""Grouped matmuls as TPU Pallas kernels (megablox technique), same math as `reference`.
-
-1. A visit list, built in jnp from group_sizes and handed to the kernels by scalar prefetch: one visit per
-   (group, row tile it touches), in row order. A tile that straddles a group boundary is visited once per group
-   it holds, consecutively, so its output block stays in VMEM across those visits. At most n_tiles + E - 1 visits
-   for n_tiles row tiles and E groups: that static bound is the grid size, and the unused visits at the end do
-   nothing.
-2. Row kernels (gmm, gmm_t, gmm_fp8) run over (J tiles, visits, contraction tiles): a float32 accumulator per
-   visit, then the rows of the visit's group are stored (the first visit of a tile zeroes the rest). Row tiles
-   past the groups get a visit of their own that writes zeros.
-3. Weight kernels (tgmm, tgmm_fp8) run over (C tiles, J tiles, visits): every group is visited at least once, its
-   row tiles accumulate into one (bk, bn) accumulator (rows of other groups masked out), stored at the group's
-   last visit, so empty groups get zeros.
-FP8 tiles are upcast to bf16 (exact) for the MXU; each 128 of the contraction is its own dot, scaled by its
-(rows, 1) and (1, cols) scale vectors before joining the float32 accumulator. The vectors are picked (one-hot
-sums) from lane-dense scale blocks: TPU memory pads an array whose last dim is 1 to 128 lanes. Operands are
-zero-padded to whole tiles and results sliced back, so any N, C, J work.
+"""Grouped matmuls as TPU Pallas kernels (megablox technique: a scalar-prefetched list of (group, row tile) visits),
+same math as `reference`; any N, C, J (operands zero-padded to whole tiles, results sliced back).
 """
 
 from __future__ import annotations
@@ -85,7 +70,13 @@ def _pad2(x, rows: int, cols: int):
 def _visits(group_sizes_E, N: int, bm: int, n_tiles: int, *, tail_tiles: bool, empty_groups: bool):
     """int32 [Y] arrays (group, row tile, lo, hi) of Y = n_tiles + E - 1 visits; rows [lo, hi) of the tile are the
     group's (lo == hi: nothing to compute). `tail_tiles`: also visit tiles past the groups (row kernels zero
-    them). `empty_groups`: visit every group at least once (weight kernels zero theirs)."""
+    them). `empty_groups`: visit every group at least once (weight kernels zero theirs).
+
+    Built in jnp from group_sizes and handed to the kernels by scalar prefetch: one visit per (group, row tile it
+    touches), in row order. A tile that straddles a group boundary is visited once per group it holds,
+    consecutively, so its output block stays in VMEM across those visits. At most n_tiles + E - 1 visits for
+    n_tiles row tiles and E groups: that static bound is the grid size, and the unused visits at the end do
+    nothing."""
     E = group_sizes_E.shape[0]
     starts_E, ends_E = group_bounds(group_sizes_E, N)
     nonempty_E = ends_E > starts_E
@@ -159,7 +150,14 @@ def _row_kernel(group_ref, tile_ref, lo_ref, hi_ref, *refs, bm: int, dims, scale
 def _row_call(lhs_NC, rhs, group_sizes_E, scales, *, rhs_nc: bool, J: int, out_dtype, interpret: bool,
               bs: BlockSizes):
     """The row kernels. rhs is [E, C, J] (rhs_nc False) or [E, J, C]; scales None or (a_scale [N, Cb],
-    b_scale [E, Jb, Cb]) for FP8 operands."""
+    b_scale [E, Jb, Cb]) for FP8 operands.
+
+    gmm, gmm_t and gmm_fp8 run over (J tiles, visits, contraction tiles): a float32 accumulator per visit, then the
+    rows of the visit's group are stored (the first visit of a tile zeroes the rest). Row tiles past the groups get
+    a visit of their own that writes zeros. FP8 tiles are upcast to bf16 (exact) for the MXU; each 128 of the
+    contraction is its own dot, scaled by its (rows, 1) and (1, cols) scale vectors before joining the float32
+    accumulator. The vectors are picked (one-hot sums) from lane-dense scale blocks: TPU memory pads an array whose
+    last dim is 1 to 128 lanes."""
     N, C = lhs_NC.shape
     bm = _row_block(N, bs.m)
     Np, Cp, Jp = _round_up(N, bm), _round_up(C, TILE), _round_up(J, TILE)
@@ -259,7 +257,11 @@ def _weight_kernel(group_ref, tile_ref, lo_ref, hi_ref, *refs, bm: int, scaled: 
 
 def _weight_call(a, b, group_sizes_E, scales, *, transposed: bool, out_dtype, interpret: bool, bs: BlockSizes):
     """The weight kernels: a = x [N, C], b = dy [N, J] (transposed False) or a = xᵀ [C, N], b = dyᵀ [J, N] with
-    scales (a_scale [C, Nb], b_scale [J, Nb]) for FP8 operands. Result [E, C, J]."""
+    scales (a_scale [C, Nb], b_scale [J, Nb]) for FP8 operands. Result [E, C, J].
+
+    tgmm and tgmm_fp8 run over (C tiles, J tiles, visits): every group is visited at least once, its row tiles
+    accumulate into one (bk, bn) accumulator (rows of other groups masked out), stored at the group's last visit, so
+    empty groups get zeros. FP8 scales as in the row kernels."""
     if transposed:
         (C, N), J = a.shape, b.shape[0]
     else:

@@ -1,22 +1,5 @@
-"""MLA's training attention core, softmax(q·kᵀ·scale + causal and same-document mask)·v, by `model.attention_impl`.
-
-  auto       what a real chip runs, resolved by dsv3_jax.kernels (kernels.attention_for): xla on CPUs, splash on
-             TPUs, blockwise on GPUs (cudnn on bf16/fp16 GPUs from JAX 0.11 on, see below)
-  xla        the einsums and float32 softmax of layers.attention (the scores are materialised; any backend)
-  blockwise  layers.flash_attention: the same function blockwise in plain JAX with an online softmax and a custom VJP,
-             never holding the (B, H, T, S) scores (any backend)
-  splash     JAX's Pallas TPU splash attention (causal mask, segment ids, q/k and v head dims may differ); TPU only,
-             or in its CPU interpreter
-  cudnn      jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash attention. That API wants v shaped
-             like k, so v is zero-padded from v_head_dim to qk_head_dim and the output sliced back.
-  cudnn_mla  JAX's cuDNN attention called with v unpadded (cuDNN >= 9.10 runs unequal q/k and v head dims on
-             Hopper); a private JAX function, reached through jax_compat.cudnn_attention.
-
-q and k are [nope ; rope] per head, the one rope key head shared by all heads. Packed documents (segment ids) are
-a boolean (B, 1, T, S) mask beside the causal flag, which JAX hands cuDNN as an additive bias; JAX 0.11 skips that
-bias's gradient for a boolean mask, while 0.10 asks cuDNN for it too (which cuDNN gives for batch 1 only), so `auto`
-takes cuDNN on GPUs only from JAX 0.11 on. A compile for compile-only H100s (sharding.targets) accepts the cuDNN
-calls without building their cuDNN graphs (workspace 0), so it cannot show that they would run.
+"""MLA's training attention core, softmax(q·kᵀ·scale + causal and same-document mask)·v, by `model.attention_impl`:
+the einsums (xla), blockwise in plain JAX, Pallas TPU splash, or cuDNN flash attention (`attention_core` lists them).
 """
 
 from __future__ import annotations
@@ -39,7 +22,27 @@ def attention_core(impl: str, q_nope_BTHU, q_rope_BTHR, k_nope_BSHU, k_rope_BSR,
                    segment_ids_BT=None, dtype=None, interpret: bool = False):
     """(B, T, H, Dv) attention output. `scale` multiplies q·k (YaRN's mscale² included by the caller); `dtype`
     is the fused paths' compute dtype (cuDNN takes bfloat16 or float16), default that of v. `interpret` runs the
-    splash kernel in its CPU interpreter."""
+    splash kernel in its CPU interpreter.
+
+    `impl` (model.attention_impl, resolved from `auto` before tracing):
+      auto       what a real chip runs, resolved by dsv3_jax.kernels.attention_for: xla on CPUs, splash on TPUs,
+                 blockwise on GPUs (cudnn on bf16/fp16 GPUs from JAX 0.11 on, see below); not taken here
+      xla        the einsums and float32 softmax of dsv3_jax.model.layers.attention (the scores are materialised;
+                 any backend)
+      blockwise  dsv3_jax.model.layers.flash_attention: the same function blockwise in plain JAX with an online
+                 softmax and a custom VJP, never holding the (B, H, T, S) scores (any backend)
+      splash     JAX's Pallas TPU splash attention (causal mask, segment ids, q/k and v head dims may differ); TPU
+                 only, or in its CPU interpreter
+      cudnn      jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash attention. That API wants v shaped
+                 like k, so v is zero-padded from v_head_dim to qk_head_dim and the output sliced back.
+      cudnn_mla  JAX's cuDNN attention called with v unpadded (cuDNN >= 9.10 runs unequal q/k and v head dims on
+                 Hopper); a private JAX function, reached through jax_compat.cudnn_attention.
+
+    q and k are [nope ; rope] per head, the one rope key head shared by all heads. Packed documents (segment ids)
+    are a boolean (B, 1, T, S) mask beside the causal flag, which JAX hands cuDNN as an additive bias; JAX 0.11 skips
+    that bias's gradient for a boolean mask, while 0.10 asks cuDNN for it too (which cuDNN gives for batch 1 only),
+    so `auto` takes cuDNN on GPUs only from JAX 0.11 on. A compile for compile-only H100s (sharding.targets) accepts
+    the cuDNN calls without building their cuDNN graphs (workspace 0), so it cannot show that they would run."""
     if impl == "auto":
         raise ValueError("attention_core takes a concrete impl: 'auto' is resolved by dsv3_jax.kernels.resolve")
     if impl == "blockwise":

@@ -1,13 +1,5 @@
-"""Blockwise causal attention in plain JAX (any backend): MLA's attention core without the (B, H, T, S) scores.
-
-The forward walks query blocks and, inside each, the key blocks up to the diagonal, with an online softmax (running
-max m, running sum l, float32 accumulator); it keeps only the output and the per-row log-sum-exp. The backward
-(a custom VJP) walks key blocks and, inside each, the query blocks from the diagonal on, recomputing each block's
-probabilities from the saved log-sum-exp: dV_j += Pᵀ dO, dS = P (dO Vᵀ − rowsum(dO·O)), dK_j += dSᵀ Q, dQ_i += dS K.
-Peak extra memory is a few (B, H, block, block) float32 tiles instead of the whole score matrix.
-
-Queries and keys come split as MLA makes them, [nope ; rope] with one rope key head shared by all heads, so the
-scores are q_nope·k_nope + q_rope·k_rope, each in float32, exactly as the xla core forms them.
+"""Blockwise causal attention in plain JAX (any backend): MLA's attention core without the (B, H, T, S) scores, an
+online softmax forward and a recomputing custom VJP, in a few (B, H, block, block) float32 tiles of extra memory.
 """
 
 from __future__ import annotations
@@ -23,7 +15,11 @@ DEFAULT_BLOCK = 512
 def flash_attention(q_nope_BTHU, q_rope_BTHR, k_nope_BSHU, k_rope_BSR, v_BSHA, scale: float, segment_ids_BT=None,
                     block: int = DEFAULT_BLOCK):
     """(B, T, H, Dv) causal softmax(q·kᵀ·scale)·v, keys restricted to the query's segment when segment ids are given;
-    in v's dtype. T is padded up to a multiple of the block (padded keys lie after every real query)."""
+    in v's dtype. T is padded up to a multiple of the block (padded keys lie after every real query).
+
+    Queries and keys come split as MLA makes them, [nope ; rope] with one rope key head shared by all heads, so the
+    scores are q_nope·k_nope + q_rope·k_rope, each in float32, exactly as the xla core forms them. Peak extra memory
+    is a few (B, H, block, block) float32 tiles instead of the whole score matrix."""
     B, T = q_nope_BTHU.shape[:2]
     block = min(block, T)
     pad = -T % block
@@ -69,7 +65,10 @@ def _flash(q_nope, q_rope, k_nope, k_rope, v, segment_ids_BT, scale, block):
 
 
 def _forward(q_nope_BTHU, q_rope_BTHR, k_nope_BSHU, k_rope_BSR, v_BSHA, segment_ids_BT, scale, block):
-    """(out_BTHA in v's dtype, lse_BHT float32; +inf on a row that sees no key, whose output is zero)."""
+    """(out_BTHA in v's dtype, lse_BHT float32; +inf on a row that sees no key, whose output is zero).
+
+    Walks query blocks and, inside each, the key blocks up to the diagonal, with an online softmax (running max m,
+    running sum l, float32 accumulator); it keeps only the output and the per-row log-sum-exp."""
     B, T, H, _ = q_nope_BTHU.shape
     Dv = v_BSHA.shape[-1]
 
@@ -108,6 +107,9 @@ def _flash_fwd(q_nope, q_rope, k_nope, k_rope, v, segment_ids_BT, scale, block):
 
 
 def _flash_bwd(scale, block, residuals, dout_BTHA):
+    """Walks key blocks and, inside each, the query blocks from the diagonal on, recomputing each block's
+    probabilities from the saved log-sum-exp: dV_j += Pᵀ dO, dS = P (dO Vᵀ − rowsum(dO·O)), dK_j += dSᵀ Q,
+    dQ_i += dS K."""
     q_nope_BTHU, q_rope_BTHR, k_nope_BSHU, k_rope_BSR, v_BSHA, segment_ids_BT, out_BTHA, lse_BHT = residuals
     n_blocks = q_nope_BTHU.shape[1] // block
     delta_BHT = jnp.einsum("btha,btha->bht", dout_BTHA.astype(jnp.float32), out_BTHA.astype(jnp.float32))

@@ -1,11 +1,5 @@
-"""y = x · W with FP8 operands in all three GEMMs (DeepSeek-V3's FP8 training recipe), as a `custom_vjp`.
-
-Forward  y  = x · W      x in 1×128 tiles, W in 128×128 blocks
-Data     dx = dy · Wᵀ    dy in 1×128 tiles, Wᵀ reuses the forward's blocks (transposed)
-Weight   dW = xᵀ · dy    x and dy in 128×1 tiles (128 tokens per scale), x saved as FP8 by the forward
-Every product accumulates in float32 with promotion every 128 of the contraction (`pallas_kernels.fp8`).
-The Pallas kernels are custom calls XLA cannot partition: on a sharded mesh they run once per batch shard
-(sharding.per_shard), the weight whole on every device.
+"""y = x · W with FP8 operands in all three GEMMs (DeepSeek-V3's FP8 training recipe), as a `custom_vjp`: block-scaled
+E4M3 tiles, float32 accumulation promoted every 128 of the contraction (`pallas_kernels.fp8`).
 """
 
 from __future__ import annotations
@@ -60,7 +54,14 @@ def fp8_linear(x_XC, w_CJ, *, out_dtype=None, power_of_two: bool = False, impl: 
                interpret: bool = False):
     """x [..., C] · w [C, J] -> [..., J] in out_dtype (default x.dtype); gradients in x's and w's dtypes.
 
-    `impl` names the `pallas_kernels.fp8` kernel (dsv3_jax.kernels chooses it for the model's layers)."""
+    `impl` names the `pallas_kernels.fp8` kernel (dsv3_jax.kernels chooses it for the model's layers).
+
+    Forward  y  = x · W      x in 1×128 tiles, W in 128×128 blocks
+    Data     dx = dy · Wᵀ    dy in 1×128 tiles, Wᵀ reuses the forward's blocks (transposed)
+    Weight   dW = xᵀ · dy    x and dy in 128×1 tiles (128 tokens per scale), x saved as FP8 by the forward
+    Every product accumulates in float32 with promotion every 128 of the contraction. The Pallas kernels are custom
+    calls XLA cannot partition: on a sharded mesh they run once per batch shard (sharding.per_shard), the weight
+    whole on every device."""
     o = _Options(impl, bool(power_of_two), bool(interpret), jnp.dtype(out_dtype or x_XC.dtype),
                  jnp.dtype(x_XC.dtype), jnp.dtype(w_CJ.dtype))
     lead, C = x_XC.shape[:-1], x_XC.shape[-1]

@@ -1,7 +1,6 @@
-"""A bias-free linear layer whose kernel carries logical axis names for sharding; optionally an FP8 matmul.
-
-A kernel imported as FP8 (float8_e4m3fn beside a `kernel_scale`, see dsv3_jax.model.fp8_weights) runs as an FP8
-matmul with its stored block scales."""
+"""A bias-free linear layer whose kernel carries logical axis names for sharding; optionally an FP8 matmul (`model.fp8`,
+or a kernel imported as FP8: float8_e4m3fn beside a `kernel_scale`, see dsv3_jax.model.fp8_weights).
+"""
 
 from __future__ import annotations
 

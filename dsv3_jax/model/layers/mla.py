@@ -1,10 +1,5 @@
 """Multi-head Latent Attention: the training form (keys and values expanded from the latent) and, over a latent
 cache, the decode forms (naive: expanded keys and values; absorbed: attention in latent space).
-
-q = W_q x, or W_qb RMSNorm(W_qa x) with q-LoRA; [c_kv ; k_rope] = W_kva x; c_kv is normalised and
-expanded per head into [k_nope ; v] by W_kvb; k_rope is one rotary head shared by all heads.
-Given a `LayerCache`, MLA writes the new tokens' RMSNorm(c_kv) and k_rope into it at their positions and attends over
-it; the model's blocks pass it through, so decoding runs the model's own modules.
 """
 
 from __future__ import annotations
@@ -28,7 +23,10 @@ from dsv3_jax.model.layers.rope import apply_rope
 
 def project(c: ModelConfig, x_BTD, rope_cos_sin, linear, norm):
     """MLA's projections of x: (q_nope_BTHU, q_rope_BTHR, latent_BTW, k_rope_BTR), RoPE applied to both rope
-    parts and c_kv normalised. `linear(name, features, axes)` and `norm(name)` give the named sub-layers."""
+    parts and c_kv normalised. `linear(name, features, axes)` and `norm(name)` give the named sub-layers.
+
+    q = W_q x, or W_qb RMSNorm(W_qa x) with q-LoRA; [c_kv ; k_rope] = W_kva x; c_kv is normalised (and expanded
+    per head into [k_nope ; v] by W_kvb later); k_rope is one rotary head shared by all heads."""
     B, T, _ = x_BTD.shape
     H, Dn, Dr = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
     if c.q_lora_rank is None:
@@ -119,7 +117,8 @@ class MLA(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, rope_cos_sin, segment_ids_BT=None, positions_BT=None, cache: LayerCache | None = None):
         """out_BTD; with a `cache` (decoding: the new tokens at positions_BT; segment_ids_BT unused), (out_BTD, the
-        updated cache)."""
+        updated cache). Given the cache, MLA writes the new tokens' RMSNorm(c_kv) and k_rope into it at their positions
+        and attends over it; the model's blocks pass it through, so decoding runs the model's own modules."""
         c, ks = self.config, self.kernels
         B, T, _ = x_BTD.shape
         H, Dn, Dv = c.n_heads, c.qk_nope_head_dim, c.v_head_dim

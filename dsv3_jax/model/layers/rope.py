@@ -1,8 +1,5 @@
-"""Rotary position embedding on interleaved pairs (dims 2i, 2i+1), with YaRN frequency scaling.
-
-YaRN follows DeepSeek and Hugging Face: frequencies above the `beta_fast` correction dim keep their
-value, those below `beta_slow` are divided by `factor`, with a linear ramp between; cos/sin carry an
-amplitude (`attention_factor`), and mscale enters the softmax scale (see ModelConfig.softmax_scale).
+"""Rotary position embedding on interleaved pairs (dims 2i, 2i+1), with YaRN frequency scaling as DeepSeek and Hugging
+Face do it; YaRN's mscale enters the softmax scale (see ModelConfig.softmax_scale).
 """
 
 from __future__ import annotations
@@ -20,7 +17,9 @@ def _correction_dim(num_rotations: float, dim: int, base: float, max_len: int) -
 
 
 def inverse_frequencies(dim: int, theta: float, yarn: YarnConfig | None) -> np.ndarray:
-    """The dim/2 rotation frequencies (float32), YaRN-scaled when `yarn` is given."""
+    """The dim/2 rotation frequencies (float32), YaRN-scaled when `yarn` is given: frequencies above the `beta_fast`
+    correction dim keep their value, those below `beta_slow` are divided by `factor`, with a linear ramp between
+    (cos/sin then carry an amplitude, `rope_amplitude`)."""
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     inv_freq = (1.0 / np.power(np.float32(theta), exponents)).astype(np.float32)
     if yarn is None:

@@ -1,1 +1,1 @@
-"""DeepSeekMoE: routing, the MoE layer, and the kernel backend it calls."""
+"""DeepSeekMoE: routing, the MoE layer, the routed experts' SwiGLU, and the kernel backend it calls."""

@@ -1,8 +1,5 @@
-"""The DeepSeekMoE layer: route, dispatch, grouped SwiGLU experts, weighted combine, plus shared experts.
-
-Dropless: every (token, choice) pair is computed; the grouped matmul takes ragged groups. On a sharded mesh the
-routed experts run expert-parallel (an `expert` axis), or, when their kernels are custom calls XLA cannot
-partition, once per batch shard with every expert whole (sharding.per_shard).
+"""The DeepSeekMoE layer: route, dispatch, grouped SwiGLU experts, weighted combine, plus shared experts. Dropless:
+every (token, choice) pair is computed; the grouped matmul takes ragged groups.
 """
 
 from __future__ import annotations
@@ -30,6 +27,9 @@ EXPERT_WEIGHTS = ("experts_gate", "experts_up", "experts_down")   # routed-exper
 
 
 class MoE(nn.Module):
+    """On a sharded mesh the routed experts run expert-parallel (an `expert` axis), or, when their kernels are custom
+    calls XLA cannot partition, once per batch shard with every expert whole (sharding.per_shard)."""
+
     config: ModelConfig
     kernels: KernelSet
 

@@ -1,10 +1,4 @@
-"""DeepSeekMoE routing: scores, selection bias, group-limited top-k, weights, balance statistics.
-
-    s    = sigmoid(x W) or softmax(x W)          (float32)
-    sel  = s + b                                  (b: e_score_correction_bias, selection only)
-    groups scored (top-2 sum of sel, or max), all but `topk_group` groups masked to -inf
-    idx  = top_k(sel, k);  w = s[idx] (/ sum when norm_topk_prob) · routed_scaling_factor
-"""
+"""DeepSeekMoE routing: scores, selection bias, group-limited top-k, weights, balance statistics."""
 
 from __future__ import annotations
 
@@ -31,6 +25,13 @@ class RouterStats(NamedTuple):
 
 
 def route(logits_TE, bias_E, config: ModelConfig) -> Routing:
+    """The experts and combine weights of every token:
+
+        s    = sigmoid(x W) or softmax(x W)          (float32)
+        sel  = s + b                                  (b: e_score_correction_bias, selection only)
+        groups scored (top-2 sum of sel, or max), all but `topk_group` groups masked to -inf
+        idx  = top_k(sel, k);  w = s[idx] (/ sum when norm_topk_prob) · routed_scaling_factor
+    """
     c = config
     logits_TE = logits_TE.astype(jnp.float32)
     scores_TE = jax.nn.sigmoid(logits_TE) if c.scoring_func == "sigmoid" else jax.nn.softmax(logits_TE, axis=-1)
@@ -53,12 +54,13 @@ def route(logits_TE, bias_E, config: ModelConfig) -> Routing:
 
 
 def router_stats(routing: Routing, batch: int, n_experts: int, counted_BT=None) -> RouterStats:
-    """Per-expert token counts, and L = Σ_i f_i P_i averaged over the batch's rows (DeepSeek-V3 eq. 17-20).
+    """Per-expert token counts, and DeepSeek-V3's sequence-wise balance loss L = Σ_i f_i P_i averaged over the batch's
+    rows.
 
     Only tokens where `counted_BT` is True (default: all) enter either: padding stays out of the bias update's
     counts and of the balance loss. A row's f and P are over its counted tokens T_b (f_i = E/(K·T_b) Σ_t 1[i ∈
-    topk(t)]); the mean is over all `batch` rows, a row with no counted token adding 0, so that the means of
-    equal-sized micro-batches average to the whole batch's.
+    topk(t)], P_i = 1/T_b Σ_t s_ti / Σ_j s_tj, the scores normalised per token); the mean is over all `batch` rows,
+    a row with no counted token adding 0, so that the means of equal-sized micro-batches average to the whole batch's.
     """
     T_all, K = routing.experts_TK.shape
     seq = T_all // batch
