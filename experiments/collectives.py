@@ -11,7 +11,7 @@ import re
 import numpy as np
 
 from experiments.hardware import Chip
-from experiments.hlo_module import Computation, Instruction, split_top_level
+from experiments.hlo_module import Computation, Instruction, ints, split_top_level
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 # HLO opcode (its `-start` form too) -> the kind it is priced as.
@@ -25,10 +25,6 @@ def collective_kind(opcode: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Who is in each group
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in re.findall(r"-?\d+", text)]
 
 
 def _iota(dims: list[int], reshape: list[int] | None = None, perm: list[int] | None = None) -> np.ndarray:
@@ -56,12 +52,12 @@ def parse_replica_groups(text: str | None, n_partitions: int, device_ids: str | 
         return (tuple(range(n_partitions)),)
     m = _IOTA.match(text)
     if m:
-        dims = _ints(m.group(1))
-        reshape = _ints(m.group(2)) if m.group(2) else None
-        perm = _ints(m.group(3)) if m.group(3) else None
+        dims = ints(m.group(1))
+        reshape = ints(m.group(2)) if m.group(2) else None
+        perm = ints(m.group(3)) if m.group(3) else None
         return tuple(tuple(int(x) for x in row) for row in _iota(dims, reshape, perm).reshape(dims[0], -1))
     if text.startswith("{"):
-        return tuple(tuple(_ints(group)) for group in split_top_level(text[1:-1]))
+        return tuple(tuple(ints(group)) for group in split_top_level(text[1:-1]))
     raise ValueError(f"replica_groups: unknown form {text!r}")
 
 
@@ -79,13 +75,13 @@ def _mesh_groups(text: str, device_ids: str | None) -> tuple:
         spec = spec[1:-1].strip() if spec.startswith("(") else spec
         m = _IOTA.match(spec)
         if m:   # `[2,4]T(1,0)`: iota over those dims, transposed; `[8]<=[2,4]T(1,0)` likewise
-            reshape = _ints(m.group(2)) if m.group(2) else _ints(m.group(1))
-            perm = _ints(m.group(3)) if m.group(3) else None
+            reshape = ints(m.group(2)) if m.group(2) else ints(m.group(1))
+            perm = ints(m.group(3)) if m.group(3) else None
             ids = _iota([n], reshape, perm)
         else:
-            ids = np.asarray(_ints(spec))
+            ids = np.asarray(ints(spec))
     # Each mesh axis becomes one or more dimensions: its grouped sub-axes (by pre-size) and the parts between them.
-    dims, grouped_dims = [], {}
+    dims = []
     for axis, (name, size) in enumerate(zip(names, sizes)):
         on_axis = [(int(pre) if pre else 1, int(sub) if sub else size, i) for i, (ref, pre, sub) in enumerate(refs)
                    if ref == name]
@@ -112,7 +108,7 @@ def _mesh_groups(text: str, device_ids: str | None) -> tuple:
 @functools.lru_cache(maxsize=None)
 def parse_pairs(text: str) -> tuple[tuple[int, int], ...]:
     """`source_target_pairs={{0,1},{1,2}}` -> ((0, 1), (1, 2))."""
-    return tuple((pair[0], pair[1]) for pair in (_ints(p) for p in split_top_level(text.strip()[1:-1])) if pair)
+    return tuple((pair[0], pair[1]) for pair in (ints(p) for p in split_top_level(text.strip()[1:-1])) if pair)
 
 
 # ---------------------------------------------------------------------------------------------------------------

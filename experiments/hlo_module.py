@@ -17,8 +17,13 @@ _ARRAY = re.compile(r"(?<![\w.])([a-z][a-z0-9]*)\[([0-9,<=]*)\](?:\{([^}]*)\})?"
 _MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 _INSTRUCTION = re.compile(r"\s*(ROOT\s+)?%?([^\s=]+)\s*=\s*")
 _HEADER = re.compile(r"(ENTRY\s+)?%?([^\s(]+)")
-_SPECIAL = re.compile(r'[{}\[\]()",\\]')
+_SPECIAL = re.compile(r'[{}\[\]()",\\]')   # what brackets, strings and separators are made of
 _NAME = re.compile(r"%([\w.\-]+)")
+
+
+def ints(text: str) -> list[int]:
+    """The integers in an attribute's text: '{1,2}' -> [1, 2]."""
+    return [int(x) for x in re.findall(r"-?\d+", text)]
 
 
 def item_bytes(dtype: str) -> float:
@@ -32,10 +37,12 @@ def item_bytes(dtype: str) -> float:
 @dataclasses.dataclass(frozen=True)
 class Array:
     """One array of a result shape: element type, dimensions (a dynamic one at its bound), memory space (TPU: 1 is
-    the on-chip vector memory)."""
+    the on-chip vector memory) and `stored`, the dimensions as memory holds them (a TPU's tiled layout pads the most
+    minor ones to its tile: f32[2,40]{1,0:T(8,128)} is stored as 8 × 128)."""
     dtype: str
     dims: tuple[int, ...]
     memory_space: int = 0
+    stored: tuple[int, ...] | None = None
 
     @property
     def elements(self) -> int:
@@ -43,7 +50,20 @@ class Array:
 
     @property
     def nbytes(self) -> float:
-        return self.elements * item_bytes(self.dtype)
+        """Bytes as stored, padding included."""
+        return math.prod(self.stored if self.stored is not None else self.dims) * item_bytes(self.dtype)
+
+
+def _stored_dims(dims: tuple[int, ...], layout: str) -> tuple[int, ...] | None:
+    """`dims` padded to the layout's first tile (`1,0:T(8,128)`: the most minor dimension to 128, the next to 8)."""
+    tile = re.search(r"T\(([\d,]+)\)", layout)
+    if not tile or not dims:
+        return None
+    minor_to_major = ints(layout.split(":")[0])
+    stored = list(dims)
+    for size, dim in zip(reversed(ints(tile.group(1))), minor_to_major):
+        stored[dim] = -(-stored[dim] // size) * size
+    return tuple(stored)
 
 
 def parse_arrays(shape: str) -> tuple[Array, ...]:
@@ -51,14 +71,16 @@ def parse_arrays(shape: str) -> tuple[Array, ...]:
     arrays = []
     for m in _ARRAY.finditer(shape):
         dims = tuple(int(d.removeprefix("<=")) for d in m.group(2).split(",") if d)
-        space = _MEMORY_SPACE.search(m.group(3) or "")
-        arrays.append(Array(m.group(1), dims, int(space.group(1)) if space else 0))
+        layout = m.group(3) or ""
+        space = _MEMORY_SPACE.search(layout.partition(":")[2])
+        arrays.append(Array(m.group(1), dims, int(space.group(1)) if space else 0, _stored_dims(dims, layout)))
     return tuple(arrays)
 
 
-def split_top_level(text: str, separator: str = ",") -> list[str]:
-    """`text` split at `separator`s outside brackets and quoted strings (backslash escapes honoured)."""
-    parts, depth, start, in_string, skip = [], 0, 0, False, -1
+def _structure(text: str, separator: str = ",") -> tuple[list[int], int, bool]:
+    """Where `separator` stands outside brackets and quoted strings (backslash escapes honoured), the bracket depth at
+    the end of `text`, and whether a string is still open there."""
+    cuts, depth, in_string, skip = [], 0, False, -1
     for m in _SPECIAL.finditer(text):
         j, c = m.start(), m.group()
         if j == skip:
@@ -75,10 +97,15 @@ def split_top_level(text: str, separator: str = ",") -> list[str]:
         elif c in "}])":
             depth -= 1
         elif c == separator and depth == 0:
-            parts.append(text[start:j])
-            start = j + 1
-    parts.append(text[start:])
-    return [p.strip() for p in parts if p.strip()]
+            cuts.append(j)
+    return cuts, depth, in_string
+
+
+def split_top_level(text: str, separator: str = ",") -> list[str]:
+    """`text` split at `separator`s outside brackets and quoted strings."""
+    bounds = [-1, *_structure(text, separator)[0], len(text)]
+    parts = (text[a + 1:b].strip() for a, b in zip(bounds, bounds[1:]))
+    return [p for p in parts if p]
 
 
 def _closing(text: str, start: int) -> int:
@@ -208,9 +235,17 @@ class Module:
         return computation.by_name[instruction.operands[index]]
 
 
+def _is_complete(text: str) -> bool:
+    """Whether every bracket and string opened in `text` is closed (an instruction may span lines: a kernel's
+    attributes can hold raw newlines)."""
+    _, depth, in_string = _structure(text)
+    return depth <= 0 and not in_string
+
+
 def parse_module(text: str) -> Module:
-    """Every computation of `text` (what `compiled.as_text()` returns); the stack-frame tables after them are skipped."""
-    computations, entry, current, lines = {}, None, None, []
+    """Every computation of `text` (what `compiled.as_text()` returns); the stack-frame tables after them are
+    skipped."""
+    computations, entry, current, lines, pending = {}, None, None, [], None
     header = text[:text.find("\n")] if "\n" in text else text
     partitions = re.search(r"num_partitions=(\d+)", header)
     for line in text.splitlines():
@@ -220,14 +255,20 @@ def parse_module(text: str) -> Module:
                 m = _HEADER.match(line)
                 current, is_entry, lines = m.group(2), bool(m.group(1)), []
             continue
-        if line.strip() == "}":
+        if pending is not None:
+            pending += "\n" + line
+        elif line.startswith("}"):   # `}` or `}, execution_thread="sparsecore"`
             computations[current] = Computation(current, tuple(lines), is_entry)
             entry = current if is_entry else entry
             current = None
             continue
-        instruction = parse_instruction(line)
-        if instruction is not None:
-            lines.append(instruction)
+        else:
+            pending = line
+        if _is_complete(pending):
+            instruction = parse_instruction(pending)
+            if instruction is not None:
+                lines.append(instruction)
+            pending = None
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     return Module(computations, entry, int(partitions.group(1)) if partitions else 1,

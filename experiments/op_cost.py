@@ -4,19 +4,20 @@ bytes (operands + results, only the slices a fusion reads), each at the chip's a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
-from experiments.hardware import GEMM, GEMM_FP8, MEMORY, Chip, dot_rate
-from experiments.hlo_module import Array, Computation, Instruction, Module, _ints_in, parse_arrays
+from experiments.hardware import MEMORY, Chip, dot_rate
+from experiments.hlo_module import Array, Computation, Instruction, Module, ints
 
 # Operations that move no data of their own (views, tuples, markers) or whose cost is counted elsewhere.
 FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id", "replica-id",
-        "opt-barrier", "add-dependency", "domain", "copy-start", "copy-done", "while", "call", "conditional",
-        "async-start", "async-update", "async-done", "call-start", "call-done", "send-done", "recv-done"}
-# Custom calls that are bookkeeping, not work.
-FREE_CUSTOM_CALLS = {"AllocateBuffer", "AssumeGatherIndicesInBound", "PrepareAsyncCallStart", "PrepareAsyncCallDone",
-                     "Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape", "annotate_device_placement"}
+        "opt-barrier", "add-dependency", "domain", "copy-start", "copy-done", "slice-start", "slice-done", "while",
+        "call", "conditional", "async-start", "async-update", "async-done", "call-start", "call-done", "send-done",
+        "recv-done"}
+# Custom calls that are bookkeeping, not work (ConcatBitcast: XLA:TPU's view of adjacent slices as one array).
+FREE_CUSTOM_CALLS = {"AllocateBuffer", "AssumeGatherIndicesInBound", "ConcatBitcast", "PrepareAsyncCallStart",
+                     "PrepareAsyncCallDone", "Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape",
+                     "annotate_device_placement"}
 _SLICING = {"dynamic-slice", "slice", "gather"}
 _FORMAT_ORDER = ("int8", "fp8", "bf16", "f32")
 
@@ -70,7 +71,7 @@ def _precision(values: list[str]) -> str:
 def dot_matmul(computation: Computation, dot: Instruction) -> Matmul:
     """2 × output elements × the contracted size, in the operands' format at the dot's precision."""
     lhs, rhs = (computation.by_name[name] for name in dot.operands[:2])
-    contracted = math.prod(lhs.arrays[0].dims[d] for d in _ints_in(dot.attribute("lhs_contracting_dims") or ""))
+    contracted = math.prod(lhs.arrays[0].dims[d] for d in ints(dot.attribute("lhs_contracting_dims") or ""))
     fmt = number_format([lhs.arrays[0].dtype, rhs.arrays[0].dtype])
     precision = _precision((dot.attribute("operand_precision") or "").strip("{}").split(","))
     algorithm = (dot.attribute("algorithm") or "").lower()
@@ -168,8 +169,9 @@ def custom_call_cost(computation: Computation, call: Instruction) -> tuple[list[
     target = (call.attribute("custom_call_target") or "").strip('"')
     if target in FREE_CUSTOM_CALLS:
         return [], 0.0, None
-    if target.startswith("__cublas"):
-        return [_cublas_matmul(computation, call)], None, None
+    if target.startswith("__cublas"):   # its result is (output, workspace); the workspace is scratch, not traffic
+        moved = sum(o.nbytes for o in _operands(computation, call)) + call.arrays[0].nbytes
+        return [_cublas_matmul(computation, call)], moved, None
     operands = [a for o in _operands(computation, call) for a in o.arrays]
     fmt = number_format([a.dtype for a in sorted(operands, key=lambda a: -a.nbytes)[:2]])
     estimate = call.backend_config.get("custom_call_config", {}).get("cost_estimate")
@@ -187,14 +189,9 @@ def custom_call_cost(computation: Computation, call: Instruction) -> tuple[list[
 # Fusions
 
 
-@functools.lru_cache(maxsize=None)
-def _nothing() -> tuple:
-    return ()
-
-
-def computation_matmuls(module: Module, name: str, _memo: dict | None = None) -> tuple[Matmul, ...]:
-    """Every dot and convolution in a (fused) computation and the computations it calls, once each."""
-    memo = _memo if _memo is not None else module.__dict__.setdefault("_matmul_memo", {})
+def computation_matmuls(module: Module, name: str, memo: dict) -> tuple[Matmul, ...]:
+    """Every dot and convolution in a (fused) computation and the computations it calls; `memo` keeps each
+    computation's list by name."""
     if name in memo:
         return memo[name]
     computation = module.computations[name]
@@ -211,9 +208,14 @@ def computation_matmuls(module: Module, name: str, _memo: dict | None = None) ->
     return memo[name]
 
 
+def hbm_bytes(instruction: Instruction, chip: Chip) -> float:
+    """Bytes of an instruction's result that live in HBM (on a TPU, arrays in on-chip memory do not)."""
+    return sum(a.nbytes for a in instruction.arrays if a.memory_space != chip.on_chip_memory_space)
+
+
 def _bytes_read(callee: Computation, name: str, full: float) -> float:
-    """Bytes a fused computation reads of the value `name`: only the slices when it only slices it, nothing when it
-    only updates it in place, else all of it."""
+    """Bytes a fused computation reads of the value `name` whose HBM size is `full`: only the slices when it only
+    slices it, nothing when it only updates it in place, else all of it."""
     total = 0.0
     for user in callee.users.get(name, []):
         if user.opcode == "bitcast":
@@ -238,31 +240,44 @@ def _bytes_written(callee: Computation, instruction: Instruction) -> float:
     return instruction.nbytes
 
 
-def fusion_bytes(module: Module, computation: Computation, fusion: Instruction) -> float:
+def fusion_bytes(module: Module, computation: Computation, fusion: Instruction, chip: Chip) -> float:
+    """HBM bytes of a fusion: what it reads of each operand in HBM, and what it writes of each result in HBM."""
     callee = module.computations[fusion.called("calls")[0]]
     read = 0.0
     for index, operand in enumerate(_operands(computation, fusion)):
         parameter = callee.parameter(index)
-        read += operand.nbytes if parameter is None else _bytes_read(callee, parameter.name, operand.nbytes)
-    return read + _bytes_written(callee, callee.root)
+        full = hbm_bytes(operand, chip)
+        read += full if parameter is None or full == 0 else _bytes_read(callee, parameter.name, full)
+    root = callee.root
+    results = fusion.arrays
+    in_hbm = [a.memory_space != chip.on_chip_memory_space for a in results]
+    if root.opcode == "tuple" and len(root.operands) == len(results):
+        written = sum(_bytes_written(callee, callee.by_name[name])
+                      for name, hbm in zip(root.operands, in_hbm) if hbm)
+    else:
+        written = _bytes_written(callee, root) if all(in_hbm) else hbm_bytes(fusion, chip)
+    return read + written
 
 
-def data_bytes(module: Module, computation: Computation, instruction: Instruction) -> float:
+def data_bytes(module: Module, computation: Computation, instruction: Instruction, chip: Chip) -> float:
     """HBM bytes an unfused operation moves: a slice reads what it writes; an update, gather or scatter touches
-    only the rows it moves (and its indices); anything else reads its operands and writes its result."""
+    only the rows it moves (and its indices); anything else reads its operands and writes its result. Arrays in a
+    TPU's on-chip memory are not counted."""
     operands = _operands(computation, instruction)
     opcode = instruction.opcode
-    if opcode in ("dynamic-slice", "slice"):
-        return 2 * instruction.nbytes
-    if opcode == "dynamic-update-slice":
-        return 2 * operands[1].nbytes
-    if opcode == "gather":
-        return 2 * instruction.nbytes + operands[1].nbytes
-    if opcode == "scatter":
-        return 2 * sum(o.nbytes for o in operands[2:]) + operands[1].nbytes
     if opcode == "fusion":
-        return fusion_bytes(module, computation, instruction)
-    return sum(o.nbytes for o in operands) + instruction.nbytes
+        return fusion_bytes(module, computation, instruction, chip)
+    if opcode in ("dynamic-slice", "slice"):
+        return hbm_bytes(instruction, chip) + min(instruction.nbytes, hbm_bytes(operands[0], chip))
+    if opcode == "dynamic-update-slice":
+        return hbm_bytes(operands[1], chip) + min(operands[1].nbytes, hbm_bytes(instruction, chip))
+    if opcode == "gather":
+        return hbm_bytes(instruction, chip) + min(instruction.nbytes, hbm_bytes(operands[0], chip)) + hbm_bytes(
+            operands[1], chip)
+    if opcode == "scatter":
+        updates = sum(hbm_bytes(o, chip) for o in operands[2:])
+        return updates + min(updates, hbm_bytes(instruction, chip)) + hbm_bytes(operands[1], chip)
+    return sum(hbm_bytes(o, chip) for o in operands) + hbm_bytes(instruction, chip)
 
 
 def priced(matmuls: list[Matmul] | tuple, nbytes: float, chip: Chip, unpriced: str | None = None) -> OpCost:
@@ -280,26 +295,23 @@ def priced(matmuls: list[Matmul] | tuple, nbytes: float, chip: Chip, unpriced: s
     return OpCost(flops, nbytes, byte_seconds, MEMORY, unpriced)
 
 
-def op_cost(module: Module, computation: Computation, instruction: Instruction, chip: Chip) -> OpCost:
+def op_cost(module: Module, computation: Computation, instruction: Instruction, chip: Chip, memo: dict) -> OpCost:
     """The cost of one compute operation of a scheduled computation (collectives and control flow are priced by
-    experiments.estimate's walk; FREE ones cost nothing)."""
+    experiments.estimate's walk; FREE ones cost nothing). `memo`: fused computations' matmuls, shared by calls."""
     opcode = instruction.opcode
     if opcode in FREE:
         return OpCost()
     if opcode == "custom-call":
         matmuls, nbytes, unpriced = custom_call_cost(computation, instruction)
         if nbytes is None:
-            nbytes = sum(o.nbytes for o in _operands(computation, instruction)) + instruction.nbytes
+            nbytes = sum(hbm_bytes(o, chip) for o in _operands(computation, instruction)) + hbm_bytes(instruction, chip)
         return priced(matmuls, nbytes, chip, unpriced)
     matmuls: tuple | list = ()
     if opcode == "fusion":
-        matmuls = computation_matmuls(module, instruction.called("calls")[0])
+        matmuls = computation_matmuls(module, instruction.called("calls")[0], memo)
     elif opcode == "dot":
         matmuls = [dot_matmul(computation, instruction)]
     elif opcode == "convolution":
         matmuls = [convolution_matmul(computation, instruction)]
-    return priced(matmuls, data_bytes(module, computation, instruction), chip)
+    return priced(matmuls, data_bytes(module, computation, instruction, chip), chip)
 
-
-__all__ = ["GEMM", "GEMM_FP8", "MEMORY", "FREE", "Matmul", "OpCost", "op_cost", "priced", "number_format",
-           "matmul_shaped_flops", "parse_arrays"]

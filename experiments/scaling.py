@@ -26,7 +26,9 @@ CSV_COLUMNS = ("target", "device_kind", "preset", "mesh", "strategy", "schedule"
                "alias_size_in_bytes", "temp_size_in_bytes", "peak_bytes_per_device", "device_memory_bytes", "fits",
                "xla_flops_per_device", "cost_model_flops_per_device", "xla_vs_cost_model", "model_flops_per_token",
                "xla_bytes_accessed_per_device", "xla_cost_model_raw_s", "xla_cost_model_unpriced",
-               "xla_cost_model_step_s", "xla_cost_model_mfu",
+               "xla_cost_model_step_s", "xla_cost_model_mfu", "compute_s", "comm_s", "exposed_comm_s", "est_step_s",
+               "est_mfu", "est_flops_per_device", "bytes_all_to_all", "bytes_all_gather", "bytes_reduce_scatter",
+               "bytes_all_reduce", "bytes_collective_permute", "est_dynamic_loops", "est_chip", "est_roofline",
                "n_all_reduce", "n_all_gather", "n_reduce_scatter", "n_all_to_all", "n_collective_permute",
                "n_ragged_all_to_all", "collectives", "custom_calls", "kernels", "bubble_fraction", "compile_s",
                "cost_depths",
@@ -88,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "target: XLA's FLOPs and cost-model step time / MFU from two shallow unrolled copies of each "
                    "non-pipelined point (the dense blocks + K1 / K2 MoE layers), extrapolated linearly to the full "
                    "depth (scaling_point.extrapolated_cost); the memory columns stay the full model's")
+    p.add_argument("--roofline", action="store_true", help="price the step-time estimate at every chip's peak rates "
+                   "instead of the rates its kinds of work achieve (experiments.estimate)")
     p.add_argument("--timed-steps", type=int, default=None, help="real steps to time per point (default: 5 on an "
                    "accelerator, 0 on CPU and compile-only targets, where only 0 is allowed)")
     p.add_argument("--simulate-devices", type=int, default=None, metavar="N", help="XLA:CPU host devices to ask "
@@ -256,8 +260,11 @@ COLUMNS = [("preset", "preset", "s"), ("mesh", "mesh", "s"), ("strategy", "strat
            ("XLA GFLOP/dev", lambda r: r.get("xla_flops_per_device") and r["xla_flops_per_device"] / 1e9, ".3f"),
            ("XLA/model", "xla_vs_cost_model", ".3f"), ("collectives", _short_collectives, "s"),
            ("bubble", "bubble_fraction", ".3f"), ("compile s", "compile_s", ".1f"),
-           ("XLA est. ms", lambda r: r.get("xla_cost_model_step_s") and 1e3 * r["xla_cost_model_step_s"], ".4g"),
-           ("est. MFU", "xla_cost_model_mfu", ".1%"),
+           ("est. ms", lambda r: r.get("est_step_s") and 1e3 * r["est_step_s"], ".4g"),
+           ("exposed ms", lambda r: r.get("est_step_s") and 1e3 * r["exposed_comm_s"], ".3g"),
+           ("est. MFU", "est_mfu", ".1%"),
+           ("XLA sum ms", lambda r: r.get("xla_cost_model_step_s") and 1e3 * r["xla_cost_model_step_s"], ".4g"),
+           ("XLA MFU", "xla_cost_model_mfu", ".1%"),
            ("step ms", lambda r: r.get("step_s") and 1e3 * r["step_s"], ".2f"),
            ("tokens/s", "tokens_per_s", ",.0f"), ("MFU", "mfu", ".1%")]
 
@@ -379,7 +386,7 @@ def main(argv=None) -> int:
     for point in tqdm(points, desc="scaling", unit="point", dynamic_ncols=True):
         config = configs[point.preset].replace(fp8=point.fp8)
         try:
-            row = measure(point, config, devices, args.batch, args.seq_len, timed, target_name)
+            row = measure(point, config, devices, args.batch, args.seq_len, timed, target_name, args.roofline)
         except Exception as e:  # noqa: BLE001 - a point that does not compile is a result; the study goes on
             row = dict(describe(point, config, args.batch, args.seq_len, target_name), error=one_line(e))
         if args.depths and point.axes.get("pipeline", 1) == 1:   # also what a point that does not fit would cost
@@ -399,7 +406,11 @@ def main(argv=None) -> int:
              plot_bubbles(bubbles, args.out, bubble_title)]
     print(f"scaling: {_describe_target(target, devices)}; batch {args.batch}×{args.seq_len} tokens per micro-batch; "
           f"XLA/model = XLA's FLOPs over experiments.cost_model's executed FLOPs; collectives: static counts in the "
-          f"compiled HLO (AR all-reduce, AG all-gather, RS reduce-scatter, A2A all-to-all, CP collective-permute)")
+          f"compiled HLO (AR all-reduce, AG all-gather, RS reduce-scatter, A2A all-to-all, CP collective-permute); "
+          f"est. ms / exposed ms / est. MFU: estimate (compile-time, experiments.estimate"
+          f"{', at peak rates' if args.roofline else ''}): the step with the communication the schedule overlaps "
+          f"hidden, and the communication left exposed; XLA sum ms / XLA MFU: XLA's own TPU cost model, a sum over "
+          f"operations without overlap (blank where a loop runs more than once: XLA counts its body once)")
     print(format_table(rows, COLUMNS))
     failed = [r for r in rows if r.get("error")]
     for r in failed:

@@ -1,6 +1,6 @@
 """The scaling study's figures, from its rows (the points that compiled): memory per device by mesh, MFU (and FLOPs
 per token) by model size, and pipeline bubble by schedule; and for experiments.scaling_real, peak memory against
-the chip's HBM and the TPU cost model's MFU per point. Each function writes one PNG and returns its path."""
+the chip's HBM and the estimated MFU per point. Each function writes one PNG and returns its path."""
 
 from __future__ import annotations
 
@@ -66,14 +66,16 @@ def plot_memory(rows: list[dict], out_dir: str) -> str:
 
 def plot_mfu(rows: list[dict], out_dir: str) -> str:
     """Left: MFU against activated parameters, one line per mesh: measured (solid, where the step was timed on an
-    accelerator) and XLA's TPU cost model's (dashed, TPU targets). Right: FLOPs per token against activated
-    parameters: XLA's count (per device × devices / tokens) beside the cost model's executed and model (MFU) FLOPs."""
+    accelerator), the step-time estimate's (dash-dot, compile-time, GPU and TPU targets) and XLA's TPU cost model's
+    (dashed). Right: FLOPs per token against activated parameters: XLA's count or, where XLA gives none (GPU
+    targets), the estimate's (per device × devices / tokens), beside the cost model's executed and model FLOPs."""
     if not rows:
         return _nothing_compiled(out_dir, "mfu_by_model_size.png")
     plt = _pyplot()
     fig, (ax_mfu, ax_flops) = plt.subplots(1, 2, figsize=(11, 4.5))
     shown = False
-    for key, style, kind in (("mfu", "o-", "measured"), ("xla_cost_model_mfu", "s--", "XLA TPU cost model")):
+    for key, style, kind in (("mfu", "o-", "measured"), ("est_mfu", "^-.", "estimate (compile-time)"),
+                             ("xla_cost_model_mfu", "s--", "XLA TPU cost model")):
         have = [r for r in rows if r.get(key) is not None]
         for label in dict.fromkeys(_label(r) for r in have):
             mine = sorted((r for r in have if _label(r) == label), key=lambda r: r["params_activated"])
@@ -83,16 +85,19 @@ def plot_mfu(rows: list[dict], out_dir: str) -> str:
     if shown:
         ax_mfu.set_xscale("log"), ax_mfu.legend(fontsize=8)
     else:
-        ax_mfu.text(0.5, 0.5, "MFU not measured\n(no accelerator, or --timed-steps 0;\nno TPU cost model)",
+        ax_mfu.text(0.5, 0.5, "no MFU\n(no accelerator or compile-only chip;\nCPU points have no estimate)",
                     ha="center", va="center", transform=ax_mfu.transAxes)
     ax_mfu.set_xlabel("activated parameters"), ax_mfu.set_ylabel("MFU %"), ax_mfu.grid(alpha=0.3)
 
-    for label in dict.fromkeys(_label(r) for r in rows):
-        mine = sorted((r for r in rows if _label(r) == label and r.get("xla_flops_per_device")),
-                      key=lambda r: r["params_activated"])
-        ax_flops.plot([r["params_activated"] for r in mine],
-                      [r["xla_flops_per_device"] * r["devices"] / r["tokens_per_step"] for r in mine], "o-",
-                      label=f"XLA {label}")
+    for key, style, kind in (("xla_flops_per_device", "o-", "XLA"), ("est_flops_per_device", "^-.", "estimate")):
+        for label in dict.fromkeys(_label(r) for r in rows):
+            mine = sorted((r for r in rows if _label(r) == label and r.get(key)
+                           and (key == "xla_flops_per_device" or not r.get("xla_flops_per_device"))),
+                          key=lambda r: r["params_activated"])
+            if mine:
+                ax_flops.plot([r["params_activated"] for r in mine],
+                              [r[key] * r["devices"] / r["tokens_per_step"] for r in mine], style,
+                              label=f"{kind} {label}")
     by_size = sorted({r["params_activated"]: r for r in rows}.values(), key=lambda r: r["params_activated"])
     sizes = [r["params_activated"] for r in by_size]
     ax_flops.plot(sizes, [r["cost_model_flops_per_device"] * r["devices"] / r["tokens_per_step"] for r in by_size],
@@ -148,15 +153,20 @@ def plot_memory_vs_hbm(rows: list[dict], out_dir: str) -> str:
     return _save(fig, out_dir, "memory_vs_hbm.png")
 
 
-def plot_tpu_mfu(rows: list[dict], out_dir: str, reference_mfu: float) -> str:
-    """XLA's TPU cost-model MFU per TPU point (those it gives one for), against a reference MFU (MaxText's measured
-    one for DeepSeek-V3 on v5p)."""
+def plot_estimated_mfu(rows: list[dict], out_dir: str, references: dict[str, float]) -> str:
+    """Per point (GPU and TPU), the MFU the step-time estimate implies (compile-time) beside XLA's TPU cost model's
+    where it gives one, against reference MFUs measured on real clusters (label -> fraction)."""
     plt = _pyplot()
-    have = [r for r in rows if r.get("xla_cost_model_mfu") is not None]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(have) + 1.5))
-    ax.barh(range(len(have)), [100 * r["xla_cost_model_mfu"] for r in have])
-    ax.axvline(100 * reference_mfu, color="k", ls="--", label="MaxText, DeepSeek-V3 on v5p (measured)")
-    ax.set_yticks(range(len(have)), [_target_label(r) for r in have], fontsize=7)
+    have = [r for r in rows if r.get("est_mfu") is not None or r.get("xla_cost_model_mfu") is not None]
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(have) + 1.8))
+    y = range(len(have))
+    ax.barh([i - 0.2 for i in y], [100 * (r.get("est_mfu") or 0) for r in have], height=0.4,
+            label="estimate (compile-time)")
+    ax.barh([i + 0.2 for i in y], [100 * (r.get("xla_cost_model_mfu") or 0) for r in have], height=0.4,
+            label="XLA TPU cost model (a sum, no overlap)")
+    for (label, value), style in zip(references.items(), ("--", ":", "-.")):
+        ax.axvline(100 * value, color="k", ls=style, label=label)
+    ax.set_yticks(list(y), [_target_label(r) for r in have], fontsize=7)
     ax.invert_yaxis(), ax.grid(axis="x", alpha=0.3), ax.legend(fontsize=7)
-    ax.set_xlabel("MFU % implied by XLA's TPU cost model")
-    return _save(fig, out_dir, "tpu_cost_model_mfu.png")
+    ax.set_xlabel("MFU % (model FLOPs / estimated step / the chip's BF16 peak)")
+    return _save(fig, out_dir, "mfu_estimate.png")

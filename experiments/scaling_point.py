@@ -1,7 +1,6 @@
-"""One point of the scaling study: the sharded train step AOT-compiled for a mesh on abstract arguments, never arrays,
-so that it works for compile-only devices (sharding.targets) as well as real ones; XLA's per-device memory, FLOPs,
-collectives and custom calls, on TPU the cost model's step time, and on request a few real steps timed.
-"""
+"""One point of the scaling study: the train step compiled for a mesh on abstract arguments (compile-only devices
+too): per-device memory, FLOPs, collectives, the step-time estimate (compile-time) beside XLA's own sum, and on
+request a few real steps timed."""
 
 from __future__ import annotations
 
@@ -21,6 +20,8 @@ from dsv3_jax.train.mfu import mfu, peak_flops_per_device
 from dsv3_jax.train.run_config import compile_run
 from experiments.bench.sharding_memory import state_bytes
 from experiments.cost_model import executed_flops_per_token, model_flops_per_token
+from experiments.estimate import XLA_UNPRICED_CALLS, Estimate, est_mfu, estimate
+from experiments.hardware import UnknownChip
 from sharding import build_mesh, put_batch, targets
 
 # HLO collective opcodes; an asynchronous one appears as `<kind>-start` (counted as its kind) and `<kind>-done`.
@@ -82,7 +83,7 @@ def describe(point, config: ModelConfig, batch: int, seq_len: int, target: str) 
 
 
 def measure(point, config: ModelConfig, devices: list, batch: int, seq_len: int, timed_steps: int,
-            target: str) -> dict:
+            target: str, roofline: bool = False) -> dict:
     """Compile the step for `point` (an experiments.scaling.Point) on `devices[:point.n_devices]` and measure it;
     `timed_steps` > 0 also runs it (the devices must be real). Exceptions propagate: the caller records them.
 
@@ -121,7 +122,12 @@ def measure(point, config: ModelConfig, devices: list, batch: int, seq_len: int,
     row.update(xla_flops_per_device=xla_flops, cost_model_flops_per_device=executed,
                xla_vs_cost_model=None if xla_flops is None else xla_flops / executed,
                xla_bytes_accessed_per_device=cost.get("bytes accessed"))
-    row.update(tpu_cost_model(cost, custom_calls, row, pipelined, device))
+    try:
+        est = estimate(compiled, roofline=roofline, hlo_text=hlo)
+    except UnknownChip:   # a chip the estimate has no figures for (a CPU)
+        est = None
+    row.update(estimate_columns(est, row))
+    row.update(tpu_cost_model(cost, custom_calls, row, pipelined, device, est))
     if timed_steps > 0:
         batches = put_batch(mesh, {"tokens": np.zeros((point.micro, batch, seq_len), np.int32)}, batch_dim=1)
         everywhere = NamedSharding(mesh, PartitionSpec())
@@ -156,29 +162,53 @@ def extrapolated_cost(point, config: ModelConfig, devices: list, batch: int, seq
     return out
 
 
-# Custom calls XLA's TPU cost model prices at -1 s each (seen in every compile here: the asynchronous calls around
-# the gathers and scatters it offloads), so that `optimal_seconds` goes negative; their cost is added back out.
-UNPRICED_CALLS = ("PrepareAsyncCallStart", "PrepareAsyncCallDone")
+ESTIMATE_COLUMNS = ("compute_s", "comm_s", "exposed_comm_s", "est_step_s", "est_mfu", "est_flops_per_device",
+                    "bytes_all_to_all", "bytes_all_gather", "bytes_reduce_scatter", "bytes_all_reduce",
+                    "bytes_collective_permute", "est_dynamic_loops", "est_chip", "est_roofline")
 
 
-def tpu_cost_model(cost: dict, custom_calls: dict, row: dict, pipelined: bool, device) -> dict:
+def estimate_columns(est: Estimate | None, row: dict) -> dict:
+    """The step-time estimate's columns (experiments.estimate; all per device per step, compile-time, None without
+    an estimate): est_mfu = model FLOPs per device / (est_step_s × the chip's BF16 peak), None where impossible."""
+    if est is None:
+        return dict.fromkeys(ESTIMATE_COLUMNS)
+    model_flops = row["model_flops_per_token"] * row["tokens_per_step"] / row["devices"]
+    out = {key: getattr(est, key) for key in ("compute_s", "comm_s", "exposed_comm_s", "est_step_s",
+                                              "bytes_all_to_all", "bytes_all_gather", "bytes_reduce_scatter",
+                                              "bytes_all_reduce", "bytes_collective_permute")}
+    return dict(out, est_mfu=est_mfu(model_flops, est), est_flops_per_device=est.flops,
+                est_dynamic_loops=len(est.dynamic_loops), est_chip=est.chip, est_roofline=est.roofline)
+
+
+def undercounts_loops(est: Estimate, tolerance: float = 0.9) -> bool:
+    """Whether XLA's own cost analysis misses work the estimate counts in loops that run more than once (a scanned
+    layer stack; a small chunked loop in the loss does not move it): its FLOPs below `tolerance` of the estimate's
+    matmul FLOPs."""
+    return bool(est.repeated_loops) and est.xla_flops is not None and est.xla_flops < tolerance * est.flops
+
+
+def tpu_cost_model(cost: dict, custom_calls: dict, row: dict, pipelined: bool, device,
+                   est: Estimate | None = None) -> dict:
     """On TPU, XLA's cost-model step time and the MFU it implies: model FLOPs per step / devices / step seconds /
-    the chip's peak (dsv3_jax.train.mfu). The step time is `optimal_seconds` with the UNPRICED_CALLS' -1 s each taken
-    out (the raw value is kept too), so it leaves out whatever those calls do. No MFU for a pipelined step (the cost
-    model sees one tick of its schedule's loop) nor where the time is still not positive. None on other platforms."""
+    the chip's peak (dsv3_jax.train.mfu). The step time is `optimal_seconds` with the -1 s XLA gives each
+    XLA_UNPRICED_CALLS call (experiments.estimate: the asynchronous calls around the gathers it offloads) taken
+    out (the raw value is kept too), so it leaves out whatever those calls do. No step time or MFU where it cannot be
+    one: a pipelined step, a program whose repeated loops hold a share of its work that XLA's sum misses (it counts
+    a loop body once: undercounts_loops), a time that is not positive, an MFU above 100%. None on other platforms."""
     out = dict(xla_cost_model_raw_s=None, xla_cost_model_unpriced=None, xla_cost_model_step_s=None,
                xla_cost_model_mfu=None)
     raw = cost.get("optimal_seconds") if targets.platform_of(device) == "tpu" else None
     if raw is None:
         return out
-    unpriced = sum(custom_calls.get(name, 0) for name in UNPRICED_CALLS)
+    unpriced = sum(custom_calls.get(name, 0) for name in XLA_UNPRICED_CALLS)
     seconds = float(raw) + unpriced
+    counted_once = pipelined or (est is not None and undercounts_loops(est))
     out.update(xla_cost_model_raw_s=float(raw), xla_cost_model_unpriced=unpriced,
-               xla_cost_model_step_s=seconds if seconds > 0 else None)
+               xla_cost_model_step_s=seconds if seconds > 0 and not counted_once else None)
     peak = peak_flops_per_device(device)
-    if seconds > 0 and not pipelined and peak:
-        out["xla_cost_model_mfu"] = (row["model_flops_per_token"] * row["tokens_per_step"]
-                                     / (row["devices"] * seconds * peak))
+    if out["xla_cost_model_step_s"] and peak:
+        mfu_value = row["model_flops_per_token"] * row["tokens_per_step"] / (row["devices"] * seconds * peak)
+        out["xla_cost_model_mfu"] = mfu_value if mfu_value <= 1 else None
     return out
 
 

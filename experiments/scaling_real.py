@@ -11,7 +11,7 @@ import os
 import sys
 
 from experiments import scaling
-from experiments.scaling_plots import plot_memory_vs_hbm, plot_tpu_mfu
+from experiments.scaling_plots import plot_estimated_mfu, plot_memory_vs_hbm
 
 V3_BATCH = ("--seq-len", "4096")   # the report's 4K pre-training sequences
 # The report's layout: PP16 (DualPipe) × EP64 × ZeRO-1 DP over 2048 GPUs, one 4096-token sequence per data-parallel
@@ -19,11 +19,11 @@ V3_BATCH = ("--seq-len", "4096")   # the report's 4K pre-training sequences
 RUNGS: dict[str, tuple[str, ...]] = {
     "v3-671b-h100x2048": ("--target", "h100x2048", "--presets", "v3-671b", "--meshes", "pipeline=16,expert=64,data=2",
                           "--schedules", "dualpipe", "--batch", "128", "--micro", "120", "--fp8", "both", *V3_BATCH),
-    # fsdp × expert (layers scanned for the memory, FLOPs and cost-model time from 1 and 2 MoE layers unrolled),
-    # and with a pipeline: one sequence per chip.
+    # fsdp × expert with the layers scanned (the step-time estimate counts the scanned layers as many times as they
+    # run; `--cost-depths 1,2` would add XLA's own sum from two shallow unrolled copies, 40 minutes more), and with
+    # a pipeline: one sequence per chip.
     "v3-671b-v5p-1024": ("--target", "v5p:8x8x8", "--presets", "v3-671b", "--meshes", "fsdp=8,expert=64",
-                         "--batch", "512", "--set", "scan_layers=true", "--set", "remat_policy=full",
-                         "--cost-depths", "1,2", *V3_BATCH),
+                         "--batch", "512", "--set", "scan_layers=true", "--set", "remat_policy=full", *V3_BATCH),
     "v3-671b-v5p-1024-pp": ("--target", "v5p:8x8x8", "--presets", "v3-671b", "--meshes", "pipeline=16,expert=32",
                             "--schedules", "1f1b", "--batch", "32", "--micro", "32", *V3_BATCH),
     "v2-lite-h100x8": ("--target", "h100x8", "--presets", "v2-lite-16b", "--meshes", "fsdp=8", "fsdp=2,expert=4",
@@ -39,11 +39,16 @@ RUNGS: dict[str, tuple[str, ...]] = {
 }
 # The committed rows of the last full run (BENCHMARKS.md says when and with what), drawn by scaling.ipynb.
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "scaling_real.csv")
-# MaxText's measured MFU for DeepSeek-V3 on TPU v5p, the number the cost-model figure is drawn against.
+# Measured MFUs the estimate is drawn against: MaxText's DeepSeek-V3 671B on a v5p-1024 slice; DeepSeek's own on 2048
+# H800s (180K GPU-hours per trillion tokens at 6 · 37B FLOPs per token: about 35% of the BF16 peak).
 MAXTEXT_V5P_MFU = 0.33
+DEEPSEEK_H800_MFU = 0.35
+REFERENCE_MFUS = {"MaxText, 671B on v5p-1024 (measured)": MAXTEXT_V5P_MFU,
+                  "DeepSeek-V3 on 2048 H800s (reported)": DEEPSEEK_H800_MFU}
 NUMERIC = ("devices", "micro", "batch", "seq_len", "tokens_per_step", "params_total", "params_activated",
            "state_bytes", "temp_size_in_bytes", "peak_bytes_per_device", "device_memory_bytes", "compile_s",
-           "xla_flops_per_device", "xla_cost_model_step_s", "xla_cost_model_mfu", "model_flops_per_token")
+           "xla_flops_per_device", "xla_cost_model_step_s", "xla_cost_model_mfu", "model_flops_per_token",
+           "compute_s", "comm_s", "exposed_comm_s", "est_step_s", "est_mfu", "est_flops_per_device")
 
 
 def read_rows(path: str) -> list[dict]:
@@ -63,7 +68,7 @@ def main(argv=None) -> int:
     GPUs and on a TPU v5p-1024 slice (512 chips), and smaller rungs (V2-Lite 16B on 8 H100s, a v5e-16 and a v6e-8;
     `small` on one chip of each). Each rung of RUNGS is one `experiments.scaling --target ...` run into OUT/<rung>/;
     the rows are joined into OUT/scaling_real.csv with two figures: peak memory per device against the chip's HBM
-    (memory_vs_hbm.png) and XLA's TPU cost-model MFU per mesh (tpu_cost_model_mfu.png).
+    (memory_vs_hbm.png) and the estimated MFU per point beside XLA's TPU cost model's (mfu_estimate.png).
 
     The 671B points take 5 to 11 minutes each to compile on a 2-core machine, the whole study about an hour. A rung
     whose points fail (e.g. do not fit) keeps its error rows; the exit code is then 1."""
@@ -89,7 +94,7 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=["rung", *scaling.CSV_COLUMNS], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    plots = [plot_memory_vs_hbm(rows, args.out), plot_tpu_mfu(rows, args.out, MAXTEXT_V5P_MFU)]
+    plots = [plot_memory_vs_hbm(rows, args.out), plot_estimated_mfu(rows, args.out, REFERENCE_MFUS)]
     print("wrote " + ", ".join([path, *plots]))
     return worst
 

@@ -86,6 +86,7 @@ def test_study_rows_hold_compiled_memory_and_flops(study):
     assert int(dp["tokens_per_step"]) == 8 * 64
     for row in (dp, ep):
         assert row["target"] == "cpu" and row["error"] == "" and row["xla_cost_model_step_s"] == ""
+        assert row["est_step_s"] == row["est_mfu"] == ""   # no chip figures for a CPU: no estimate
         assert int(row["peak_bytes_per_device"]) == _peak(row)
     assert int(ep["n_all_to_all"]) > int(dp["n_all_to_all"])    # expert parallelism exchanges tokens
 
@@ -155,7 +156,14 @@ def test_tpu_target_rows_hold_memory_collectives_and_cost_model_mfu(tpu_study):
     # data parallelism all-reduces the gradients; FSDP gathers the parameters and keeps about a quarter of them
     assert int(rows["data=4"]["n_all_reduce"]) > 0 and int(rows["fsdp=4"]["n_all_gather"]) > 0
     assert int(rows["fsdp=4"]["params_bytes"]) < int(rows["data=4"]["params_bytes"]) / 3   # norms stay whole
-    assert "est. MFU" in proc.stdout
+    for row in rows.values():   # the step-time estimate (compile-time), beside XLA's sum
+        est_s, compute_s, exposed_s = (float(row[k]) for k in ("est_step_s", "compute_s", "exposed_comm_s"))
+        assert row["est_chip"] == "v5p" and est_s == pytest.approx(compute_s + exposed_s) and compute_s > 0
+        assert 0 <= exposed_s <= float(row["comm_s"]) + 1e-12
+        model_flops = float(row["model_flops_per_token"]) * int(row["tokens_per_step"])
+        assert float(row["est_mfu"]) == pytest.approx(model_flops / (4 * est_s * 459e12))
+    assert float(rows["data=4"]["bytes_all_reduce"]) > 0 and float(rows["fsdp=4"]["bytes_all_gather"]) > 0
+    assert "est. MFU" in proc.stdout and "estimate (compile-time" in proc.stdout
 
 
 def test_a_point_that_does_not_fit_is_an_error_row_and_exit_1(tmp_path):
@@ -181,6 +189,8 @@ def test_h100_target_point_compiles(tmp_path):
     assert int(row["device_memory_bytes"]) == 80 * 2**30 and row["fits"] == "True"
     assert int(row["n_all_reduce"]) + int(row["n_reduce_scatter"]) > 0       # the gradients are reduced
     assert row["xla_cost_model_step_s"] == ""        # XLA's cost model is TPU-only
+    assert row["est_chip"] == "h100" and float(row["est_step_s"]) > 0 and 0 < float(row["est_mfu"]) <= 1
+    assert float(row["bytes_all_reduce"]) + float(row["bytes_reduce_scatter"]) > 0
 
 
 def test_tpu_cost_model_takes_out_the_calls_it_prices_at_minus_one_second():
@@ -197,6 +207,11 @@ def test_tpu_cost_model_takes_out_the_calls_it_prices_at_minus_one_second():
     assert out["xla_cost_model_mfu"] == pytest.approx(6e6 * 1024 / (4 * 0.001 * 459e12))
     assert tpu_cost_model({"optimal_seconds": 0.001}, calls, row, True, tpu)["xla_cost_model_mfu"] is None   # one tick
     assert tpu_cost_model({"optimal_seconds": -3.0}, {}, row, False, tpu)["xla_cost_model_step_s"] is None
+    scanned = types.SimpleNamespace(repeated_loops=("while.3 (scan) x3",), flops=3e9, xla_flops=1.1e9)
+    assert tpu_cost_model({"optimal_seconds": -15.999}, calls, row, False, tpu, scanned)["xla_cost_model_mfu"] is None
+    chunked = types.SimpleNamespace(repeated_loops=("while.9 (loss chunks) x4",), flops=3e9, xla_flops=3.2e9)
+    assert tpu_cost_model({"optimal_seconds": -15.999}, calls, row, False, tpu, chunked)["xla_cost_model_mfu"]
+    assert tpu_cost_model({"optimal_seconds": 1e-9}, {}, row, False, tpu)["xla_cost_model_mfu"] is None   # > 100%
     assert set(tpu_cost_model({"optimal_seconds": 0.001}, {}, row, False, gpu).values()) == {None}
 
 
@@ -220,6 +235,10 @@ def test_cost_depths_extrapolate_a_scanned_model_to_its_unrolled_cost(tmp_path):
     assert float(extrapolated["xla_cost_model_step_s"]) == pytest.approx(step_s, rel=0.1)
     assert float(extrapolated["xla_cost_model_mfu"]) == pytest.approx(float(full["xla_cost_model_mfu"]), rel=0.1)
     assert int(extrapolated["peak_bytes_per_device"]) == _peak(extrapolated)
+    # The estimate prices the scanned step whole (its loop counted as many times as it runs): close to the unrolled
+    # one's (the scan's carried copies and unfused layer boundaries cost a little more).
+    assert float(extrapolated["est_step_s"]) == pytest.approx(float(full["est_step_s"]), rel=0.25)
+    assert float(extrapolated["est_flops_per_device"]) == pytest.approx(float(full["est_flops_per_device"]), rel=0.02)
 
 
 def test_cost_depths_needs_a_tpu_target(capsys, tmp_path):

@@ -23,7 +23,8 @@ def test_joined_rows_draw_memory_against_hbm_and_cost_model_mfu(tmp_path):
     path = tmp_path / "scaling.csv"
     base = dict(target="v5p:8x8x8", preset="v3-671b", mesh="fsdp=8,expert=64", strategy="fsdp", schedule="",
                 fp8="False", device_memory_bytes=str(95 * 2**30))
-    rows = [dict(base, peak_bytes_per_device=str(80 * 2**30), fits="True", xla_cost_model_mfu="0.41"),
+    rows = [dict(base, peak_bytes_per_device=str(80 * 2**30), fits="True", xla_cost_model_mfu="0.41", est_mfu="0.27",
+                 est_step_s="9.5"),
             dict(base, mesh="fsdp=64,expert=8", error="JaxRuntimeError: RESOURCE_EXHAUSTED: 120G")]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=scaling.CSV_COLUMNS, extrasaction="ignore")
@@ -32,8 +33,9 @@ def test_joined_rows_draw_memory_against_hbm_and_cost_model_mfu(tmp_path):
     read = scaling_real.read_rows(str(path))
     assert read[0]["peak_bytes_per_device"] == 80 * 2**30 and read[1]["peak_bytes_per_device"] is None
     assert read[0]["xla_cost_model_mfu"] == pytest.approx(0.41) and read[0]["fp8"] is False
+    assert read[0]["est_mfu"] == pytest.approx(0.27) and read[1]["est_mfu"] is None
     for png in (scaling_real.plot_memory_vs_hbm(read, str(tmp_path)),
-                scaling_real.plot_tpu_mfu(read, str(tmp_path), scaling_real.MAXTEXT_V5P_MFU)):
+                scaling_real.plot_estimated_mfu(read, str(tmp_path), scaling_real.REFERENCE_MFUS)):
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 

@@ -51,7 +51,7 @@ class MoE(nn.Module):
         if local:
             check_expert_parallel(E, ep, capacity_factor=split.capacity_factor)
 
-        def expert_weights(name, shape, axes):
+        def expert_param(name, shape, axes):
             init = nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), axes)
             w = self.param(name, init, (shape[0] // ep, *shape[1:]), c.jnp_param_dtype)
             if self.has_variable("params", name + fp8_weights.SCALE_SUFFIX):   # kept FP8 (inference)
@@ -59,18 +59,18 @@ class MoE(nn.Module):
                 w = dequantize(w, scale, (fp8_weights.BLOCK, fp8_weights.BLOCK), c.jnp_dtype)
             return w.astype(c.jnp_dtype)
 
-        w_EDF_EDF_EFD = (expert_weights("experts_gate", (E, D, F), ("expert", "embed", "mlp")),
-                         expert_weights("experts_up", (E, D, F), ("expert", "embed", "mlp")),
-                         expert_weights("experts_down", (E, F, D), ("expert", "mlp", "embed")))
+        expert_weights = (expert_param("experts_gate", (E, D, F), ("expert", "embed", "mlp")),
+                          expert_param("experts_up", (E, D, F), ("expert", "embed", "mlp")),
+                          expert_param("experts_down", (E, F, D), ("expert", "mlp", "embed")))
         x_TD = x_TD.astype(c.jnp_dtype)
         if local:   # this rank's tokens travel to the ranks of their experts and back (dropless)
             K = routing.experts_TK.shape[1]
             routed_TD, _ = expert_parallel_ffn_local(
-                x_TD, routing.experts_TK, routing.weights_TK, w_EDF_EDF_EFD, expert_ffn=expert_ffn,
+                x_TD, routing.experts_TK, routing.weights_TK, expert_weights, expert_ffn=expert_ffn,
                 expert_axis=split.axis, capacity=capacity_per_peer(B * T * K, ep, split.capacity_factor),
                 out_dtype=c.jnp_dtype, all_to_all=ops.exchange)
         elif split is not None:   # experts split over the mesh's expert axis: tokens travel to them and back
-            routed_TD, _ = expert_parallel_ffn(x_TD, routing.experts_TK, routing.weights_TK, w_EDF_EDF_EFD,
+            routed_TD, _ = expert_parallel_ffn(x_TD, routing.experts_TK, routing.weights_TK, expert_weights,
                                                expert_ffn=expert_ffn, mesh=split.mesh, expert_axis=split.axis,
                                                capacity_factor=split.capacity_factor, out_dtype=c.jnp_dtype,
                                                all_to_all=ops.exchange)
@@ -79,7 +79,7 @@ class MoE(nn.Module):
                 return routed_experts(ops, expert_ffn, x_TD, experts_TK, weights_TK, w, c.jnp_dtype)
             if not ops.partitionable:   # custom calls: per batch shard on a mesh XLA would partition
                 routed = on_batch_shards(routed, n_split=3)
-            routed_TD = routed(x_TD, routing.experts_TK, routing.weights_TK, *w_EDF_EDF_EFD)
+            routed_TD = routed(x_TD, routing.experts_TK, routing.weights_TK, *expert_weights)
 
         out_BTD = routed_TD.reshape(B, T, D)
         if c.n_shared_experts > 0:
