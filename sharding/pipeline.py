@@ -17,31 +17,46 @@ from sharding.pipeline_schedules import Action, Schedule, make_schedule, tick_ta
 
 PyTree = Any
 
-# Columns of the per-device, per-tick plan.
-BRANCH, CHUNK, MICRO, ACT_SLOT, COT_SLOT, SEND, LEFT_KIND, LEFT_SLOT, RIGHT_KIND, RIGHT_SLOT = range(10)
-NO_MESSAGE, ACTIVATION, COTANGENT = 0, 1, 2
+# Columns of the per-device, per-tick plan: the tick's forward (F_*) and backward (B_*), either absent, the directions
+# their outputs travel (0: nowhere), and the pool slot + 1 (0: none) of each message arriving from either side.
+(BRANCH, F_CHUNK, F_MICRO, F_ACT_SLOT, B_CHUNK, B_MICRO, B_ACT_SLOT, B_COT_SLOT, ACT_SEND, COT_SEND,
+ IN_ACT_LEFT, IN_COT_LEFT, IN_ACT_RIGHT, IN_COT_RIGHT) = range(14)
+N_COLUMNS = 14
 TO_RIGHT, TO_LEFT = 1, 2
+ACTIVATION, COTANGENT = "act", "cot"
+_IN_COLUMN = {(ACTIVATION, TO_RIGHT): IN_ACT_LEFT, (COTANGENT, TO_RIGHT): IN_COT_LEFT,   # sent right: arrives from
+              (ACTIVATION, TO_LEFT): IN_ACT_RIGHT, (COTANGENT, TO_LEFT): IN_COT_RIGHT}   # the receiver's left
+
+Role = tuple[bool, bool]   # (first stage?, last stage?) of an action: what else it runs (embedding, head and loss)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A schedule compiled to integers: `rows_by_tick[rank, tick]` holds the columns above (int32 [P, ticks, 10]).
+    """A schedule compiled to integers: `rows_by_tick[rank, tick]` holds the columns above (int32 [P, ticks, 14]).
 
-    `branches` lists the (kind, first stage?, last stage?) of branch i+1 (branch 0 idles). Saved stage inputs and
-    received cotangents live in per-device pools of `n_act` and `n_cot` slots, reused once their backward has run.
+    `branches[i]` is the (forward role, backward role) of branch i+1 (branch 0 idles; None: no such action), so an
+    overlapped pair's forward and backward run in one branch, one program that XLA can schedule together. Saved
+    stage inputs and received cotangents live in per-device pools of `n_act` and `n_cot` slots, reused once their
+    backward has run. `channels` are the (message kind, direction) pairs the schedule uses.
     """
     schedule: Schedule
     rows_by_tick: np.ndarray
-    branches: tuple[tuple[str, bool, bool], ...]
+    branches: tuple[tuple[Role | None, Role | None], ...]
     n_act: int
     n_cot: int
+    channels: tuple[tuple[str, int], ...]
+
+
+def _role(action: Action | None, n_stages: int) -> Role | None:
+    return None if action is None else (action.stage == 0, action.stage == n_stages - 1)
 
 
 def compile_plan(schedule: Schedule) -> Plan:
-    """Ticks, pool slots and messages for every action of `schedule`."""
+    """Ticks, pool slots and messages for every action of `schedule` (an overlapped pair in one tick)."""
     table = tick_table(schedule)
     n_devices, n_stages, n_ticks = schedule.n_devices, schedule.n_stages, len(table[0])
-    when = {action: (device, tick) for device, row in enumerate(table) for tick, action in enumerate(row) if action}
+    when = {action: (device, tick) for device, row in enumerate(table) for tick, slot in enumerate(row)
+            for action in slot}
 
     # An activation of (m, s) is held on its device from the tick F(m, s−1) sends it until B(m, s) has run; a
     # cotangent of (m, s) from the tick B(m, s+1) sends it until B(m, s).
@@ -55,30 +70,45 @@ def compile_plan(schedule: Schedule) -> Plan:
                               for a in mine if a.kind == "B" and a.stage < n_stages - 1])
         cot_slot, n_cot = cot_slot | slots, max(n_cot, n)
 
-    branches: list[tuple[str, bool, bool]] = []
-    rows_by_tick = np.zeros((n_devices, n_ticks, 10), np.int32)
-    for action, (device, tick) in when.items():
-        m, s = action.micro, action.stage
-        key = (action.kind, s == 0, s == n_stages - 1)
-        if key not in branches:
-            branches.append(key)
-        row = rows_by_tick[device, tick]
-        row[BRANCH], row[CHUNK], row[MICRO] = branches.index(key) + 1, schedule.chunk_of(m), m
-        row[ACT_SLOT] = act_slot.get(Action("F", m, s), 0)
-        row[COT_SLOT] = cot_slot.get(Action("B", m, s), 0)
-        if action.kind == "F" and s < n_stages - 1:
-            target, kind, slot = schedule.device_of(m, s + 1), ACTIVATION, act_slot[Action("F", m, s + 1)]
-        elif action.kind == "B" and s > 0:
-            target, kind, slot = schedule.device_of(m, s - 1), COTANGENT, cot_slot[Action("B", m, s - 1)]
-        else:
-            continue
-        assert abs(target - device) == 1, (action, device, target)
-        row[SEND] = TO_RIGHT if target == device + 1 else TO_LEFT
-        incoming = rows_by_tick[target, tick]
-        kind_col, slot_col = (LEFT_KIND, LEFT_SLOT) if target == device + 1 else (RIGHT_KIND, RIGHT_SLOT)
-        assert incoming[kind_col] == NO_MESSAGE, (action, tick)
-        incoming[kind_col], incoming[slot_col] = kind, slot
-    return Plan(schedule, rows_by_tick, tuple(branches), n_act, n_cot)
+    branches: list[tuple[Role | None, Role | None]] = []
+    channels: set[tuple[str, int]] = set()
+    rows_by_tick = np.zeros((n_devices, n_ticks, N_COLUMNS), np.int32)
+    for device, row in enumerate(table):
+        for tick, slot in enumerate(row):
+            if not slot:
+                continue
+            forward = [a for a in slot if a.kind == "F"]
+            backward = [a for a in slot if a.kind == "B"]
+            assert len(forward) <= 1 and len(backward) <= 1, slot
+            forward, backward = (forward or [None])[0], (backward or [None])[0]
+            key = (_role(forward, n_stages), _role(backward, n_stages))
+            if key not in branches:
+                branches.append(key)
+            cols = rows_by_tick[device, tick]
+            cols[BRANCH] = branches.index(key) + 1
+            if forward is not None:
+                m = forward.micro
+                cols[F_CHUNK], cols[F_MICRO], cols[F_ACT_SLOT] = schedule.chunk_of(m), m, act_slot.get(forward, 0)
+            if backward is not None:
+                m, s = backward.micro, backward.stage
+                cols[B_CHUNK], cols[B_MICRO] = schedule.chunk_of(m), m
+                cols[B_ACT_SLOT], cols[B_COT_SLOT] = act_slot.get(Action("F", m, s), 0), cot_slot.get(backward, 0)
+            for action in slot:
+                m, s = action.micro, action.stage
+                if action.kind == "F" and s < n_stages - 1:
+                    kind, target, pool_slot = ACTIVATION, schedule.device_of(m, s + 1), act_slot[Action("F", m, s + 1)]
+                elif action.kind == "B" and s > 0:
+                    kind, target, pool_slot = COTANGENT, schedule.device_of(m, s - 1), cot_slot[Action("B", m, s - 1)]
+                else:
+                    continue
+                assert abs(target - device) == 1, (action, device, target)
+                direction = TO_RIGHT if target == device + 1 else TO_LEFT
+                cols[ACT_SEND if kind == ACTIVATION else COT_SEND] = direction
+                incoming = rows_by_tick[target, tick]
+                assert incoming[_IN_COLUMN[kind, direction]] == 0, (action, tick)
+                incoming[_IN_COLUMN[kind, direction]] = pool_slot + 1
+                channels.add((kind, direction))
+    return Plan(schedule, rows_by_tick, tuple(branches), n_act, n_cot, tuple(sorted(channels)))
 
 
 def pipeline_value_and_grad(
@@ -256,56 +286,71 @@ def _run_plan(plan, first, body, head, axis, batch_axes, n_batch_shards, reduce_
                  loss=jnp.zeros((), jnp.float32), stats=zeros(stats_shape, schedule.n_chunks),
                  metrics=zeros(metrics_shape))
 
-    def make_branch(kind, is_first, is_last):
-        def branch(carry, row):
-            c, m = row[CHUNK], row[MICRO]
-            params = micro(chunks, c)
-            saved = micro(carry["act"], row[ACT_SLOT])
-            side_m = micro(side, m)
+    def stage_at(m, is_first, is_last):
+        """One stage on micro-batch m, with the embedding / head and loss where it runs them."""
+        side_m = micro(side, m)
 
-            def stage(params, first_params, last_params, x):   # one stage, with the embedding / head where it runs
-                x = first(first_params, micro(inputs, m), side_m) if is_first else x
-                x, stats = body(params, x, side_m)
-                if is_last:
-                    loss, metrics = head(last_params, x, micro(targets, m), side_m)
-                    return loss, (stats, metrics)
-                return x, (stats, ())
-
-            carry = dict(carry)
-            if kind == "F":
-                out, (stats, metrics) = stage(params, first_params, last_params, saved)
-                carry["stats"] = jax.tree.map(lambda S, s: S.at[c].add(s), carry["stats"], stats)
-                if is_last:
-                    carry["loss"] += out.astype(jnp.float32)
-                    carry["metrics"] = jax.tree.map(jnp.add, carry["metrics"], metrics)
-                    return carry, zeros_like(saved)
-                return carry, out
-            out, vjp, _ = jax.vjp(stage, params, first_params, last_params, saved, has_aux=True)
-            seed = jnp.full_like(out, 1 / n_micro) if is_last else micro(carry["cot"], row[COT_SLOT])
-            g_params, g_first, g_last, g_x = vjp(seed)
-            carry["g_chunks"] = jax.tree.map(lambda G, g: G.at[c].add(g), carry["g_chunks"], g_params)
-            if is_first:
-                carry["g_first"] = jax.tree.map(jnp.add, carry["g_first"], g_first)
+        def stage(params, first_params, last_params, x):
+            x = first(first_params, micro(inputs, m), side_m) if is_first else x
+            x, stats = body(params, x, side_m)
             if is_last:
-                carry["g_last"] = jax.tree.map(jnp.add, carry["g_last"], g_last)
-            return carry, g_x
+                loss, metrics = head(last_params, x, micro(targets, m), side_m)
+                return loss, (stats, metrics)
+            return x, (stats, ())
+        return stage
+
+    def forward(carry, row, is_first, is_last):
+        """The tick's forward: (carry, the activation it sends on; zeros from the last stage)."""
+        c, m = row[F_CHUNK], row[F_MICRO]
+        saved = micro(carry["act"], row[F_ACT_SLOT])
+        out, (stats, metrics) = stage_at(m, is_first, is_last)(micro(chunks, c), first_params, last_params, saved)
+        carry["stats"] = jax.tree.map(lambda S, s: S.at[c].add(s), carry["stats"], stats)
+        if is_last:
+            carry["loss"] += out.astype(jnp.float32)
+            carry["metrics"] = jax.tree.map(jnp.add, carry["metrics"], metrics)
+            return carry, zeros_like(saved)
+        return carry, out
+
+    def backward(carry, row, is_first, is_last):
+        """The tick's backward (the stage's forward recomputed under vjp): (carry, the input cotangent it sends)."""
+        c, m = row[B_CHUNK], row[B_MICRO]
+        saved = micro(carry["act"], row[B_ACT_SLOT])
+        out, vjp, _ = jax.vjp(stage_at(m, is_first, is_last), micro(chunks, c), first_params, last_params, saved,
+                              has_aux=True)
+        seed = jnp.full_like(out, 1 / n_micro) if is_last else micro(carry["cot"], row[B_COT_SLOT])
+        g_params, g_first, g_last, g_x = vjp(seed)
+        carry["g_chunks"] = jax.tree.map(lambda G, g: G.at[c].add(g), carry["g_chunks"], g_params)
+        if is_first:
+            carry["g_first"] = jax.tree.map(jnp.add, carry["g_first"], g_first)
+        if is_last:
+            carry["g_last"] = jax.tree.map(jnp.add, carry["g_last"], g_last)
+        return carry, g_x
+
+    def make_branch(forward_role, backward_role):
+        """One program for the tick's forward and backward (an overlapped pair): they share no data, so XLA may
+        run one's communication under the other's compute."""
+        def branch(carry, row):
+            carry, act_out, cot_out = dict(carry), zeros(x_shape), zeros(x_shape)
+            if forward_role is not None:
+                carry, act_out = forward(carry, row, *forward_role)
+            if backward_role is not None:
+                carry, cot_out = backward(carry, row, *backward_role)
+            return carry, act_out, cot_out
         return branch
 
-    branches = [lambda carry, row: (carry, zeros(x_shape))]
+    branches = [lambda carry, row: (carry, zeros(x_shape), zeros(x_shape))]
     branches += [make_branch(*key) for key in plan.branches]
-    right = [(d, d + 1) for d in range(n_stages - 1)]
-    left = [(d + 1, d) for d in range(n_stages - 1)]
+    pairs = {TO_RIGHT: [(d, d + 1) for d in range(n_stages - 1)], TO_LEFT: [(d + 1, d) for d in range(n_stages - 1)]}
 
     def tick(carry, row):
-        carry, out = jax.lax.switch(row[BRANCH], branches, carry, row)
-        outgoing = lambda direction: jax.tree.map(lambda o: jnp.where(row[SEND] == direction, o, 0), out)
-        from_left = jax.lax.ppermute(outgoing(TO_RIGHT), axis, right)
-        from_right = jax.lax.ppermute(outgoing(TO_LEFT), axis, left)
-        for message, kind, slot in ((from_left, row[LEFT_KIND], row[LEFT_SLOT]),
-                                    (from_right, row[RIGHT_KIND], row[RIGHT_SLOT])):
-            for pool, pool_kind in (("act", ACTIVATION), ("cot", COTANGENT)):
-                carry[pool] = jax.tree.map(lambda held, new: held.at[slot].set(
-                    jnp.where(kind == pool_kind, new, held[slot])), carry[pool], message)
+        carry, act_out, cot_out = jax.lax.switch(row[BRANCH], branches, carry, row)
+        for kind, direction in plan.channels:   # only the channels the schedule uses
+            out, send = (act_out, row[ACT_SEND]) if kind == ACTIVATION else (cot_out, row[COT_SEND])
+            message = jax.lax.ppermute(jax.tree.map(lambda o: jnp.where(send == direction, o, 0), out), axis,
+                                       pairs[direction])
+            slot = row[_IN_COLUMN[kind, direction]]
+            carry[kind] = jax.tree.map(lambda held, new: held.at[jnp.maximum(slot - 1, 0)].set(
+                jnp.where(slot > 0, new, held[jnp.maximum(slot - 1, 0)])), carry[kind], message)
         return carry, None
 
     my_rows_by_tick = jnp.asarray(plan.rows_by_tick)[jax.lax.axis_index(axis)]

@@ -238,19 +238,19 @@ def simulate(schedule: Schedule, costs: Costs = Costs()) -> Timeline:
     return Timeline(schedule, costs, tuple(tuple(s) for s in spans))
 
 
-def tick_table(schedule: Schedule) -> tuple[tuple[Action | None, ...], ...]:
-    """What each device does at each unit tick (F = B = 1; an overlapped pair takes two ticks, forward first).
+def tick_table(schedule: Schedule) -> tuple[tuple[Slot, ...], ...]:
+    """What each device does at each unit tick: one slot of its program (a forward, a backward, an overlapped forward
+    and backward pair run together as one program, or () idle), every slot one tick long (F = B = F&B = 1).
 
     Every action comes at a later tick than all of its dependencies, so devices can run it in lockstep, exchanging
     activations and cotangents with their neighbours between ticks.
     """
-    timeline = simulate(schedule, Costs(f=1, b=1, fb=2))
+    timeline = simulate(schedule, Costs(f=1, b=1, fb=1))
     n_ticks = int(timeline.makespan)
-    table: list[list[Action | None]] = [[None] * n_ticks for _ in range(schedule.n_devices)]
+    table: list[list[Slot]] = [[()] * n_ticks for _ in range(schedule.n_devices)]
     for device, spans in enumerate(timeline.spans):
         for start, _, slot in spans:
-            for offset, action in enumerate(slot):
-                table[device][int(start) + offset] = action
+            table[device][int(start)] = slot
     return tuple(tuple(row) for row in table)
 
 

@@ -9,24 +9,33 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import build_mesh
-from sharding.pipeline import (ACTIVATION, BRANCH, COTANGENT, LEFT_KIND, NO_MESSAGE, RIGHT_KIND, SEND, TO_LEFT,
-                               TO_RIGHT, compile_plan, pipeline_value_and_grad)
+from sharding.pipeline import (ACT_SEND, ACTIVATION, BRANCH, COT_SEND, COTANGENT, IN_ACT_LEFT, IN_ACT_RIGHT,
+                               IN_COT_LEFT, IN_COT_RIGHT, TO_LEFT, TO_RIGHT, compile_plan, pipeline_value_and_grad)
 from sharding.pipeline_schedules import make_schedule
 from tests.fast_compile import cheap_compiles, cpu_devices  # noqa: F401  (fixtures; cheap_compiles is autouse)
 
 
-@pytest.mark.parametrize("name, pp, m, n_act", [("gpipe", 4, 8, 8), ("1f1b", 4, 8, 4), ("1f1b", 4, 16, 4),
-                                                ("1f1b", 8, 16, 8), ("dualpipe", 4, 8, 6), ("dualpipe", 8, 24, 10)])
-def test_plan_pools_and_messages(name, pp, m, n_act):
+@pytest.mark.parametrize("name, pp, m, n_act, n_ticks", [
+    ("gpipe", 4, 8, 8, 22), ("1f1b", 4, 8, 4, 22), ("1f1b", 4, 16, 4, 38), ("1f1b", 8, 16, 8, 46),
+    ("dualpipe", 4, 8, 5, 14), ("dualpipe", 8, 24, 9, 38)])
+def test_plan_pools_and_messages(name, pp, m, n_act, n_ticks):
+    """Pools as small as the schedule allows (1F1B: PP stage inputs, GPipe: M, DualPipe: PP + 1, counting ones in
+    flight), every message leaving one device arriving at its neighbour's matching channel, and DualPipe's overlapped
+    pairs each in one tick (14 ticks for PP = 4, M = 8, where 1F1B takes 2·(M + PP − 1) = 22)."""
     plan = compile_plan(make_schedule(name, pp, m))
     rows = plan.rows_by_tick
-    assert plan.n_act == n_act   # 1F1B holds PP stage inputs, GPipe M, DualPipe PP+2 (counting ones in flight)
-    sends_right, sends_left = rows[:-1, :, SEND] == TO_RIGHT, rows[1:, :, SEND] == TO_LEFT
-    assert np.array_equal(sends_right, rows[1:, :, LEFT_KIND] != NO_MESSAGE)
-    assert np.array_equal(sends_left, rows[:-1, :, RIGHT_KIND] != NO_MESSAGE)
-    assert rows[0, :, LEFT_KIND].max() == rows[-1, :, RIGHT_KIND].max() == NO_MESSAGE
-    n_messages = np.isin(rows[:, :, [LEFT_KIND, RIGHT_KIND]], [ACTIVATION, COTANGENT]).sum()
-    assert n_messages == 2 * m * (pp - 1) and (rows[:, :, BRANCH] > 0).sum() == 2 * m * pp
+    assert (plan.n_act, rows.shape[1]) == (n_act, n_ticks)
+    for send, kind, arrive_left, arrive_right in ((ACT_SEND, ACTIVATION, IN_ACT_LEFT, IN_ACT_RIGHT),
+                                                  (COT_SEND, COTANGENT, IN_COT_LEFT, IN_COT_RIGHT)):
+        assert np.array_equal(rows[:-1, :, send] == TO_RIGHT, rows[1:, :, arrive_left] > 0), kind
+        assert np.array_equal(rows[1:, :, send] == TO_LEFT, rows[:-1, :, arrive_right] > 0), kind
+        assert rows[0, :, arrive_left].max() == rows[-1, :, arrive_right].max() == 0, kind
+    n_messages = (rows[:, :, [IN_ACT_LEFT, IN_COT_LEFT, IN_ACT_RIGHT, IN_COT_RIGHT]] > 0).sum()
+    assert n_messages == 2 * m * (pp - 1)
+    roles = [(None, None), *plan.branches]   # per branch id: (forward role, backward role)
+    actions = sum((roles[b][0] is not None) + (roles[b][1] is not None) for b in rows[:, :, BRANCH].flat)
+    pairs = sum(None not in roles[b] for b in rows[:, :, BRANCH].flat)
+    assert actions == 2 * m * pp and (pairs > 0) == (name == "dualpipe"), (actions, pairs)
 
 
 V, D, H, L, T = 16, 8, 12, 2, 3   # vocabulary, model width, hidden width, layers per stage, tokens per row

@@ -15,8 +15,9 @@ def test_every_action_once_on_its_device_and_after_its_dependencies(name, pp, m)
     table = tick_table(schedule)
     when = {}
     for device, row in enumerate(table):
-        for tick, action in enumerate(row):
-            if action is not None:
+        for tick, slot in enumerate(row):
+            assert len(slot) <= 2 and len({a.kind for a in slot}) == len(slot), slot   # at most one F and one B
+            for action in slot:
                 assert action not in when, action
                 when[action] = (device, tick)
     assert set(when) == {Action(kind, micro, stage) for kind in "FB" for micro in range(m) for stage in range(pp)}
