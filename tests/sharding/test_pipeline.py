@@ -15,14 +15,16 @@ from sharding.pipeline_schedules import make_schedule
 from tests.fast_compile import cheap_compiles, cpu_devices  # noqa: F401  (fixtures; cheap_compiles is autouse)
 
 
-@pytest.mark.parametrize("name, pp, m, n_act, n_ticks", [
-    ("gpipe", 4, 8, 8, 22), ("1f1b", 4, 8, 4, 22), ("1f1b", 4, 16, 4, 38), ("1f1b", 8, 16, 8, 46),
-    ("dualpipe", 4, 8, 5, 14), ("dualpipe", 8, 24, 9, 38)])
-def test_plan_pools_and_messages(name, pp, m, n_act, n_ticks):
-    """Pools as small as the schedule allows (1F1B: PP stage inputs, GPipe: M, DualPipe: PP + 1, counting ones in
-    flight), every message leaving one device arriving at its neighbour's matching channel, and DualPipe's overlapped
-    pairs each in one tick (14 ticks for PP = 4, M = 8, where 1F1B takes 2·(M + PP − 1) = 22)."""
-    plan = compile_plan(make_schedule(name, pp, m))
+@pytest.mark.parametrize("name, pp, m, fuse, n_act, n_ticks", [
+    ("gpipe", 4, 8, False, 8, 22), ("1f1b", 4, 8, False, 4, 22), ("1f1b", 4, 16, False, 4, 38),
+    ("1f1b", 8, 16, False, 8, 46), ("dualpipe", 4, 8, False, 6, 18), ("dualpipe", 8, 24, False, 10, 54),
+    ("dualpipe", 4, 8, True, 5, 14), ("dualpipe", 8, 24, True, 9, 38)])
+def test_plan_pools_and_messages(name, pp, m, fuse, n_act, n_ticks):
+    """Pools as small as the schedule allows (1F1B: PP stage inputs, GPipe: M, DualPipe: PP + 2, or PP + 1 with
+    fused pairs, counting ones in flight), every message leaving one device arriving at its neighbour's matching
+    channel, and with `fuse_pairs` DualPipe's overlapped pairs each in one tick (14 ticks for PP = 4, M = 8, where
+    they take 18 as two ticks and 1F1B 2·(M + PP − 1) = 22)."""
+    plan = compile_plan(make_schedule(name, pp, m), fuse)
     rows = plan.rows_by_tick
     assert (plan.n_act, rows.shape[1]) == (n_act, n_ticks)
     for send, kind, arrive_left, arrive_right in ((ACT_SEND, ACTIVATION, IN_ACT_LEFT, IN_ACT_RIGHT),
@@ -35,7 +37,7 @@ def test_plan_pools_and_messages(name, pp, m, n_act, n_ticks):
     roles = [(None, None), *plan.branches]   # per branch id: (forward role, backward role)
     actions = sum((roles[b][0] is not None) + (roles[b][1] is not None) for b in rows[:, :, BRANCH].flat)
     pairs = sum(None not in roles[b] for b in rows[:, :, BRANCH].flat)
-    assert actions == 2 * m * pp and (pairs > 0) == (name == "dualpipe"), (actions, pairs)
+    assert actions == 2 * m * pp and (pairs > 0) == (name == "dualpipe" and fuse), (actions, pairs)
 
 
 V, D, H, L, T = 16, 8, 12, 2, 3   # vocabulary, model width, hidden width, layers per stage, tokens per row
@@ -105,11 +107,12 @@ def problems(cpu_devices):
     return problems
 
 
-@pytest.mark.parametrize("name", ["gpipe", "1f1b", "dualpipe"])
+@pytest.mark.parametrize("name, fuse", [("gpipe", False), ("1f1b", False), ("dualpipe", False), ("dualpipe", True)],
+                         ids=["gpipe", "1f1b", "dualpipe", "dualpipe-fused-pairs"])
 @pytest.mark.parametrize("mesh_key", list(MESHES))
-def test_schedule_matches_single_device_value_and_grad(problems, mesh_key, name):
+def test_schedule_matches_single_device_value_and_grad(problems, mesh_key, name, fuse):
     p = problems[mesh_key]
-    step = pipeline_value_and_grad(stage_fn, head_loss_fn, p.mesh, name, p.M, first_fn=embed_fn)
+    step = pipeline_value_and_grad(stage_fn, head_loss_fn, p.mesh, name, p.M, first_fn=embed_fn, fuse_pairs=fuse)
     loss, grads = step(p.stage_params, p.first, p.last, p.tokens, p.targets)
     assert grads[0]["w1"].sharding.spec[0] == "pipeline", \
         f"w1's gradient {grads[0]['w1'].sharding.spec} on {mesh_key} {name}: stage axis not over `pipeline`"
