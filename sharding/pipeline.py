@@ -38,14 +38,15 @@ class Plan:
     `branches[i]` is the (forward role, backward role) of branch i+1 (branch 0 idles; None: no such action), so an
     overlapped pair's forward and backward run in one branch, one program that XLA can schedule together. Saved
     stage inputs and received cotangents live in per-device pools of `n_act` and `n_cot` slots, reused once their
-    backward has run. `channels` are the (message kind, direction) pairs the schedule uses.
+    backward has run. `channels` are the ppermutes a tick makes, (direction, message kinds): one per direction the
+    schedule sends in, carrying both kinds where no device ever sends both that way in one tick (fused pairs do).
     """
     schedule: Schedule
     rows_by_tick: np.ndarray
     branches: tuple[tuple[Role | None, Role | None], ...]
     n_act: int
     n_cot: int
-    channels: tuple[tuple[str, int], ...]
+    channels: tuple[tuple[int, tuple[str, ...]], ...]
 
 
 def _role(action: Action | None, n_stages: int) -> Role | None:
@@ -120,7 +121,17 @@ def compile_plan(schedule: Schedule, fuse_pairs: bool = False) -> Plan:
                 assert incoming[_IN_COLUMN[kind, direction]] == 0, (action, tick)
                 incoming[_IN_COLUMN[kind, direction]] = pool_slot + 1
                 channels.add((kind, direction))
-    return Plan(schedule, rows_by_tick, tuple(branches), n_act, n_cot, tuple(sorted(channels)))
+    return Plan(schedule, rows_by_tick, tuple(branches), n_act, n_cot, _channels(rows_by_tick, channels))
+
+
+def _channels(rows_by_tick: np.ndarray, used: set[tuple[str, int]]) -> tuple[tuple[int, tuple[str, ...]], ...]:
+    """Per direction used, one channel for its message kinds, or one per kind where some tick sends both."""
+    out = []
+    for direction in (TO_RIGHT, TO_LEFT):
+        kinds = tuple(kind for kind in (ACTIVATION, COTANGENT) if (kind, direction) in used)
+        both = np.any((rows_by_tick[..., ACT_SEND] == direction) & (rows_by_tick[..., COT_SEND] == direction))
+        out += [(direction, (kind,)) for kind in kinds] if both else ([(direction, kinds)] if kinds else [])
+    return tuple(out)
 
 
 def pipeline_value_and_grad(
@@ -358,13 +369,16 @@ def _run_plan(plan, first, body, head, axis, batch_axes, n_batch_shards, reduce_
 
     def tick(carry, row):
         carry, act_out, cot_out = jax.lax.switch(row[BRANCH], branches, carry, row)
-        for kind, direction in plan.channels:   # only the channels the schedule uses
-            out, send = (act_out, row[ACT_SEND]) if kind == ACTIVATION else (cot_out, row[COT_SEND])
-            message = jax.lax.ppermute(jax.tree.map(lambda o: jnp.where(send == direction, o, 0), out), axis,
-                                       pairs[direction])
-            slot = row[_IN_COLUMN[kind, direction]]
-            carry[kind] = jax.tree.map(lambda held, new: held.at[jnp.maximum(slot - 1, 0)].set(
-                jnp.where(slot > 0, new, held[jnp.maximum(slot - 1, 0)])), carry[kind], message)
+        for direction, kinds in plan.channels:   # only the ppermutes the schedule needs
+            payload = zeros(x_shape)
+            for kind in kinds:
+                out, send = (act_out, row[ACT_SEND]) if kind == ACTIVATION else (cot_out, row[COT_SEND])
+                payload = jax.tree.map(lambda o, p: jnp.where(send == direction, o, p), out, payload)
+            message = jax.lax.ppermute(payload, axis, pairs[direction])
+            for kind in kinds:
+                slot = row[_IN_COLUMN[kind, direction]]
+                carry[kind] = jax.tree.map(lambda held, new: held.at[jnp.maximum(slot - 1, 0)].set(
+                    jnp.where(slot > 0, new, held[jnp.maximum(slot - 1, 0)])), carry[kind], message)
         return carry, None
 
     my_rows_by_tick = jnp.asarray(plan.rows_by_tick)[jax.lax.axis_index(axis)]
