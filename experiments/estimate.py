@@ -11,6 +11,7 @@ import re
 from typing import Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from experiments.collectives import KINDS, Links, Transfer, collective_kind, transfer
@@ -39,7 +40,8 @@ class Estimate:
     (experiments.hardware.KINDS). `async_collectives` / `sync_collectives`: collectives run, loops counted.
     `dynamic_loops`: loops counted once for want of a static trip count; `repeated_loops`: loops that run more
     than once (XLA's own sum counts each body once, so it is no step time where there are any); `unpriced`: kernels
-    priced by their bytes alone or with FLOPs read off their shapes, by static occurrences in the program."""
+    priced by their bytes alone or with FLOPs read off their shapes, by static occurrences in the program.
+    `lockstep_ticks`: ticks of a tick loop priced by the branch its slowest device runs (`tick_branches`), 0: none."""
     chip: str
     roofline: bool
     compute_s: float
@@ -60,6 +62,7 @@ class Estimate:
     dynamic_loops: tuple[str, ...]
     repeated_loops: tuple[str, ...]
     unpriced: dict[str, int]
+    lockstep_ticks: int = 0
 
     @property
     def comm_fraction(self) -> float:
@@ -230,8 +233,10 @@ def _op_name(instruction: Instruction) -> str:
 class _Walker:
     """Walks computations in schedule order, each once (memoized by name), pricing on `links`' chip."""
 
-    def __init__(self, module: Module, links: Links, chip: Chip):
+    def __init__(self, module: Module, links: Links, chip: Chip, tick_branches: np.ndarray | None = None):
         self.module, self.links, self.chip = module, links, chip
+        self.tick_branches = tick_branches
+        self.lockstep_ticks = 0
         self.memo: dict[str, Totals] = {}
         self.matmul_memo: dict = {}
         self.fused_collectives: dict[str, list] = {}
@@ -256,7 +261,8 @@ class _Walker:
             self.memo[name] = self._walk(self.module.computations[name])
         return self.memo[name]
 
-    def _walk(self, computation: Computation) -> Totals:
+    def _walk(self, computation: Computation, forced: tuple[str, int] | None = None) -> Totals:
+        """One run of `computation`; `forced` = (conditional, branch): that conditional runs that branch."""
         timeline = _Timeline()
         for instruction in computation.instructions:
             opcode = instruction.opcode
@@ -279,11 +285,16 @@ class _Walker:
                     trips = 1
                 elif trips > 1:
                     self.repeated_loops[f"{instruction.name} ({_op_name(instruction)}) x{trips}"] = None
-                timeline.block(self.walk(instruction.called("body")[0]), trips)
+                body = instruction.called("body")[0]
+                ticks = self._lockstep(body, trips)
+                for totals, times in ticks or [(self.walk(body), trips)]:
+                    timeline.block(totals, times)
                 timeline.block(self.walk(instruction.called("condition")[0]), trips + 1)
             elif opcode == "conditional":
                 branches = instruction.called("branch_computations") or (
-                    instruction.called("true_computation") + instruction.called("false_computation"))
+                    instruction.called("false_computation") + instruction.called("true_computation"))
+                if forced is not None and forced[0] == instruction.name:
+                    branches = branches[forced[1]:forced[1] + 1]
                 timeline.block(max((self.walk(b) for b in branches), key=lambda t: t.duration_s))
             elif opcode in ("call", "async-start", "call-start"):
                 for callee in instruction.called("to_apply") + instruction.called("calls"):
@@ -299,6 +310,24 @@ class _Walker:
                     for inner, callee in self._fused_collectives(instruction):
                         timeline.collective(inner.name, self.transfer(inner, callee), asynchronous=False)
         return timeline.finish()
+
+    def _lockstep(self, body: str, trips: int) -> list[tuple[Totals, int]] | None:
+        """A tick loop (`tick_branches` [devices, ticks] given, `trips` ticks, and one conditional in the body with
+        a branch for every index the table names): per tick, the body with the branch of its slowest device, as (totals,
+        ticks) pairs; None for any other loop (or one with several switches). Every device waits at each tick's messages for the slowest."""
+        table = self.tick_branches
+        if table is None or table.shape[1] != trips:
+            return None
+        computation = self.module.computations[body]
+        switches = [i for i in computation.instructions if i.opcode == "conditional"
+                    and len(i.called("branch_computations")) > int(table.max())]
+        if len(switches) != 1:
+            return None
+        name = switches[0].name
+        per_branch = {int(b): self._walk(computation, forced=(name, int(b))) for b in np.unique(table)}
+        slowest = [max(set(column.tolist()), key=lambda b: per_branch[b].duration_s) for column in table.T]
+        self.lockstep_ticks += trips
+        return [(per_branch[b], n) for b, n in sorted(collections.Counter(slowest).items())]
 
     def _copy_seconds(self, start: Instruction, computation: Computation) -> float:
         """An asynchronous copy between memory spaces (a TPU's prefetch into its vector memory): the array its done
@@ -330,11 +359,13 @@ def _xla_cost(compiled) -> dict:
 
 
 def estimate(compiled, target: str | Mesh | Sequence | None = None, *, roofline: bool = False,
-             hlo_text: str | None = None) -> Estimate:
+             hlo_text: str | None = None, tick_branches: np.ndarray | None = None) -> Estimate:
     """The step-time Estimate of a compiled JAX program (`jax.jit(f).lower(...).compile()`, compile-only devices
     included) on `target` (links_for: None for the program's own devices and chip; a chip or target name such as
     'h800' or 'h100x16'; a Mesh). `roofline`: every rate at its peak. `hlo_text`: the optimized module's text, if
     already at hand (with it and the devices given, `compiled` may be None: no XLA figures then).
+    `tick_branches`: int [devices, ticks], the branch of its tick loop's switch each device runs per tick (a
+    pipeline's plan: dsv3_jax.train.build.TrainStep.tick_branches); without it a tick costs its costliest branch.
 
         est = estimate(step.compile().compiled)             # the devices it was compiled for
         est.est_step_s, est.exposed_comm_s, est_mfu(model_flops_per_device, est)
@@ -353,14 +384,16 @@ def estimate(compiled, target: str | Mesh | Sequence | None = None, *, roofline:
     - A while loop counts its body times its static trip count; one whose count is only known at run time (the
       expert exchange's rounds) counts once, its balanced count, and is listed in `dynamic_loops`. A loop, call or
       conditional is a block on the clock with queues of its own (transfers do not overlap across its boundary); a
-      conditional costs its most expensive branch. Asynchronous calls that are not collectives (TPU SparseCore
+      conditional costs its most expensive branch, except in a tick loop given `tick_branches`: a lockstep
+      pipeline, where each tick costs the branch of the device that runs the slowest one that tick. Asynchronous calls that are not collectives (TPU SparseCore
       offloads) are priced as compute, in order.
     - Not modelled: per-kernel launch overheads and per-collective latency (only bandwidth), contention between
       the copy queue, the collectives and the compute for HBM, and several collectives sharing a link at once."""
     module = parse_module(hlo_text if hlo_text is not None else compiled.as_text())
     links = links_for(compiled, target, module.num_partitions)
     chip = links.chip.rated(roofline)
-    walker = _Walker(module, dataclasses.replace(links, chip=chip), chip)
+    walker = _Walker(module, dataclasses.replace(links, chip=chip), chip,
+                     None if tick_branches is None else np.asarray(tick_branches))
     totals = walker.walk(module.entry)
     sent = dict(totals.bytes_sent)
     cost = _xla_cost(compiled)
@@ -378,7 +411,7 @@ def estimate(compiled, target: str | Mesh | Sequence | None = None, *, roofline:
         compute_by_kind={kind: float(dict(totals.by_kind).get(kind, 0.0)) for kind in WORK_KINDS},
         async_collectives=totals.async_count, sync_collectives=totals.sync_count,
         dynamic_loops=tuple(walker.dynamic_loops), repeated_loops=tuple(walker.repeated_loops),
-        unpriced=dict(walker.unpriced))
+        unpriced=dict(walker.unpriced), lockstep_ticks=walker.lockstep_ticks)
 
 
 def est_mfu(model_flops_per_device: float, estimate: Estimate, chip: Chip | str | None = None) -> float | None:

@@ -123,7 +123,7 @@ def measure(point, config: ModelConfig, devices: list, batch: int, seq_len: int,
                xla_vs_cost_model=None if xla_flops is None else xla_flops / executed,
                xla_bytes_accessed_per_device=cost.get("bytes accessed"))
     try:
-        est = estimate(compiled, roofline=roofline, hlo_text=hlo)
+        est = estimate(compiled, roofline=roofline, hlo_text=hlo, tick_branches=step.tick_branches)
     except UnknownChip:   # a chip the estimate has no figures for (a CPU)
         est = None
     row.update(estimate_columns(est, row))

@@ -1,5 +1,5 @@
 """Meshes from axis sizes, and placing train batches and state on them. Axes, outermost first: `data` (replicas),
-`fsdp` (parameter-sharded replicas), `expert`, `pipeline`, `tensor`; a size of -1 takes what the others leave.
+`fsdp` (parameter-sharded replicas), `pipeline`, `expert`, `tensor`; a size of -1 takes what the others leave.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "expert", "pipeline", "tensor")
+# Outermost first: inner axes take neighbouring devices (a GPU node's 8, a TPU's nearest chips), so the expert
+# exchange and tensor parallelism stay on the fast links and the pipeline's small messages cross nodes.
+MESH_AXES = ("data", "fsdp", "pipeline", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")   # EP ranks hold different tokens, like data replicas
 
 

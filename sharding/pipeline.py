@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,9 @@ ACTIVATION, COTANGENT = "act", "cot"
 _IN_COLUMN = {(ACTIVATION, TO_RIGHT): IN_ACT_LEFT, (COTANGENT, TO_RIGHT): IN_COT_LEFT,   # sent right: arrives from
               (ACTIVATION, TO_LEFT): IN_ACT_RIGHT, (COTANGENT, TO_LEFT): IN_COT_RIGHT}   # the receiver's left
 
-Role = tuple[bool, bool]   # (first stage?, last stage?) of an action: what else it runs (embedding, head and loss)
+# (first stage?, last stage?, the stage's variant) of an action: what else it runs (embedding, head and loss), and
+# which program of the stage body (pipeline_value_and_grad's stage_variants; None: the one program).
+Role = tuple[bool, bool, Any]
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,13 @@ class Plan:
     n_act: int
     n_cot: int
     channels: tuple[tuple[int, tuple[str, ...]], ...]
+    stage_variants: tuple | None = None
 
 
-def _role(action: Action | None, n_stages: int) -> Role | None:
-    return None if action is None else (action.stage == 0, action.stage == n_stages - 1)
+def _role(action: Action | None, n_stages: int, variants: tuple | None) -> Role | None:
+    if action is None:
+        return None
+    return action.stage == 0, action.stage == n_stages - 1, None if variants is None else variants[action.stage]
 
 
 def split_pairs(schedule: Schedule) -> Schedule:
@@ -60,10 +65,13 @@ def split_pairs(schedule: Schedule) -> Schedule:
     return dataclasses.replace(schedule, programs=programs)
 
 
-def compile_plan(schedule: Schedule, fuse_pairs: bool = False) -> Plan:
+def compile_plan(schedule: Schedule, fuse_pairs: bool = False, stage_variants: tuple | None = None) -> Plan:
     """Ticks, pool slots and messages for every action of `schedule`. `fuse_pairs`: an overlapped pair's forward
     and backward run in one tick as one program (fewer lockstep ticks, both halves' buffers at once: DeepSeek-V3 671B
-    on 2048 H100s then needs 197 GiB a device against 66); else the forward, then the backward."""
+    on 2048 H100s then needs 197 GiB a device against 66); else the forward, then the backward. `stage_variants`:
+    per stage, the variant of the body it runs (part of each branch's key)."""
+    if stage_variants is not None and len(stage_variants) != schedule.n_stages:
+        raise ValueError(f"pipeline: {len(stage_variants)} stage_variants for {schedule.n_stages} stages")
     if not fuse_pairs:
         schedule = split_pairs(schedule)
     table = tick_table(schedule)
@@ -94,7 +102,7 @@ def compile_plan(schedule: Schedule, fuse_pairs: bool = False) -> Plan:
             backward = [a for a in slot if a.kind == "B"]
             assert len(forward) <= 1 and len(backward) <= 1, slot
             forward, backward = (forward or [None])[0], (backward or [None])[0]
-            key = (_role(forward, n_stages), _role(backward, n_stages))
+            key = (_role(forward, n_stages, stage_variants), _role(backward, n_stages, stage_variants))
             if key not in branches:
                 branches.append(key)
             cols = rows_by_tick[device, tick]
@@ -121,7 +129,8 @@ def compile_plan(schedule: Schedule, fuse_pairs: bool = False) -> Plan:
                 assert incoming[_IN_COLUMN[kind, direction]] == 0, (action, tick)
                 incoming[_IN_COLUMN[kind, direction]] = pool_slot + 1
                 channels.add((kind, direction))
-    return Plan(schedule, rows_by_tick, tuple(branches), n_act, n_cot, _channels(rows_by_tick, channels))
+    return Plan(schedule, rows_by_tick, tuple(branches), n_act, n_cot, _channels(rows_by_tick, channels),
+                stage_variants)
 
 
 def _channels(rows_by_tick: np.ndarray, used: set[tuple[str, int]]) -> tuple[tuple[int, tuple[str, ...]], ...]:
@@ -148,6 +157,7 @@ def pipeline_value_and_grad(
     first_param_specs: PyTree | Callable[[PyTree], PyTree] | None = None,
     last_param_specs: PyTree | Callable[[PyTree], PyTree] | None = None,
     fuse_pairs: bool = False,
+    stage_variants: Sequence[Hashable] | None = None,
 ) -> Callable[..., Any]:
     """A jitted `step(stage_params, first_params, last_params, inputs, targets, side=None) -> (loss, grads)`,
     grads = (g_stage, g_first, g_last).
@@ -187,6 +197,8 @@ def pipeline_value_and_grad(
     is written out per tick, not derived by differentiating a forward pipeline, so the schedule decides the order of
     work and how many activations are held. `fuse_pairs` runs an overlapped pair (DualPipe) as one program in one
     tick (compile_plan), else as two ticks.
+    `stage_variants` (one hashable per stage) makes stage_fn take a keyword `variant`, the static value of the stage
+    it runs: stages that differ (one with fewer real layers) run their own program, in their own branches.
     """
     n_stages = mesh.shape[axis]
     if isinstance(schedule, str):
@@ -194,12 +206,13 @@ def pipeline_value_and_grad(
     if (schedule.n_devices, schedule.n_micro) != (n_stages, n_micro):
         raise ValueError(f"pipeline: schedule is for PP={schedule.n_devices}, M={schedule.n_micro}, "
                          f"not mesh.{axis}={n_stages}, n_micro={n_micro}")
-    plan = compile_plan(schedule, fuse_pairs)
+    variants = None if stage_variants is None else tuple(stage_variants)
+    plan = compile_plan(schedule, fuse_pairs, variants)
     batch_axes, n_batch_shards = batch_shards(mesh)
     batch_spec = P(None, batch_axes or None)
 
     def run(with_side, stage_params, first_params, last_params):
-        fns = _uniform_fns(stage_fn, loss_fn, first_fn, has_aux, with_side)
+        fns = _uniform_fns(stage_fn, loss_fn, first_fn, has_aux, with_side, variants is not None)
         specs = (_param_specs(stage_param_specs, stage_params, axis),
                  _param_specs(first_param_specs, first_params, None),
                  _param_specs(last_param_specs, last_params, None))
@@ -276,12 +289,14 @@ def _sum_over_shards(tree, reduce_axes, n_batch_shards):
     return treedef.unflatten([g / n_batch_shards for g in leaves])
 
 
-def _uniform_fns(stage_fn, loss_fn, first_fn, has_aux, with_side):
-    """first(p, inputs_m, side_m) -> x, body(p, x, side_m) -> (x, stats), head(p, x, targets_m, side_m) ->
+def _uniform_fns(stage_fn, loss_fn, first_fn, has_aux, with_side, with_variants):
+    """first(p, inputs_m, side_m) -> x, body(p, x, side_m, variant) -> (x, stats), head(p, x, targets_m, side_m) ->
     (loss, metrics), whatever the caller's functions take and return."""
     first_fn = first_fn or (lambda _, inputs, *side: inputs)
-    drop_side = (lambda fn: fn) if with_side else (lambda fn: lambda *args: fn(*args[:-1]))
-    first, body, head = drop_side(first_fn), drop_side(stage_fn), drop_side(loss_fn)
+    side_of = (lambda side: (side,)) if with_side else (lambda side: ())
+    first = lambda p, inputs, side: first_fn(p, inputs, *side_of(side))
+    body = lambda p, x, side, variant: stage_fn(p, x, *side_of(side), **({"variant": variant} if with_variants else {}))
+    head = lambda p, x, targets, side: loss_fn(p, x, targets, *side_of(side))
     if not has_aux:
         no_aux = lambda fn: lambda *args: (fn(*args), ())
         body, head = no_aux(body), no_aux(head)
@@ -302,7 +317,9 @@ def _run_plan(plan, first, body, head, axis, batch_axes, n_batch_shards, reduce_
         return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, m, keepdims=False), tree)
 
     x_shape = jax.eval_shape(first, first_params, micro(inputs, 0), micro(side, 0))
-    stats_shape = jax.eval_shape(body, micro(chunks, 0), x_shape, micro(side, 0))[1]
+    variant = None if plan.stage_variants is None else plan.stage_variants[0]   # every variant's stats: one shape
+    stats_shape = jax.eval_shape(lambda p, x, side: body(p, x, side, variant), micro(chunks, 0), x_shape,
+                                 micro(side, 0))[1]
     metrics_shape = jax.eval_shape(head, last_params, x_shape, micro(targets, 0), micro(side, 0))[1]
     zeros = lambda shapes, *lead: jax.tree.map(lambda s: jnp.zeros((*lead, *s.shape), s.dtype), shapes)
     zeros_like = lambda tree: jax.tree.map(jnp.zeros_like, tree)
@@ -311,24 +328,25 @@ def _run_plan(plan, first, body, head, axis, batch_axes, n_batch_shards, reduce_
                  loss=jnp.zeros((), jnp.float32), stats=zeros(stats_shape, schedule.n_chunks),
                  metrics=zeros(metrics_shape))
 
-    def stage_at(m, is_first, is_last):
+    def stage_at(m, is_first, is_last, variant):
         """One stage on micro-batch m, with the embedding / head and loss where it runs them."""
         side_m = micro(side, m)
 
         def stage(params, first_params, last_params, x):
             x = first(first_params, micro(inputs, m), side_m) if is_first else x
-            x, stats = body(params, x, side_m)
+            x, stats = body(params, x, side_m, variant)
             if is_last:
                 loss, metrics = head(last_params, x, micro(targets, m), side_m)
                 return loss, (stats, metrics)
             return x, (stats, ())
         return stage
 
-    def forward(carry, row, is_first, is_last):
+    def forward(carry, row, is_first, is_last, variant):
         """The tick's forward: (carry, the activation it sends on; zeros from the last stage)."""
         c, m = row[F_CHUNK], row[F_MICRO]
         saved = micro(carry["act"], row[F_ACT_SLOT])
-        out, (stats, metrics) = stage_at(m, is_first, is_last)(micro(chunks, c), first_params, last_params, saved)
+        out, (stats, metrics) = stage_at(m, is_first, is_last, variant)(micro(chunks, c), first_params, last_params,
+                                                                         saved)
         carry["stats"] = jax.tree.map(lambda S, s: S.at[c].add(s), carry["stats"], stats)
         if is_last:
             carry["loss"] += out.astype(jnp.float32)
@@ -336,11 +354,11 @@ def _run_plan(plan, first, body, head, axis, batch_axes, n_batch_shards, reduce_
             return carry, zeros_like(saved)
         return carry, out
 
-    def backward(carry, row, is_first, is_last):
+    def backward(carry, row, is_first, is_last, variant):
         """The tick's backward (the stage's forward recomputed under vjp): (carry, the input cotangent it sends)."""
         c, m = row[B_CHUNK], row[B_MICRO]
         saved = micro(carry["act"], row[B_ACT_SLOT])
-        out, vjp, _ = jax.vjp(stage_at(m, is_first, is_last), micro(chunks, c), first_params, last_params, saved,
+        out, vjp, _ = jax.vjp(stage_at(m, is_first, is_last, variant), micro(chunks, c), first_params, last_params, saved,
                               has_aux=True)
         seed = jnp.full_like(out, 1 / n_micro) if is_last else micro(carry["cot"], row[B_COT_SLOT])
         g_params, g_first, g_last, g_x = vjp(seed)

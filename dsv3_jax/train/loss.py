@@ -6,10 +6,12 @@ never holds [B, T, V] float32 logits (`head_cross_entropy`; the train step and t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dsv3_jax.model import ModelOutputs
 from dsv3_jax.model.segments import same_segment
@@ -25,6 +27,7 @@ class LossConfig:
     balance_alpha: float = 1e-4        # α
     z_loss: float = 0.0
     logits_chunk: int = 256            # positions per row whose logits exist at once (0: the whole sequence)
+    vocab_chunk: int = 8192            # head columns whose logits exist at once, every position (0: use logits_chunk)
 
 
 def shifted_targets(tokens_BT, segment_ids_BT, offset: int):
@@ -34,12 +37,20 @@ def shifted_targets(tokens_BT, segment_ids_BT, offset: int):
     return targets_BT, same_segment(segment_ids_BT, offset, tokens_BT.shape)
 
 
-def head_cross_entropy(logits_fn: Callable, w_DV, x_BTD, targets_BT, weights_BT, chunk: int):
+def head_cross_entropy(logits_fn: Callable, w_DV, x_BTD, targets_BT, weights_BT, chunk: int, w_dtype=None,
+                       vocab_chunk: int = 0):
     """(Σ w·(logsumexp − target logit), Σ w·logsumexp²) over every position, float32, where the logits are
-    logits_fn(w_DV, x) for `chunk` positions of every row at a time (chunk <= 0: all T at once).
+    logits_fn(w_DV, x) for `chunk` positions of every row at a time (chunk <= 0: all T at once), or, with
+    `vocab_chunk` > 0, for every position and `vocab_chunk` columns of the head at a time (_vocab_chunked_sums: no
+    weight gradient is summed over chunks).
 
-    Each chunk's head matmul, log-sum-exp and target gather run under jax.checkpoint inside a scan: the backward
-    pass recomputes that chunk's [B, chunk, V] logits instead of keeping all of them."""
+    `w_dtype`: the dtype logits_fn multiplies w_DV in (the model's compute dtype; None: w_DV's own). w_DV is cast to
+    it once, not per chunk, and its gradient is summed over chunks in w_DV's dtype (float32 for float32 weights).
+    The backward pass recomputes each chunk's [B, chunk, V] logits from the saved log-sum-exps (_chunked_sums)."""
+    w_dtype = jnp.dtype(w_dtype or w_DV.dtype)
+    if vocab_chunk > 0:
+        return _vocab_chunked_sums(logits_fn, w_dtype, min(vocab_chunk, w_DV.shape[-1]), w_DV, x_BTD, targets_BT,
+                                   weights_BT.astype(jnp.float32))
     B, T, _ = x_BTD.shape
     chunk = T if chunk <= 0 else min(chunk, T)
     n = -(-T // chunk)
@@ -47,26 +58,130 @@ def head_cross_entropy(logits_fn: Callable, w_DV, x_BTD, targets_BT, weights_BT,
     if pad:
         pad_seq = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
         x_BTD, targets_BT, weights_BT = pad_seq(x_BTD), pad_seq(targets_BT), pad_seq(weights_BT)   # weight 0
-
-    @jax.checkpoint
-    def sums(w_DV, x_BtD, targets_Bt, weights_Bt):
-        logits_BtV = logits_fn(w_DV, x_BtD).astype(jnp.float32)
-        lse_Bt = jax.nn.logsumexp(logits_BtV, axis=-1)
-        target_logit_Bt = jnp.take_along_axis(logits_BtV, targets_Bt[..., None], axis=-1)[..., 0]
-        w = weights_Bt.astype(jnp.float32)
-        return ((lse_Bt - target_logit_Bt) * w).sum(), (lse_Bt**2 * w).sum()
-
-    if n == 1:
-        return sums(w_DV, x_BTD, targets_BT, weights_BT)
     chunks = lambda a: a.reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
+    return _chunked_sums(logits_fn, w_dtype, w_DV, chunks(x_BTD), chunks(targets_BT),
+                         chunks(weights_BT).astype(jnp.float32))
+
+
+def _chunk_logits(logits_fn, w_DV, x_BtD, targets_Bt):
+    """A chunk's float32 logits, log-sum-exps and target logits."""
+    logits_BtV = logits_fn(w_DV, x_BtD).astype(jnp.float32)
+    lse_Bt = jax.nn.logsumexp(logits_BtV, axis=-1)
+    return logits_BtV, lse_Bt, jnp.take_along_axis(logits_BtV, targets_Bt[..., None], axis=-1)[..., 0]
+
+
+def _sums_forward(logits_fn, w_dtype, w_DV, x_NBtD, targets_NBt, weights_NBt):
+    w_cast = w_DV.astype(w_dtype)
 
     def step(total, xs):
-        ce, z = sums(w_DV, *xs)
-        return (total[0] + ce, total[1] + z), None
+        x_BtD, targets_Bt, weights_Bt = xs
+        _, lse_Bt, target_logit_Bt = _chunk_logits(logits_fn, w_cast, x_BtD, targets_Bt)
+        total = (total[0] + ((lse_Bt - target_logit_Bt) * weights_Bt).sum(), total[1] + (lse_Bt**2 * weights_Bt).sum())
+        return total, (lse_Bt, target_logit_Bt)
 
     zero = jnp.zeros((), jnp.float32)
-    total, _ = jax.lax.scan(step, (zero, zero), (chunks(x_BTD), chunks(targets_BT), chunks(weights_BT)))
-    return total
+    total, (lse_NBt, target_logit_NBt) = jax.lax.scan(step, (zero, zero), (x_NBtD, targets_NBt, weights_NBt))
+    return total, (w_cast, x_NBtD, targets_NBt, weights_NBt, lse_NBt, target_logit_NBt, jnp.zeros((), w_DV.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_sums(logits_fn, w_dtype, w_DV, x_NBtD, targets_NBt, weights_NBt):
+    """head_cross_entropy's sums over chunks (leading axis N); its backward, chunk by chunk, recomputes the logits,
+    forms d logits = weight · (g_ce · (softmax − onehot) + g_z · 2 · lse · softmax) and pulls it back through
+    logits_fn, adding the chunks' weight gradients in w_DV's dtype."""
+    return _sums_forward(logits_fn, w_dtype, w_DV, x_NBtD, targets_NBt, weights_NBt)[0]
+
+
+def _sums_backward(logits_fn, w_dtype, saved, g):
+    w_cast, x_NBtD, targets_NBt, weights_NBt, lse_NBt, target_logit_NBt, w_like = saved
+    g_ce, g_z = g
+
+    def step(g_w_DV, xs):
+        x_BtD, targets_Bt, weights_Bt, lse_Bt = xs
+        logits_BtV, vjp = jax.vjp(lambda w, x: logits_fn(w, x).astype(jnp.float32), w_cast, x_BtD)
+        p_BtV = jnp.exp(logits_BtV - lse_Bt[..., None])
+        onehot_BtV = jax.nn.one_hot(targets_Bt, logits_BtV.shape[-1], dtype=jnp.float32)
+        d_BtV = weights_Bt[..., None] * (g_ce * (p_BtV - onehot_BtV) + (g_z * 2.0) * lse_Bt[..., None] * p_BtV)
+        g_w_chunk, g_x_BtD = vjp(d_BtV)
+        return g_w_DV + g_w_chunk.astype(g_w_DV.dtype), g_x_BtD
+
+    g_w_DV, g_x_NBtD = jax.lax.scan(step, jnp.zeros(w_cast.shape, w_like.dtype),
+                                    (x_NBtD, targets_NBt, weights_NBt, lse_NBt))
+    g_weights_NBt = g_ce * (lse_NBt - target_logit_NBt) + g_z * lse_NBt**2
+    g_targets = np.zeros(targets_NBt.shape, jax.dtypes.float0)
+    return g_w_DV, g_x_NBtD, g_targets, g_weights_NBt
+
+
+_chunked_sums.defvjp(_sums_forward, _sums_backward)
+
+
+def _column_chunks(w_dtype, vocab_chunk: int, w_DV):
+    """w_DV cast to w_dtype as [N, D, vocab_chunk] column chunks (zero columns pad the last) and the valid-column
+    mask [N, vocab_chunk]."""
+    D, V = w_DV.shape
+    n = -(-V // vocab_chunk)
+    w_DV = jnp.pad(w_DV.astype(w_dtype), ((0, 0), (0, n * vocab_chunk - V)))
+    valid_NC = (jnp.arange(n * vocab_chunk) < V).reshape(n, vocab_chunk)
+    return w_DV.reshape(D, n, vocab_chunk).swapaxes(0, 1), valid_NC
+
+
+def _vocab_forward(logits_fn, w_dtype, vocab_chunk, w_DV, x_BTD, targets_BT, weights_BT):
+    w_NDC, valid_NC = _column_chunks(w_dtype, vocab_chunk, w_DV)
+
+    def step(carry, xs):
+        max_BT, sum_BT, target_logit_BT = carry
+        w_DC, valid_C, first = xs
+        logits_BTC = jnp.where(valid_C, logits_fn(w_DC, x_BTD).astype(jnp.float32), -jnp.inf)
+        new_max_BT = jnp.maximum(max_BT, logits_BTC.max(axis=-1))
+        sum_BT = sum_BT * jnp.exp(max_BT - new_max_BT) + jnp.exp(logits_BTC - new_max_BT[..., None]).sum(axis=-1)
+        mine_BTC = (targets_BT - first)[..., None] == jnp.arange(vocab_chunk)
+        target_logit_BT = target_logit_BT + jnp.where(mine_BTC, logits_BTC, 0.0).sum(axis=-1)
+        return (new_max_BT, sum_BT, target_logit_BT), None
+
+    shape = targets_BT.shape
+    start = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+    firsts = jnp.arange(w_NDC.shape[0]) * vocab_chunk
+    (max_BT, sum_BT, target_logit_BT), _ = jax.lax.scan(step, start, (w_NDC, valid_NC, firsts))
+    lse_BT = max_BT + jnp.log(sum_BT)
+    total = ((lse_BT - target_logit_BT) * weights_BT).sum(), (lse_BT**2 * weights_BT).sum()
+    return total, (w_NDC, valid_NC, x_BTD, targets_BT, weights_BT, lse_BT, target_logit_BT,
+                   jnp.zeros((w_DV.shape[1], 0), w_DV.dtype))   # carries w_DV's width and dtype
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _vocab_chunked_sums(logits_fn, w_dtype, vocab_chunk, w_DV, x_BTD, targets_BT, weights_BT):
+    """head_cross_entropy's sums with every position's logits made `vocab_chunk` columns at a time (an online
+    log-sum-exp). The backward, per column chunk, recomputes its logits, forms d logits = weight · (g_ce · (softmax −
+    onehot) + g_z · 2 · lse · softmax) in w_dtype and multiplies it out itself (logits_fn must be x · w in w_dtype,
+    whatever the rounding of its result): the chunk's weight gradient (float32 accumulation, written once) and its
+    share of x's gradient (summed over chunks in float32)."""
+    return _vocab_forward(logits_fn, w_dtype, vocab_chunk, w_DV, x_BTD, targets_BT, weights_BT)[0]
+
+
+def _vocab_backward(logits_fn, w_dtype, vocab_chunk, saved, g):
+    w_NDC, valid_NC, x_BTD, targets_BT, weights_BT, lse_BT, target_logit_BT, w_like = saved
+    g_ce, g_z = g
+    x_cast = x_BTD.astype(w_dtype)
+
+    def step(g_x_BTD, xs):
+        w_DC, valid_C, first = xs
+        logits_BTC = jnp.where(valid_C, logits_fn(w_DC, x_BTD).astype(jnp.float32), -jnp.inf)
+        p_BTC = jnp.exp(logits_BTC - lse_BT[..., None])
+        onehot_BTC = ((targets_BT - first)[..., None] == jnp.arange(vocab_chunk)).astype(jnp.float32)
+        d_BTC = (weights_BT[..., None] * (g_ce * (p_BTC - onehot_BTC) + (g_z * 2.0) * lse_BT[..., None] * p_BTC))
+        d_BTC = d_BTC.astype(w_dtype)
+        g_w_DC = jnp.einsum("btd,btc->dc", x_cast, d_BTC, preferred_element_type=jnp.float32)
+        g_x_BTD = g_x_BTD + jnp.einsum("btc,dc->btd", d_BTC, w_DC, preferred_element_type=jnp.float32)
+        return g_x_BTD, g_w_DC
+
+    firsts = jnp.arange(w_NDC.shape[0]) * vocab_chunk
+    g_x_BTD, g_w_NDC = jax.lax.scan(step, jnp.zeros(x_BTD.shape, jnp.float32), (w_NDC, valid_NC, firsts))
+    g_w_DV = g_w_NDC.swapaxes(0, 1).reshape(w_NDC.shape[1], -1)[:, :w_like.shape[0]].astype(w_like.dtype)
+    g_weights_BT = g_ce * (lse_BT - target_logit_BT) + g_z * lse_BT**2
+    return (g_w_DV, g_x_BTD.astype(x_BTD.dtype), np.zeros(targets_BT.shape, jax.dtypes.float0), g_weights_BT)
+
+
+_vocab_chunked_sums.defvjp(_vocab_forward, _vocab_backward)
 
 
 def valid_targets(tokens_BT, segment_ids_BT, n_offsets: int):
@@ -80,16 +195,18 @@ def target_counts(tokens_BT, segment_ids_BT, n_offsets: int):
 
 
 def prediction_loss(logits_fn: Callable, w_DV, head_in_BTD, mtp_head_in_ZBTD, tokens_BT, weights_OBT, norm_O,
-                    balance, mtp_weight, balance_alpha: float, z_loss: float, chunk: int):
+                    balance, mtp_weight, balance_alpha: float, z_loss: float, chunk: int, w_dtype=None,
+                    vocab_chunk: int = 0):
     """CE + z·Z + λ·mean_d CE_d + α·balance, and its parts {"ce", "mtp_ce" (with MTP), "balance"}: the loss of the
     train step (total_loss) and of the pipeline's last stage (train.stages), which differ only in their weights.
 
     The cross-entropy at offset o (1: the next token, d + 2: MTP depth d, from mtp_head_in_ZBTD[d]) and its z-loss Z
     are head_cross_entropy's sums with targets tokens[t + o] and weights weights_OBT[o − 1], divided by
-    norm_O[o − 1]."""
+    norm_O[o − 1]; `w_dtype` (the dtype the head multiplies w_DV in), `chunk` and `vocab_chunk`: head_cross_entropy."""
     def cross_entropy(x_BTD, offset):
         targets_BT = shifted_targets(tokens_BT, None, offset)[0]
-        ce_sum, z_sum = head_cross_entropy(logits_fn, w_DV, x_BTD, targets_BT, weights_OBT[offset - 1], chunk)
+        ce_sum, z_sum = head_cross_entropy(logits_fn, w_DV, x_BTD, targets_BT, weights_OBT[offset - 1], chunk,
+                                           w_dtype, vocab_chunk)
         return ce_sum / norm_O[offset - 1], z_sum / norm_O[offset - 1]
 
     ce, z = cross_entropy(head_in_BTD, 1)
@@ -106,7 +223,7 @@ def prediction_loss(logits_fn: Callable, w_DV, head_in_BTD, mtp_head_in_ZBTD, to
 
 def total_loss(outputs: ModelOutputs, logits_fn: Callable, w_DV, tokens_BT, segment_ids_BT, mtp_weight,
                balance_alpha: float, z_loss: float = 0.0, chunk: int = LossConfig.logits_chunk,
-               counts_O=None, balance_weight: float = 1.0):
+               counts_O=None, balance_weight: float = 1.0, w_dtype=None, vocab_chunk: int = 0):
     """Scalar loss and a dict of its parts (all float32 scalars). `outputs` carry the head's inputs (the model
     applied with logits=False); logits_fn(w_DV, x) is the head (model.head_logits on model.head_weight).
 
@@ -125,5 +242,5 @@ def total_loss(outputs: ModelOutputs, logits_fn: Callable, w_DV, tokens_BT, segm
             balance = balance + stats.balance_loss.sum()
     loss, metrics = prediction_loss(logits_fn, w_DV, outputs.head_in_BTD, outputs.mtp_head_in_ZBTD, tokens_BT,
                                     valid_OBT, jnp.maximum(counts_O, 1.0), balance_weight * balance, mtp_weight,
-                                    balance_alpha, z_loss, chunk)
+                                    balance_alpha, z_loss, chunk, w_dtype, vocab_chunk)
     return loss, dict(metrics, tokens=valid_OBT[0].sum(), loss=loss)

@@ -58,7 +58,8 @@ def make_pipelined_train_step(model_config: ModelConfig, kernels: KernelSet, los
             fns.stage, functools.partial(fns.loss, last_specs), mesh, pipeline, pipeline.n_micro,
             first_fn=functools.partial(fns.first, first_specs), has_aux=True,
             stage_param_specs=stage_specs(stage_vars, "pipeline", expert_axis), first_param_specs=first_specs,
-            last_param_specs=last_specs, fuse_pairs=fuse_pairs)(stage_vars, first_params, last_vars, *data)
+            last_param_specs=last_specs, fuse_pairs=fuse_pairs, stage_variants=layout.real)(
+            stage_vars, first_params, last_vars, *data)
 
     n_means = pipeline.n_micro * batch_shards(mesh)[1]   # the executor sums aux outputs over micro-batches and batch shards
     tx = make_optimizer(optimizer)

@@ -32,10 +32,11 @@ class StageLayout:
     """Which MoE layers each pipeline stage runs: `real[s]` layers of the stack, in order, then `slots − real[s]`
     padding layers (identities).
 
-    The MoE stack need not split evenly (V3's 58 MoE layers over 16 stages): every stage runs the same number of
+    The MoE stack need not split evenly (V3's 58 MoE layers over 16 stages): every stage holds the same number of
     layer slots (SPMD), and a stage with fewer real layers fills its last slots with padding layers whose parameters
-    are zeros, which makes a block the identity (every residual branch ends in a zero projection); their gradients
-    and router statistics are dropped. The padding goes to the stages that also run the embedding and dense blocks,
+    are zeros (a block that would be the identity: every residual branch ends in a zero projection). The padding is
+    never run: each stage's program runs its real layers only (StageFns.stage, the executor's stage variants); its
+    gradients are zeros and its router statistics are dropped. The padding goes to the stages that also run the embedding and dense blocks,
     or the head and MTP modules (`balanced`), so that each stage's work is about the same."""
     real: tuple[int, ...]
 
@@ -255,7 +256,8 @@ class StageFns:
         self.config, self.loss_config, self.expert_axis = config, loss, expert_axis
         self.kernels = kernels.split_experts(ExpertSplit(expert_axis) if expert_axis else None)
         self.first_stage, self.last_stage = FirstStage(config, kernels), LastStage(config, self.kernels)
-        self.stack = block_stack(config, self.kernels, True, layout.slots, STAGE_KEY)
+        self.layout = layout
+        self.stacks = {n: block_stack(config, self.kernels, True, n, STAGE_KEY) for n in sorted(set(layout.real))}
 
     def first(self, specs, first_params, tokens_BT, side):
         """The embedding and dense blocks; `specs`: end_specs of first_params."""
@@ -264,14 +266,18 @@ class StageFns:
                                        side.get("segment_ids"))
         return x_BTD, jnp.zeros((), jnp.float32)
 
-    def stage(self, stage_vars, carried, side):
-        """The stage's slots of MoE blocks; the real layers' balance losses join the carried sum, the expert counts
-        (slots, E) come out."""
+    def stage(self, stage_vars, carried, side, variant: int | None = None):
+        """The stage's first `variant` slots of MoE blocks (its real layers, StageLayout.real; None: every slot),
+        padding slots skipped; the layers' balance losses join the carried sum, the expert counts (slots, E) come out
+        (zeros for skipped slots)."""
         x_BTD, balance = carried
-        variables = {"params": stage_vars["params"], "moe_bias": stage_vars["moe_bias"]}
-        x_BTD, (stats, _) = self.stack.apply(variables, x_BTD, (side["cos"], side["sin"]), side.get("segment_ids"),
-                                             None, None)
-        return (x_BTD, balance + (stats.balance_loss * stage_vars["real"]).sum()), stats.expert_counts_E
+        n = self.layout.slots if variant is None else variant
+        first_n = lambda tree: jax.tree.map(lambda a: a[:n], tree)
+        variables = {"params": first_n(stage_vars["params"]), "moe_bias": first_n(stage_vars["moe_bias"])}
+        x_BTD, (stats, _) = self.stacks[n].apply(variables, x_BTD, (side["cos"], side["sin"]),
+                                                 side.get("segment_ids"), None, None)
+        counts_LE = jnp.pad(stats.expert_counts_E, ((0, self.layout.slots - n), (0, 0)))
+        return (x_BTD, balance + (stats.balance_loss * stage_vars["real"][:n]).sum()), counts_LE
 
     def loss(self, specs, last_vars, carried, targets, side):
         """loss.prediction_loss of one micro-batch shard; metrics are its parts and the MTP modules' expert counts;
@@ -288,7 +294,7 @@ class StageFns:
             functools.partial(head_logits, c), head_weight(c, last_vars["params"]), head_in_BTD, mtp_head_in_ZBTD,
             tokens_BT, jnp.moveaxis(weights_BOT, 1, 0), jnp.full(weights_BOT.shape[1], rows, jnp.float32),
             balance + (0.0 if mtp_stats is None else mtp_stats.balance_loss.sum()), last_vars["mtp_weight"],
-            cfg.balance_alpha, cfg.z_loss, cfg.logits_chunk)
+            cfg.balance_alpha, cfg.z_loss, cfg.logits_chunk, c.jnp_dtype, cfg.vocab_chunk)
         if mtp_stats is not None:
             metrics["mtp_counts_ZE"] = mtp_stats.expert_counts_E
         return value, metrics

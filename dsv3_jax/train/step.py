@@ -75,7 +75,8 @@ def make_accumulate(model_config: ModelConfig, kernels: KernelSet, loss: LossCon
                               batch.get("segment_ids"), return_aux=True, logits=False)
         value, metrics = total_loss(outputs, logits_fn, head_weight(model_config, params), batch["tokens"],
                                     batch.get("segment_ids"), mtp_weight, loss.balance_alpha, loss.z_loss,
-                                    loss.logits_chunk, counts_O, balance_weight)
+                                    loss.logits_chunk, counts_O, balance_weight, model_config.jnp_dtype,
+                                    loss.vocab_chunk)
         return value, (metrics, outputs._replace(head_in_BTD=None, mtp_head_in_ZBTD=None))
 
     grad_fn = jax.grad(loss_fn, has_aux=True)

@@ -126,6 +126,35 @@ def test_a_dynamic_loop_counts_once_and_is_reported():
     assert e.flops == 2 * 2048**3 and e.repeated_loops == ()
 
 
+def _tick_program(table):
+    """A scan over ticks whose switch runs, per tick, idle (0), one matmul (1) or four (2), as a pipeline's tick loop
+    runs the branch its plan row names; the compiled program's branch depends on the device's row of `table`."""
+    rows = jnp.asarray(table, jnp.int32)
+
+    def ticks(x, w):
+        def tick(y, branch):
+            y = jax.lax.switch(branch, [lambda y: y, lambda y: jnp.tanh(y @ w),
+                                        lambda y: jnp.tanh(y @ w @ w @ w @ w)], y)
+            return y, None
+        return jax.lax.scan(tick, x, rows[0])[0]
+
+    return compiled(ticks, mesh_of("h100"), (P(), (2048, 2048)), (P(), (2048, 2048)))
+
+
+def test_a_tick_loop_costs_each_tick_its_slowest_device_branch():
+    matmul = 2 * 2048**3
+    table = np.array([[1, 2, 0, 1, 1, 0], [0, 1, 1, 1, 2, 0]])   # two devices' plans; slowest per tick: 1,2,1,1,2,0
+    c = _tick_program(table)
+    costliest = estimate(c)                                  # every tick its costliest branch: 6 × 4 matmuls
+    assert costliest.flops == 6 * 4 * matmul and costliest.lockstep_ticks == 0
+    lockstep = estimate(c, tick_branches=table)
+    assert lockstep.flops == (3 * 1 + 2 * 4) * matmul and lockstep.lockstep_ticks == 6
+    idle = estimate(c, tick_branches=np.zeros_like(table))
+    assert idle.flops == 0 and idle.compute_s < lockstep.compute_s < costliest.compute_s
+    # A table that does not fit the loop (other tick count) leaves the costliest-branch price.
+    assert estimate(c, tick_branches=table[:, :4]).flops == costliest.flops
+
+
 def swiglu(x, w1, w2, w3):
     return (jax.nn.silu(x @ w1) * (x @ w3)) @ w2 + x
 

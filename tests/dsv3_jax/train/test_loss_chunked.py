@@ -1,6 +1,6 @@
-"""The loss applies the head a chunk of positions at a time (no [B, T, V] float32 logits in training): its values
-and gradients equal the cross-entropy of the model's full logits, for any chunk size (padded last chunk included),
-for the untied and the tied head, with MTP and packed documents."""
+"""The loss applies the head a chunk of positions, or of head columns, at a time (no [B, T, V] float32 logits in
+training): its values and gradients equal the cross-entropy of the model's full logits, for any chunk size (padded
+last chunk included), for the untied and the tied head, with MTP and packed documents."""
 
 import functools
 
@@ -35,8 +35,9 @@ def reference_sums(logits_BTV, targets_BT, weights_BT):
     return (ce_BT * weights_BT).sum(), (lse_BT**2 * weights_BT).sum()
 
 
-@pytest.mark.parametrize("chunk", [0, 1, 4, 5, 12, 100])
-def test_head_cross_entropy_equals_whole_logits(chunk):
+@pytest.mark.parametrize("chunk, vocab_chunk", [(0, 0), (1, 0), (4, 0), (5, 0), (12, 0), (100, 0), (0, 7), (0, 40),
+                                               (0, 64)])
+def test_head_cross_entropy_equals_whole_logits(chunk, vocab_chunk):
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
     D, V = 16, 40
     x_BTD = jax.random.normal(keys[0], (B, T, D))
@@ -50,10 +51,33 @@ def test_head_cross_entropy_equals_whole_logits(chunk):
         return fn(w_DV, x_BTD), jax.grad(value, argnums=(0, 1))(w_DV, x_BTD)
 
     got, got_grads = jax.jit(lambda: both(lambda w, x: head_cross_entropy(logits_fn, w, x, targets_BT, weights_BT,
-                                                                          chunk)))()
+                                                                          chunk, vocab_chunk=vocab_chunk)))()
     want, want_grads = both(lambda w, x: reference_sums(logits_fn(w, x), targets_BT, weights_BT))
     for g, w in zip(got + got_grads, want + want_grads):
         close(g, w)
+
+
+@pytest.mark.parametrize("chunk, vocab_chunk", [(5, 0), (0, 7)])
+def test_head_cross_entropy_in_bfloat16_is_close_to_whole_logits(chunk, vocab_chunk):
+    """A bfloat16 head (w cast once, d logits multiplied out in bfloat16 with float32 sums): the loss as the whole
+    logits', the gradients within bfloat16 rounding."""
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    D, V = 64, 96
+    x_BTD = jax.random.normal(keys[0], (B, T, D))
+    w_DV = jax.random.normal(keys[1], (D, V)) * 0.2
+    targets_BT = jax.random.randint(keys[2], (B, T), 0, V)
+    weights_BT = (jax.random.uniform(keys[3], (B, T)) > 0.3).astype(jnp.float32)
+    logits_fn = lambda w, x: jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    value = lambda fn: lambda w, x: (lambda s: s[0] + 0.5 * s[1])(fn(w, x))
+    got_fn = lambda w, x: head_cross_entropy(logits_fn, w, x, targets_BT, weights_BT, chunk, jnp.bfloat16,
+                                             vocab_chunk)
+    want_fn = lambda w, x: reference_sums(logits_fn(w, x), targets_BT, weights_BT)
+    got, got_grads = jax.jit(jax.value_and_grad(value(got_fn), argnums=(0, 1)))(w_DV, x_BTD)
+    want, want_grads = jax.value_and_grad(value(want_fn), argnums=(0, 1))(w_DV, x_BTD)
+    close(got, want, tol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        close(g, w, tol=2e-2)
+        assert np.corrcoef(np.ravel(g), np.ravel(w))[0, 1] > 0.999
 
 
 def reference_loss(config, params, moe_bias, tokens, segment_ids):
@@ -67,7 +91,7 @@ def reference_loss(config, params, moe_bias, tokens, segment_ids):
     return mean_ce(out.logits_BTV, 1) + MTP_WEIGHT * mtp + ALPHA * balance
 
 
-def chunked_loss(config, chunk, params, moe_bias, tokens, segment_ids):
+def chunked_loss(config, chunk, vocab_chunk, params, moe_bias, tokens, segment_ids):
     """What the train step's loss_fn computes: the model with logits=False, then total_loss."""
     out = DeepSeekV3(config).apply({"params": params, "moe_bias": moe_bias}, tokens, None, segment_ids,
                                    return_aux=True, logits=False)
@@ -75,7 +99,7 @@ def chunked_loss(config, chunk, params, moe_bias, tokens, segment_ids):
     assert out.head_in_BTD.shape == (B, T, config.dim)
     assert out.mtp_head_in_ZBTD.shape == (config.num_mtp_modules, B, T, config.dim)
     return total_loss(out, functools.partial(head_logits, config), head_weight(config, params), tokens, segment_ids,
-                      MTP_WEIGHT, ALPHA, chunk=chunk)[0]
+                      MTP_WEIGHT, ALPHA, chunk=chunk, w_dtype=config.jnp_dtype, vocab_chunk=vocab_chunk)[0]
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -87,8 +111,9 @@ def test_train_loss_and_gradients_equal_the_whole_logits_loss(tied):
     segment_ids = jnp.asarray(SEGMENTS)
     grad = lambda fn: jax.jit(jax.value_and_grad(fn))(params, moe_bias, tokens, segment_ids)
     want, want_grads = grad(functools.partial(reference_loss, config))
-    for chunk in (0, 5):   # whole sequence; chunks of 5 with a padded last one
-        got, got_grads = grad(functools.partial(chunked_loss, config, chunk))
+    # whole sequence; chunks of 5 positions with a padded last one; chunks of 7 head columns (96 = 13 · 7 + 5)
+    for chunk, vocab_chunk in ((0, 0), (5, 0), (0, 7)):
+        got, got_grads = grad(functools.partial(chunked_loss, config, chunk, vocab_chunk))
         close(got, want)
         assert jax.tree.structure(got_grads) == jax.tree.structure(want_grads)
         for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
