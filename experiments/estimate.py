@@ -313,8 +313,9 @@ class _Walker:
 
     def _lockstep(self, body: str, trips: int) -> list[tuple[Totals, int]] | None:
         """A tick loop (`tick_branches` [devices, ticks] given, `trips` ticks, and one conditional in the body with
-        a branch for every index the table names): per tick, the body with the branch of its slowest device, as (totals,
-        ticks) pairs; None for any other loop (or one with several switches). Every device waits at each tick's messages for the slowest."""
+        a branch for every index the table names): per tick, the body with the branch of its slowest device, as
+        (totals, ticks) pairs; None for any other loop (or one with several switches). Every device waits at each
+        tick's messages for the slowest."""
         table = self.tick_branches
         if table is None or table.shape[1] != trips:
             return None
@@ -385,8 +386,8 @@ def estimate(compiled, target: str | Mesh | Sequence | None = None, *, roofline:
       expert exchange's rounds) counts once, its balanced count, and is listed in `dynamic_loops`. A loop, call or
       conditional is a block on the clock with queues of its own (transfers do not overlap across its boundary); a
       conditional costs its most expensive branch, except in a tick loop given `tick_branches`: a lockstep
-      pipeline, where each tick costs the branch of the device that runs the slowest one that tick. Asynchronous calls that are not collectives (TPU SparseCore
-      offloads) are priced as compute, in order.
+      pipeline, where each tick costs the branch of the device that runs the slowest one that tick. Asynchronous
+      calls that are not collectives (TPU SparseCore offloads) are priced as compute, in order.
     - Not modelled: per-kernel launch overheads and per-collective latency (only bandwidth), contention between
       the copy queue, the collectives and the compute for HBM, and several collectives sharing a link at once."""
     module = parse_module(hlo_text if hlo_text is not None else compiled.as_text())

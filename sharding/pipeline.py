@@ -20,9 +20,10 @@ PyTree = Any
 
 # Columns of the per-device, per-tick plan: the tick's forward (F_*) and backward (B_*), either absent, the directions
 # their outputs travel (0: nowhere), and the pool slot + 1 (0: none) of each message arriving from either side.
+# RES_SLOT: without recompute, the slot of the forward's saved residuals (its backward reads the same slot).
 (BRANCH, F_CHUNK, F_MICRO, F_ACT_SLOT, B_CHUNK, B_MICRO, B_ACT_SLOT, B_COT_SLOT, ACT_SEND, COT_SEND,
- IN_ACT_LEFT, IN_COT_LEFT, IN_ACT_RIGHT, IN_COT_RIGHT) = range(14)
-N_COLUMNS = 14
+ IN_ACT_LEFT, IN_COT_LEFT, IN_ACT_RIGHT, IN_COT_RIGHT, F_RES_SLOT, B_RES_SLOT) = range(16)
+N_COLUMNS = 16
 TO_RIGHT, TO_LEFT = 1, 2
 ACTIVATION, COTANGENT = "act", "cot"
 _IN_COLUMN = {(ACTIVATION, TO_RIGHT): IN_ACT_LEFT, (COTANGENT, TO_RIGHT): IN_COT_LEFT,   # sent right: arrives from
@@ -35,13 +36,15 @@ Role = tuple[bool, bool, Any]
 
 @dataclass(frozen=True)
 class Plan:
-    """A schedule compiled to integers: `rows_by_tick[rank, tick]` holds the columns above (int32 [P, ticks, 14]).
+    """A schedule compiled to integers: `rows_by_tick[rank, tick]` holds the columns above (int32 [P, ticks, 16]).
 
     `branches[i]` is the (forward role, backward role) of branch i+1 (branch 0 idles; None: no such action), so an
     overlapped pair's forward and backward run in one branch, one program that XLA can schedule together. Saved
     stage inputs and received cotangents live in per-device pools of `n_act` and `n_cot` slots, reused once their
     backward has run. `channels` are the ppermutes a tick makes, (direction, message kinds): one per direction the
     schedule sends in, carrying both kinds where no device ever sends both that way in one tick (fused pairs do).
+    Without `recompute`, a stage input is released once its forward has run, and each forward's residuals (what its
+    backward needs) wait in a pool per role, `n_res[i]` slots for the role `res_roles[i]`, until that backward.
     """
     schedule: Schedule
     rows_by_tick: np.ndarray
@@ -50,6 +53,9 @@ class Plan:
     n_cot: int
     channels: tuple[tuple[int, tuple[str, ...]], ...]
     stage_variants: tuple | None = None
+    recompute: bool = True
+    res_roles: tuple[Role, ...] = ()
+    n_res: tuple[int, ...] = ()
 
 
 def _role(action: Action | None, n_stages: int, variants: tuple | None) -> Role | None:
@@ -65,11 +71,13 @@ def split_pairs(schedule: Schedule) -> Schedule:
     return dataclasses.replace(schedule, programs=programs)
 
 
-def compile_plan(schedule: Schedule, fuse_pairs: bool = False, stage_variants: tuple | None = None) -> Plan:
+def compile_plan(schedule: Schedule, fuse_pairs: bool = False, stage_variants: tuple | None = None,
+                 recompute: bool = True) -> Plan:
     """Ticks, pool slots and messages for every action of `schedule`. `fuse_pairs`: an overlapped pair's forward
     and backward run in one tick as one program (fewer lockstep ticks, both halves' buffers at once: DeepSeek-V3 671B
     on 2048 H100s then needs 197 GiB a device against 66); else the forward, then the backward. `stage_variants`:
-    per stage, the variant of the body it runs (part of each branch's key)."""
+    per stage, the variant of the body it runs (part of each branch's key). `recompute`: a backward recomputes its
+    stage's forward from the saved input (else the forward's residuals are kept: see Plan)."""
     if stage_variants is not None and len(stage_variants) != schedule.n_stages:
         raise ValueError(f"pipeline: {len(stage_variants)} stage_variants for {schedule.n_stages} stages")
     if not fuse_pairs:
@@ -79,14 +87,24 @@ def compile_plan(schedule: Schedule, fuse_pairs: bool = False, stage_variants: t
     when = {action: (device, tick) for device, row in enumerate(table) for tick, slot in enumerate(row)
             for action in slot}
 
-    # An activation of (m, s) is held on its device from the tick F(m, s−1) sends it until B(m, s) has run; a
-    # cotangent of (m, s) from the tick B(m, s+1) sends it until B(m, s).
+    # An activation of (m, s) is held on its device from the tick F(m, s−1) sends it until B(m, s) has run (without
+    # recompute: F(m, s)); a cotangent of (m, s) from the tick B(m, s+1) sends it until B(m, s). Without recompute
+    # the residuals of F(m, s) are held from that tick until B(m, s), in their role's pool (a slot freed by a tick's
+    # backward is not reused by that tick's forward, which runs first).
     act_slot, cot_slot, n_act, n_cot = {}, {}, 1, 1
+    role_of = lambda a: _role(a, n_stages, stage_variants)
+    res_roles = () if recompute else tuple(dict.fromkeys(role_of(a) for a in when if a.kind == "F"))
+    res_slot, n_res = {}, [1] * len(res_roles)
     for device in range(n_devices):
         mine = [a for a in when if when[a][0] == device]
-        slots, n = _allocate([(when[Action("F", a.micro, a.stage - 1)][1], when[Action("B", a.micro, a.stage)][1], a)
+        used_by = lambda a: when[Action("B" if recompute else "F", a.micro, a.stage)][1]
+        slots, n = _allocate([(when[Action("F", a.micro, a.stage - 1)][1], used_by(a), a)
                               for a in mine if a.kind == "F" and a.stage > 0])
         act_slot, n_act = act_slot | slots, max(n_act, n)
+        for i, role in enumerate(res_roles):
+            slots, n = _allocate([(when[a][1], when[Action("B", a.micro, a.stage)][1], a) for a in mine
+                                  if a.kind == "F" and role_of(a) == role], strict=True)
+            res_slot, n_res[i] = res_slot | slots, max(n_res[i], n)
         slots, n = _allocate([(when[Action("B", a.micro, a.stage + 1)][1], when[a][1], a)
                               for a in mine if a.kind == "B" and a.stage < n_stages - 1])
         cot_slot, n_cot = cot_slot | slots, max(n_cot, n)
@@ -110,10 +128,12 @@ def compile_plan(schedule: Schedule, fuse_pairs: bool = False, stage_variants: t
             if forward is not None:
                 m = forward.micro
                 cols[F_CHUNK], cols[F_MICRO], cols[F_ACT_SLOT] = schedule.chunk_of(m), m, act_slot.get(forward, 0)
+                cols[F_RES_SLOT] = res_slot.get(forward, 0)
             if backward is not None:
                 m, s = backward.micro, backward.stage
                 cols[B_CHUNK], cols[B_MICRO] = schedule.chunk_of(m), m
                 cols[B_ACT_SLOT], cols[B_COT_SLOT] = act_slot.get(Action("F", m, s), 0), cot_slot.get(backward, 0)
+                cols[B_RES_SLOT] = res_slot.get(Action("F", m, s), 0)
             for action in slot:
                 m, s = action.micro, action.stage
                 if action.kind == "F" and s < n_stages - 1:
@@ -130,7 +150,7 @@ def compile_plan(schedule: Schedule, fuse_pairs: bool = False, stage_variants: t
                 incoming[_IN_COLUMN[kind, direction]] = pool_slot + 1
                 channels.add((kind, direction))
     return Plan(schedule, rows_by_tick, tuple(branches), n_act, n_cot, _channels(rows_by_tick, channels),
-                stage_variants)
+                stage_variants, recompute, res_roles, tuple(n_res))
 
 
 def _channels(rows_by_tick: np.ndarray, used: set[tuple[str, int]]) -> tuple[tuple[int, tuple[str, ...]], ...]:
@@ -158,6 +178,7 @@ def pipeline_value_and_grad(
     last_param_specs: PyTree | Callable[[PyTree], PyTree] | None = None,
     fuse_pairs: bool = False,
     stage_variants: Sequence[Hashable] | None = None,
+    recompute: bool = True,
 ) -> Callable[..., Any]:
     """A jitted `step(stage_params, first_params, last_params, inputs, targets, side=None) -> (loss, grads)`,
     grads = (g_stage, g_first, g_last).
@@ -189,8 +210,10 @@ def pipeline_value_and_grad(
     gradient is summed over the batch axes the leaf is not split over only (and divided by the batch shards).
     `first_param_specs` / `last_param_specs` (default: P() for every leaf) do the same for `first_params` /
     `last_params`, over batch axes only: first_fn / loss_fn get the local slices (and gather what they use whole).
-    `schedule` is a name of SCHEDULE_NAMES or a Schedule. A device saves each stage input until that micro-batch's
-    backward, which recomputes the stage forward under `jax.vjp` (one extra forward per stage, no stored residuals).
+    `schedule` is a name of SCHEDULE_NAMES or a Schedule. With `recompute`, a device saves each stage input until
+    that micro-batch's backward, which recomputes the stage forward under `jax.vjp` (one extra forward per stage, no
+    stored residuals); without, the forward runs under `jax.vjp` and its residuals wait for the backward (no forward
+    runs twice; more memory: the activations the backward needs, for every micro-batch between its F and B).
 
     Each tick every device runs the forward and / or backward its table names (or idles), then neighbours swap their
     messages with `ppermute`: activations travel towards later stages, cotangents towards earlier ones. The backward
@@ -207,7 +230,7 @@ def pipeline_value_and_grad(
         raise ValueError(f"pipeline: schedule is for PP={schedule.n_devices}, M={schedule.n_micro}, "
                          f"not mesh.{axis}={n_stages}, n_micro={n_micro}")
     variants = None if stage_variants is None else tuple(stage_variants)
-    plan = compile_plan(schedule, fuse_pairs, variants)
+    plan = compile_plan(schedule, fuse_pairs, variants, recompute)
     batch_axes, n_batch_shards = batch_shards(mesh)
     batch_spec = P(None, batch_axes or None)
 
@@ -341,12 +364,43 @@ def _run_plan(plan, first, body, head, axis, batch_axes, n_batch_shards, reduce_
             return x, (stats, ())
         return stage
 
+    def stage_vjp(c, m, role, saved):
+        """The stage's forward under vjp: (out, (stats, metrics), the pullback's leaves, its treedef, and per leaf
+        the index of the parameter leaf it is (-1: an activation residual))."""
+        params = (micro(chunks, c), first_params, last_params)
+        out, pullback, aux = jax.vjp(stage_at(m, *role), *params, saved, has_aux=True)
+        leaves, treedef = jax.tree.flatten(pullback)
+        param_leaves = jax.tree.leaves(params)
+        index = tuple(next((k for k, p in enumerate(param_leaves) if p is leaf), -1) for leaf in leaves)
+        return out, aux, leaves, treedef, index
+
+    # Without recompute: per role, the pullback's structure (traced once here: it holds no tracers, so it serves
+    # every branch) and the shapes of the residuals the pool keeps (parameters are read back, not kept).
+    pullbacks, pools = {}, []
+    for role, n_slots in zip(plan.res_roles, plan.n_res):
+        def residuals(c, m, saved, role=role):
+            out, _, leaves, treedef, index = stage_vjp(c, m, role, saved)
+            pullbacks[role] = (treedef, index, jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype), out))
+            return [leaf for leaf, k in zip(leaves, index) if k < 0]
+        pools.append(zeros(jax.eval_shape(residuals, jnp.int32(0), jnp.int32(0), x_shape), n_slots))
+    if pools:
+        carry["res"] = tuple(pools)
+
     def forward(carry, row, is_first, is_last, variant):
-        """The tick's forward: (carry, the activation it sends on; zeros from the last stage)."""
-        c, m = row[F_CHUNK], row[F_MICRO]
+        """The tick's forward (under vjp, its residuals kept, without recompute): (carry, the activation it sends
+        on; zeros from the last stage)."""
+        c, m, role = row[F_CHUNK], row[F_MICRO], (is_first, is_last, variant)
         saved = micro(carry["act"], row[F_ACT_SLOT])
-        out, (stats, metrics) = stage_at(m, is_first, is_last, variant)(micro(chunks, c), first_params, last_params,
-                                                                         saved)
+        if plan.recompute:
+            out, (stats, metrics) = stage_at(m, *role)(micro(chunks, c), first_params, last_params, saved)
+        else:
+            out, (stats, metrics), leaves, _, index = stage_vjp(c, m, role, saved)
+            assert index == pullbacks[role][1], "pipeline: a stage's residuals differ between traces"
+            i, slot = plan.res_roles.index(role), row[F_RES_SLOT]
+            kept = [leaf for leaf, k in zip(leaves, index) if k < 0]
+            pools = list(carry["res"])
+            pools[i] = [pool.at[slot].set(leaf.astype(pool.dtype)) for pool, leaf in zip(pools[i], kept)]
+            carry["res"] = tuple(pools)
         carry["stats"] = jax.tree.map(lambda S, s: S.at[c].add(s), carry["stats"], stats)
         if is_last:
             carry["loss"] += out.astype(jnp.float32)
@@ -355,13 +409,22 @@ def _run_plan(plan, first, body, head, axis, batch_axes, n_batch_shards, reduce_
         return carry, out
 
     def backward(carry, row, is_first, is_last, variant):
-        """The tick's backward (the stage's forward recomputed under vjp): (carry, the input cotangent it sends)."""
-        c, m = row[B_CHUNK], row[B_MICRO]
-        saved = micro(carry["act"], row[B_ACT_SLOT])
-        out, vjp, _ = jax.vjp(stage_at(m, is_first, is_last, variant), micro(chunks, c), first_params, last_params, saved,
-                              has_aux=True)
-        seed = jnp.full_like(out, 1 / n_micro) if is_last else micro(carry["cot"], row[B_COT_SLOT])
-        g_params, g_first, g_last, g_x = vjp(seed)
+        """The tick's backward (from the kept residuals, or the stage's forward recomputed under vjp): (carry, the
+        input cotangent it sends)."""
+        c, m, role = row[B_CHUNK], row[B_MICRO], (is_first, is_last, variant)
+        if plan.recompute:
+            saved = micro(carry["act"], row[B_ACT_SLOT])
+            out, pullback, _ = jax.vjp(stage_at(m, *role), micro(chunks, c), first_params, last_params, saved,
+                                       has_aux=True)
+            out_shape = out
+        else:
+            treedef, index, out_shape = pullbacks[role]
+            kept = iter(micro(carry["res"][plan.res_roles.index(role)], row[B_RES_SLOT]))
+            param_leaves = jax.tree.leaves((micro(chunks, c), first_params, last_params))
+            pullback = jax.tree.unflatten(treedef, [param_leaves[k] if k >= 0 else next(kept) for k in index])
+        seed = (jax.tree.map(lambda o: jnp.full(o.shape, 1 / n_micro, o.dtype), out_shape) if is_last
+                else micro(carry["cot"], row[B_COT_SLOT]))
+        g_params, g_first, g_last, g_x = pullback(seed)
         carry["g_chunks"] = jax.tree.map(lambda G, g: G.at[c].add(g), carry["g_chunks"], g_params)
         if is_first:
             carry["g_first"] = jax.tree.map(jnp.add, carry["g_first"], g_first)
@@ -416,13 +479,14 @@ def _run_plan(plan, first, body, head, axis, batch_axes, n_batch_shards, reduce_
     return loss, (g_stage, g_first, g_last), (stats, metrics)
 
 
-def _allocate(items: list[tuple[int, int, Action]]) -> tuple[dict[Action, int], int]:
-    """Pool slots for (arrive tick, release tick, action) items; a slot is free again after its release tick's work."""
+def _allocate(items: list[tuple[int, int, Action]], strict: bool = False) -> tuple[dict[Action, int], int]:
+    """Pool slots for (arrive tick, release tick, action) items; a slot is free again after its release tick's work
+    (`strict`: only from the tick after it)."""
     slot_of: dict[Action, int] = {}
     released: list[int] = []          # per slot, the tick after which it may be rewritten
     for arrive, release, action in sorted(items, key=lambda item: item[:2]):
         assert arrive < release, (action, arrive, release)
-        free = [i for i, tick in enumerate(released) if tick <= arrive]
+        free = [i for i, tick in enumerate(released) if tick < arrive or (tick == arrive and not strict)]
         slot = free[0] if free else len(released)
         if not free:
             released.append(0)

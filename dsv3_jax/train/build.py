@@ -150,7 +150,8 @@ def build_step(run: RunConfig, mesh: Mesh) -> TrainStep:
     if mesh.shape.get("pipeline", 1) > 1:
         pipeline = pipeline_schedule(run, mesh.shape["pipeline"])
         tx, step_fn = make_pipelined_train_step(model, kernels, *parts, mesh, pipeline,
-                                                fuse_pairs=run.train.pipeline_fuse_pairs)
+                                                fuse_pairs=run.train.pipeline_fuse_pairs,
+                                                recompute=run.train.pipeline_recompute)
     else:
         if mesh.shape.get("expert", 1) > 1:
             kernels = kernels.split_experts(ExpertSplit(mesh=mesh))

@@ -28,7 +28,8 @@ MEAN_METRICS = ("ce", "mtp_ce", "balance")
 
 def make_pipelined_train_step(model_config: ModelConfig, kernels: KernelSet, loss: LossConfig, schedule: ScheduleConfig,
                               optimizer: OptimizerConfig, balance: BalanceConfig, mesh: Mesh, pipeline: Schedule,
-                              split_min_size: int = SPLIT_MIN_SIZE, fuse_pairs: bool = False):
+                              split_min_size: int = SPLIT_MIN_SIZE, fuse_pairs: bool = False,
+                              recompute: bool = True):
     """Return (tx, step_fn) like make_train_step, for `mesh` (a `pipeline` axis) and the pipeline schedule
     `pipeline` (sharding.pipeline_schedules.make_schedule), the model running `kernels` (every expert local: the
     stages split them over `expert` themselves).
@@ -58,7 +59,7 @@ def make_pipelined_train_step(model_config: ModelConfig, kernels: KernelSet, los
             fns.stage, functools.partial(fns.loss, last_specs), mesh, pipeline, pipeline.n_micro,
             first_fn=functools.partial(fns.first, first_specs), has_aux=True,
             stage_param_specs=stage_specs(stage_vars, "pipeline", expert_axis), first_param_specs=first_specs,
-            last_param_specs=last_specs, fuse_pairs=fuse_pairs, stage_variants=layout.real)(
+            last_param_specs=last_specs, fuse_pairs=fuse_pairs, stage_variants=layout.real, recompute=recompute)(
             stage_vars, first_params, last_vars, *data)
 
     n_means = pipeline.n_micro * batch_shards(mesh)[1]   # the executor sums aux outputs over micro-batches and batch shards

@@ -32,6 +32,7 @@ class TrainConfig:
     spike_ema: float = 0.98
     pipeline_schedule: str = "1f1b"  # with mesh.pipeline > 1: gpipe | 1f1b | dualpipe (grad_accum micro-batches)
     pipeline_fuse_pairs: bool = False   # DualPipe: an overlapped pair's forward and backward in one tick, one program
+    pipeline_recompute: bool = True     # a stage's backward recomputes its forward (false: keep the residuals)
                                         # (fewer lockstep ticks; both halves' memory at once)
     compiler_options: str = ""       # XLA options over the target's defaults, "name=value,..." (BUILD.md lists them)
 

@@ -36,8 +36,9 @@ class StageLayout:
     layer slots (SPMD), and a stage with fewer real layers fills its last slots with padding layers whose parameters
     are zeros (a block that would be the identity: every residual branch ends in a zero projection). The padding is
     never run: each stage's program runs its real layers only (StageFns.stage, the executor's stage variants); its
-    gradients are zeros and its router statistics are dropped. The padding goes to the stages that also run the embedding and dense blocks,
-    or the head and MTP modules (`balanced`), so that each stage's work is about the same."""
+    gradients are zeros and its router statistics are dropped. The padding goes to the stages that also run the
+    embedding and dense blocks, or the head and MTP modules (`balanced`), so that each stage's work is about the
+    same."""
     real: tuple[int, ...]
 
     @property

@@ -9,8 +9,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import build_mesh
-from sharding.pipeline import (ACT_SEND, ACTIVATION, BRANCH, COT_SEND, COTANGENT, IN_ACT_LEFT, IN_ACT_RIGHT,
-                               IN_COT_LEFT, IN_COT_RIGHT, TO_LEFT, TO_RIGHT, compile_plan, pipeline_value_and_grad)
+from sharding.pipeline import (ACT_SEND, ACTIVATION, B_CHUNK, B_MICRO, B_RES_SLOT, BRANCH, COT_SEND, COTANGENT,
+                               F_CHUNK, F_MICRO, F_RES_SLOT, IN_ACT_LEFT, IN_ACT_RIGHT, IN_COT_LEFT, IN_COT_RIGHT,
+                               TO_LEFT, TO_RIGHT, compile_plan, pipeline_value_and_grad)
 from sharding.pipeline_schedules import make_schedule
 from tests.fast_compile import cheap_compiles, cpu_devices  # noqa: F401  (fixtures; cheap_compiles is autouse)
 
@@ -38,6 +39,48 @@ def test_plan_pools_and_messages(name, pp, m, fuse, n_act, n_ticks):
     actions = sum((roles[b][0] is not None) + (roles[b][1] is not None) for b in rows[:, :, BRANCH].flat)
     pairs = sum(None not in roles[b] for b in rows[:, :, BRANCH].flat)
     assert actions == 2 * m * pp and (pairs > 0) == (name == "dualpipe" and fuse), (actions, pairs)
+
+
+@pytest.mark.parametrize("name, fuse", [("1f1b", False), ("dualpipe", False), ("dualpipe", True)])
+def test_plan_without_recompute_keeps_residuals_from_forward_to_backward(name, fuse):
+    """Without recompute a stage input is released by its forward, and every forward's residuals hold a slot of
+    its role's pool until its backward: the slot a backward reads is the one its forward wrote, no other forward
+    writes it in between (nor in the backward's own tick, where the forward runs first), and the pools are no
+    larger than the micro-batches in flight between F and B (1F1B: PP on the first stage)."""
+    pp, m = 4, 8
+    schedule = make_schedule(name, pp, m)
+    plan = compile_plan(schedule, fuse, recompute=False)
+    rows = plan.rows_by_tick
+    kept = compile_plan(schedule, fuse)
+    assert plan.n_act < kept.n_act and plan.res_roles and len(plan.n_res) == len(plan.res_roles)
+    roles = [(None, None), *plan.branches]
+    for device in range(pp):
+        held = {}   # (role, slot) -> micro-batch and chunk whose residuals it holds
+        for tick in range(rows.shape[1]):
+            row = rows[device, tick]
+            forward_role, backward_role = roles[row[BRANCH]]
+            if backward_role is not None:
+                key = (backward_role, row[B_RES_SLOT])
+                assert held.pop(key) == (row[B_MICRO], row[B_CHUNK]), (device, tick)
+            if forward_role is not None:
+                key = (forward_role, row[F_RES_SLOT])
+                assert key not in held and row[F_RES_SLOT] < plan.n_res[plan.res_roles.index(forward_role)]
+                held[key] = (row[F_MICRO], row[F_CHUNK])
+        assert not held
+    if name == "1f1b":
+        assert max(plan.n_res) == pp
+
+
+def test_kept_residuals_run_each_forward_once(problems):
+    """The backward from kept residuals multiplies nothing of the forward again: fewer matmuls in the program."""
+    p = problems[LAST]
+
+    def dots(recompute):
+        step = pipeline_value_and_grad(stage_fn, head_loss_fn, p.mesh, "1f1b", p.M, first_fn=embed_fn,
+                                       recompute=recompute)
+        text = step.lower(p.stage_params, p.first, p.last, p.tokens, p.targets).compile().as_text()
+        return text.count(" dot(")
+    assert dots(False) < dots(True)
 
 
 V, D, H, L, T = 16, 8, 12, 2, 3   # vocabulary, model width, hidden width, layers per stage, tokens per row
@@ -107,12 +150,16 @@ def problems(cpu_devices):
     return problems
 
 
-@pytest.mark.parametrize("name, fuse", [("gpipe", False), ("1f1b", False), ("dualpipe", False), ("dualpipe", True)],
-                         ids=["gpipe", "1f1b", "dualpipe", "dualpipe-fused-pairs"])
+@pytest.mark.parametrize("name, fuse, recompute", [
+    ("gpipe", False, True), ("1f1b", False, True), ("dualpipe", False, True), ("dualpipe", True, True),
+    ("1f1b", False, False), ("dualpipe", False, False), ("dualpipe", True, False)],
+    ids=["gpipe", "1f1b", "dualpipe", "dualpipe-fused-pairs", "1f1b-kept", "dualpipe-kept", "dualpipe-fused-kept"])
 @pytest.mark.parametrize("mesh_key", list(MESHES))
-def test_schedule_matches_single_device_value_and_grad(problems, mesh_key, name, fuse):
+def test_schedule_matches_single_device_value_and_grad(problems, mesh_key, name, fuse, recompute):
+    """Every schedule, with each backward recomputing its stage or using the residuals its forward kept."""
     p = problems[mesh_key]
-    step = pipeline_value_and_grad(stage_fn, head_loss_fn, p.mesh, name, p.M, first_fn=embed_fn, fuse_pairs=fuse)
+    step = pipeline_value_and_grad(stage_fn, head_loss_fn, p.mesh, name, p.M, first_fn=embed_fn, fuse_pairs=fuse,
+                                   recompute=recompute)
     loss, grads = step(p.stage_params, p.first, p.last, p.tokens, p.targets)
     assert grads[0]["w1"].sharding.spec[0] == "pipeline", \
         f"w1's gradient {grads[0]['w1'].sharding.spec} on {mesh_key} {name}: stage axis not over `pipeline`"

@@ -2,8 +2,8 @@
 state) on 8 simulated CPU devices with DualPipe and the stages' experts split over an `expert` axis (every schedule's
 loss and gradients, also over 4 stages with data parallelism, are held to the single-device ones in
 tests/sharding/test_pipeline.py; each step compile here costs a minute on 2 cores), with a MoE stack that does not
-split evenly into the stages (padding layers) and the first and last stages' parameters split over the batch axes; a
-MoE stack with fewer layers than stages is refused."""
+split evenly into the stages (padding layers, not run), backwards from the residuals their forwards kept, and the
+first and last stages' parameters split over the batch axes; a MoE stack with fewer layers than stages is refused."""
 
 from types import SimpleNamespace
 
@@ -70,9 +70,11 @@ def test_pipelined_step_equals_single_device_step(setup, single_device, cpu_devi
 
     one, where = single_device, f"{sizes} {name}"
     mesh = build_mesh(sizes, cpu_devices)
-    # split_min_size=0: the first and last stages' parameters are split over the batch axes and gathered.
+    # split_min_size=0: the first and last stages' parameters are split over the batch axes and gathered. Each
+    # backward runs from the residuals its forward kept (recomputing backwards: tests/sharding/test_pipeline.py).
     _, pipelined_step = make_pipelined_train_step(setup.config, REFERENCE, *setup.configs, mesh,
-                                                  make_schedule(name, sizes["pipeline"], M), split_min_size=0)
+                                                  make_schedule(name, sizes["pipeline"], M), split_min_size=0,
+                                                  recompute=False)
     lowered = jax.jit(pipelined_step).lower(one.state, one.batches, *one.args)
     assert ("all_to_all" in lowered.as_text()) == (sizes.get("expert", 1) > 1), \
         f"all_to_all in the lowered step on {where}: {'all_to_all' in lowered.as_text()}"
