@@ -35,15 +35,20 @@ def reference_sums(logits_BTV, targets_BT, weights_BT):
     return (ce_BT * weights_BT).sum(), (lse_BT**2 * weights_BT).sum()
 
 
+def head_problem(seed, D, V, scale):
+    """x [B, T, D], w [D, V], targets and 0/1 weights (about 30% zero), drawn from `seed`."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    x_BTD = jax.random.normal(keys[0], (B, T, D))
+    w_DV = jax.random.normal(keys[1], (D, V)) * scale
+    targets_BT = jax.random.randint(keys[2], (B, T), 0, V)
+    weights_BT = (jax.random.uniform(keys[3], (B, T)) > 0.3).astype(jnp.float32)
+    return x_BTD, w_DV, targets_BT, weights_BT
+
+
 @pytest.mark.parametrize("chunk, vocab_chunk", [(0, 0), (1, 0), (4, 0), (5, 0), (12, 0), (100, 0), (0, 7), (0, 40),
                                                (0, 64)])
 def test_head_cross_entropy_equals_whole_logits(chunk, vocab_chunk):
-    keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    D, V = 16, 40
-    x_BTD = jax.random.normal(keys[0], (B, T, D))
-    w_DV = jax.random.normal(keys[1], (D, V)) * 0.5
-    targets_BT = jax.random.randint(keys[2], (B, T), 0, V)
-    weights_BT = (jax.random.uniform(keys[3], (B, T)) > 0.3).astype(jnp.float32)
+    x_BTD, w_DV, targets_BT, weights_BT = head_problem(0, 16, 40, 0.5)
     logits_fn = lambda w, x: jnp.dot(x, w)
 
     def both(fn):
@@ -61,12 +66,7 @@ def test_head_cross_entropy_equals_whole_logits(chunk, vocab_chunk):
 def test_head_cross_entropy_in_bfloat16_is_close_to_whole_logits(chunk, vocab_chunk):
     """A bfloat16 head (w cast once, d logits multiplied out in bfloat16 with float32 sums): the loss as the whole
     logits', the gradients within bfloat16 rounding."""
-    keys = jax.random.split(jax.random.PRNGKey(3), 4)
-    D, V = 64, 96
-    x_BTD = jax.random.normal(keys[0], (B, T, D))
-    w_DV = jax.random.normal(keys[1], (D, V)) * 0.2
-    targets_BT = jax.random.randint(keys[2], (B, T), 0, V)
-    weights_BT = (jax.random.uniform(keys[3], (B, T)) > 0.3).astype(jnp.float32)
+    x_BTD, w_DV, targets_BT, weights_BT = head_problem(3, 64, 96, 0.2)
     logits_fn = lambda w, x: jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
     value = lambda fn: lambda w, x: (lambda s: s[0] + 0.5 * s[1])(fn(w, x))
     got_fn = lambda w, x: head_cross_entropy(logits_fn, w, x, targets_BT, weights_BT, chunk, jnp.bfloat16,
