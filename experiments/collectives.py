@@ -128,12 +128,14 @@ class Links:
 
 @dataclasses.dataclass(frozen=True)
 class Transfer:
-    """One collective: what it is, the bytes each device sends (the largest over its groups) and its seconds."""
+    """One collective: what it is, the bytes each device sends (the largest over its groups), of those the bytes
+    that leave the device's node (over the scale-out link: its slowest group's), and its seconds."""
     kind: str
     bytes_sent: float
     seconds: float
     group_size: int
     crosses_nodes: bool
+    bytes_internode: float = 0.0
 
 
 def _seconds(local: float, remote: float, links: Links) -> float:
@@ -171,15 +173,15 @@ def price_groups(kind: str, operand_bytes: float, groups: tuple, links: Links) -
             per_node[links.node(p)] = per_node.get(links.node(p), 0) + 1
         crosses = len(per_node) > 1
         if not crosses or sent == 0:
-            seconds = _seconds(sent, 0.0, links)
+            seconds, remote = _seconds(sent, 0.0, links), 0.0
         elif kind == "all-to-all":
-            seconds = max(_seconds((k - 1) / n * operand_bytes, (n - k) / n * operand_bytes, links)
-                          for k in per_node.values())
+            seconds, remote = max((_seconds((k - 1) / n * operand_bytes, (n - k) / n * operand_bytes, links),
+                                   (n - k) / n * operand_bytes) for k in per_node.values())
         else:
             k = min(per_node.values())
-            seconds = _seconds(sent * (k - 1) / k, sent / k, links)
+            seconds, remote = _seconds(sent * (k - 1) / k, sent / k, links), sent / k
         if seconds >= worst.seconds:
-            worst = Transfer(kind, max(sent, worst.bytes_sent), seconds, n, crosses or worst.crosses_nodes)
+            worst = Transfer(kind, max(sent, worst.bytes_sent), seconds, n, crosses or worst.crosses_nodes, remote)
     return worst
 
 
@@ -197,7 +199,7 @@ def price_pairs(operand_bytes: float, pairs: tuple, links: Links) -> Transfer:
         return Transfer("collective-permute", 0.0, 0.0, 1, False)
     seconds = max(_seconds(local.get(s, 0.0), remote.get(s, 0.0), links) for s in sources)
     sent = max(local.get(s, 0.0) + remote.get(s, 0.0) for s in sources)
-    return Transfer("collective-permute", sent, seconds, 2, bool(remote))
+    return Transfer("collective-permute", sent, seconds, 2, bool(remote), max(remote.values(), default=0.0))
 
 
 def collective_operand_bytes(kind: str, instruction: Instruction, computation: Computation) -> float:

@@ -25,6 +25,7 @@ _DONE = {"all-gather-done", "all-reduce-done", "reduce-scatter-done", "all-to-al
 _MOVES = {"copy-start": "copy-done", "slice-start": "slice-done"}   # asynchronous copies between memory spaces
 # Custom calls XLA's TPU cost model prices at −1 s each, added back to its `optimal_seconds`.
 XLA_UNPRICED_CALLS = ("PrepareAsyncCallStart", "PrepareAsyncCallDone", "ConcatBitcast")
+INTERNODE = ":internode"   # the walk's byte counters: "<kind>:internode" holds the kind's bytes leaving the node
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,9 @@ class Estimate:
     `dynamic_loops`: loops counted once for want of a static trip count; `repeated_loops`: loops that run more
     than once (XLA's own sum counts each body once, so it is no step time where there are any); `unpriced`: kernels
     priced by their bytes alone or with FLOPs read off their shapes, by static occurrences in the program.
-    `lockstep_ticks`: ticks of a tick loop priced by the branch its slowest device runs (`tick_branches`), 0: none."""
+    `lockstep_ticks`: ticks of a tick loop priced by the branch its slowest device runs (`tick_branches`), 0: none.
+    `bytes_internode[kind]`: of `bytes_<kind>`, those that leave the device's node (GPUs, 8 to a node by device id;
+    a TPU slice is one domain: 0)."""
     chip: str
     roofline: bool
     compute_s: float
@@ -63,6 +66,17 @@ class Estimate:
     repeated_loops: tuple[str, ...]
     unpriced: dict[str, int]
     lockstep_ticks: int = 0
+    bytes_internode: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def bytes_all_to_all_internode(self) -> float:
+        """All-to-all bytes each device sends to other nodes (over InfiniBand on GPUs; 0 on a TPU slice)."""
+        return self.bytes_internode.get("all-to-all", 0.0)
+
+    @property
+    def bytes_all_to_all_intranode(self) -> float:
+        """All-to-all bytes each device sends inside its node (NVLink; on a TPU slice, all of them)."""
+        return self.bytes_all_to_all - self.bytes_all_to_all_internode
 
     @property
     def comm_fraction(self) -> float:
@@ -182,6 +196,7 @@ class _Timeline:
         self.queue_free = max(self.clock, self.queue_free) + t.seconds
         self.comm_s += t.seconds
         self.bytes_sent[t.kind] += t.bytes_sent
+        self.bytes_sent[t.kind + INTERNODE] += t.bytes_internode
         self.async_count += asynchronous
         self.sync_count += not asynchronous
         if asynchronous:
@@ -412,7 +427,8 @@ def estimate(compiled, target: str | Mesh | Sequence | None = None, *, roofline:
         compute_by_kind={kind: float(dict(totals.by_kind).get(kind, 0.0)) for kind in WORK_KINDS},
         async_collectives=totals.async_count, sync_collectives=totals.sync_count,
         dynamic_loops=tuple(walker.dynamic_loops), repeated_loops=tuple(walker.repeated_loops),
-        unpriced=dict(walker.unpriced), lockstep_ticks=walker.lockstep_ticks)
+        unpriced=dict(walker.unpriced), lockstep_ticks=walker.lockstep_ticks,
+        bytes_internode={kind: float(sent.get(kind + INTERNODE, 0.0)) for kind in KINDS})
 
 
 def est_mfu(model_flops_per_device: float, estimate: Estimate, chip: Chip | str | None = None) -> float | None:

@@ -163,8 +163,9 @@ def extrapolated_cost(point, config: ModelConfig, devices: list, batch: int, seq
 
 
 ESTIMATE_COLUMNS = ("compute_s", "comm_s", "exposed_comm_s", "est_step_s", "est_mfu", "est_flops_per_device",
-                    "bytes_all_to_all", "bytes_all_gather", "bytes_reduce_scatter", "bytes_all_reduce",
-                    "bytes_collective_permute", "est_dynamic_loops", "est_chip", "est_roofline")
+                    "bytes_all_to_all", "bytes_all_to_all_internode", "bytes_all_to_all_intranode",
+                    "bytes_all_gather", "bytes_reduce_scatter", "bytes_all_reduce", "bytes_collective_permute",
+                    "est_dynamic_loops", "est_chip", "est_roofline")
 
 
 def estimate_columns(est: Estimate | None, row: dict) -> dict:
@@ -174,8 +175,9 @@ def estimate_columns(est: Estimate | None, row: dict) -> dict:
         return dict.fromkeys(ESTIMATE_COLUMNS)
     model_flops = row["model_flops_per_token"] * row["tokens_per_step"] / row["devices"]
     out = {key: getattr(est, key) for key in ("compute_s", "comm_s", "exposed_comm_s", "est_step_s",
-                                              "bytes_all_to_all", "bytes_all_gather", "bytes_reduce_scatter",
-                                              "bytes_all_reduce", "bytes_collective_permute")}
+                                              "bytes_all_to_all", "bytes_all_to_all_internode",
+                                              "bytes_all_to_all_intranode", "bytes_all_gather",
+                                              "bytes_reduce_scatter", "bytes_all_reduce", "bytes_collective_permute")}
     return dict(out, est_mfu=est_mfu(model_flops, est), est_flops_per_device=est.flops,
                 est_dynamic_loops=len(est.dynamic_loops), est_chip=est.chip, est_roofline=est.roofline)
 

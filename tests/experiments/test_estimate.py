@@ -228,10 +228,16 @@ def test_a_group_across_nodes_is_priced_over_infiniband():
     # 16 devices, 8 per node: 8 rings side by side, each crossing through its own NIC: 1/8 of the bytes on IB.
     both = price_groups("all-reduce", size, (tuple(range(16)),), links)
     assert both.seconds == pytest.approx(2 * 15 / 16 * size / 8 / IB)
-    # An all-to-all over both nodes: each device's chunks for the other node (half its buffer) leave by its NIC.
-    assert price_groups("all-to-all", size, (tuple(range(16)),), links).seconds == pytest.approx(size / 2 / IB)
+    # An all-to-all over both nodes: each device's chunks for the other node (half its buffer) leave by its NIC,
+    # 7/16 go to its own node's other devices.
+    a2a = price_groups("all-to-all", size, (tuple(range(16)),), links)
+    assert a2a.seconds == pytest.approx(size / 2 / IB)
+    assert (a2a.bytes_sent, a2a.bytes_internode) == (pytest.approx(15 / 16 * size), pytest.approx(size / 2))
+    assert both.bytes_internode == pytest.approx(2 * 15 / 16 * size / 8) and inside.bytes_internode == 0
     assert price_pairs(size, parse_pairs("{{0,8},{8,0}}"), links).seconds == pytest.approx(size / IB)
+    assert price_pairs(size, parse_pairs("{{0,8},{8,0}}"), links).bytes_internode == size
     assert price_pairs(size, parse_pairs("{{0,1},{1,0}}"), links).seconds == pytest.approx(size / NVLINK)
+    assert price_pairs(size, parse_pairs("{{0,1},{1,0}}"), links).bytes_internode == 0
     # The H800 cluster's slower NVLink sets the time inside a node.
     assert price_groups("all-reduce", size, ((0, 1),), Links(H800, links.nodes)).seconds == pytest.approx(
         size / H800.scale_up_bytes_per_s)
@@ -249,6 +255,7 @@ def test_a_compiled_program_on_two_nodes_takes_the_node_of_each_device():
     size = 4096 * 4096 * 2
     assert e.comm_s == pytest.approx(size / IB + 2 * 7 / 8 * size / NVLINK, rel=1e-6)
     assert e.bytes_all_reduce == pytest.approx(size + 2 * 7 / 8 * size)
+    assert e.bytes_internode["all-reduce"] == pytest.approx(size)   # the psum over "node" only
 
 
 def test_est_mfu_gives_no_figure_that_cannot_be_right():
