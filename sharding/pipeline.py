@@ -5,6 +5,7 @@ backward written out per tick (recompute, then vjp) so that the schedule decides
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
@@ -71,13 +72,15 @@ def split_pairs(schedule: Schedule) -> Schedule:
     return dataclasses.replace(schedule, programs=programs)
 
 
+@functools.lru_cache(maxsize=16)
 def compile_plan(schedule: Schedule, fuse_pairs: bool = False, stage_variants: tuple | None = None,
                  recompute: bool = True) -> Plan:
     """Ticks, pool slots and messages for every action of `schedule`. `fuse_pairs`: an overlapped pair's forward
     and backward run in one tick as one program (fewer lockstep ticks, both halves' buffers at once: DeepSeek-V3 671B
     on 2048 H100s then needs 197 GiB a device against 66); else the forward, then the backward. `stage_variants`:
     per stage, the variant of the body it runs (part of each branch's key). `recompute`: a backward recomputes its
-    stage's forward from the saved input (else the forward's residuals are kept: see Plan)."""
+    stage's forward from the saved input (else the forward's residuals are kept: see Plan). Cached: the executor
+    and whoever prices its ticks (dsv3_jax.train.build.TrainStep.tick_branches) share one plan."""
     if stage_variants is not None and len(stage_variants) != schedule.n_stages:
         raise ValueError(f"pipeline: {len(stage_variants)} stage_variants for {schedule.n_stages} stages")
     if not fuse_pairs:
@@ -95,9 +98,9 @@ def compile_plan(schedule: Schedule, fuse_pairs: bool = False, stage_variants: t
     role_of = lambda a: _role(a, n_stages, stage_variants)
     res_roles = () if recompute else tuple(dict.fromkeys(role_of(a) for a in when if a.kind == "F"))
     res_slot, n_res = {}, [1] * len(res_roles)
+    used_by = lambda a: when[Action("B" if recompute else "F", a.micro, a.stage)][1]   # an input's last reader
     for device in range(n_devices):
         mine = [a for a in when if when[a][0] == device]
-        used_by = lambda a: when[Action("B" if recompute else "F", a.micro, a.stage)][1]
         slots, n = _allocate([(when[Action("F", a.micro, a.stage - 1)][1], used_by(a), a)
                               for a in mine if a.kind == "F" and a.stage > 0])
         act_slot, n_act = act_slot | slots, max(n_act, n)
@@ -365,21 +368,21 @@ def _run_plan(plan, first, body, head, axis, batch_axes, n_batch_shards, reduce_
         return stage
 
     def stage_vjp(c, m, role, saved):
-        """The stage's forward under vjp: (out, (stats, metrics), the pullback's leaves, its treedef, and per leaf
-        the index of the parameter leaf it is (-1: an activation residual))."""
+        """The stage's forward under vjp: (out, (stats, metrics), pullback, the pullback's leaves, its treedef, and
+        per leaf the index of the parameter leaf it is (-1: an activation residual))."""
         params = (micro(chunks, c), first_params, last_params)
         out, pullback, aux = jax.vjp(stage_at(m, *role), *params, saved, has_aux=True)
         leaves, treedef = jax.tree.flatten(pullback)
         param_leaves = jax.tree.leaves(params)
         index = tuple(next((k for k, p in enumerate(param_leaves) if p is leaf), -1) for leaf in leaves)
-        return out, aux, leaves, treedef, index
+        return out, aux, pullback, leaves, treedef, index
 
     # Without recompute: per role, the pullback's structure (traced once here: it holds no tracers, so it serves
     # every branch) and the shapes of the residuals the pool keeps (parameters are read back, not kept).
     pullbacks, pools = {}, []
     for role, n_slots in zip(plan.res_roles, plan.n_res):
         def residuals(c, m, saved, role=role):
-            out, _, leaves, treedef, index = stage_vjp(c, m, role, saved)
+            out, _, _, leaves, treedef, index = stage_vjp(c, m, role, saved)
             pullbacks[role] = (treedef, index, jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype), out))
             return [leaf for leaf, k in zip(leaves, index) if k < 0]
         pools.append(zeros(jax.eval_shape(residuals, jnp.int32(0), jnp.int32(0), x_shape), n_slots))
@@ -394,12 +397,12 @@ def _run_plan(plan, first, body, head, axis, batch_axes, n_batch_shards, reduce_
         if plan.recompute:
             out, (stats, metrics) = stage_at(m, *role)(micro(chunks, c), first_params, last_params, saved)
         else:
-            out, (stats, metrics), leaves, _, index = stage_vjp(c, m, role, saved)
+            out, (stats, metrics), _, leaves, _, index = stage_vjp(c, m, role, saved)
             assert index == pullbacks[role][1], "pipeline: a stage's residuals differ between traces"
             i, slot = plan.res_roles.index(role), row[F_RES_SLOT]
             kept = [leaf for leaf, k in zip(leaves, index) if k < 0]
             pools = list(carry["res"])
-            pools[i] = [pool.at[slot].set(leaf.astype(pool.dtype)) for pool, leaf in zip(pools[i], kept)]
+            pools[i] = [pool.at[slot].set(leaf) for pool, leaf in zip(pools[i], kept)]
             carry["res"] = tuple(pools)
         carry["stats"] = jax.tree.map(lambda S, s: S.at[c].add(s), carry["stats"], stats)
         if is_last:
@@ -413,10 +416,7 @@ def _run_plan(plan, first, body, head, axis, batch_axes, n_batch_shards, reduce_
         input cotangent it sends)."""
         c, m, role = row[B_CHUNK], row[B_MICRO], (is_first, is_last, variant)
         if plan.recompute:
-            saved = micro(carry["act"], row[B_ACT_SLOT])
-            out, pullback, _ = jax.vjp(stage_at(m, *role), micro(chunks, c), first_params, last_params, saved,
-                                       has_aux=True)
-            out_shape = out
+            out_shape, _, pullback, *_ = stage_vjp(c, m, role, micro(carry["act"], row[B_ACT_SLOT]))
         else:
             treedef, index, out_shape = pullbacks[role]
             kept = iter(micro(carry["res"][plan.res_roles.index(role)], row[B_RES_SLOT]))

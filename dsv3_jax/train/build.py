@@ -17,13 +17,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dsv3_jax import kernels as kernel_registry
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kernels import ExpertSplit, KernelSet
-from dsv3_jax.train.pipelined import make_pipelined_train_step
-from dsv3_jax.train.stages import StageLayout
+from dsv3_jax.train.pipelined import make_pipelined_train_step, pipeline_plan
 from dsv3_jax.train.run_config import RunConfig, parse_compiler_options, pipeline_schedule
 from dsv3_jax.train.sharded import jit_sharded_step, state_shardings
 from dsv3_jax.train.step import TrainState, create_train_state, make_train_step
 from sharding.mesh import batch_sharding
-from sharding.pipeline import BRANCH, compile_plan
+from sharding.pipeline import BRANCH
 from sharding.pipeline_schedules import Schedule
 
 # XLA options the project applies per kernel target (BUILD.md), under train.compiler_options. GPUs: XLA's Triton GEMM
@@ -120,13 +119,13 @@ class TrainStep:
     @property
     def tick_branches(self) -> np.ndarray | None:
         """Per device and tick, which branch of the pipeline's tick loop it runs (int [devices, ticks], 0: idle;
-        sharding.pipeline.compile_plan); None without a pipeline. experiments.estimate prices each tick by its
-        slowest device with it."""
+        dsv3_jax.train.pipelined.pipeline_plan); None without a pipeline. experiments.estimate prices each tick by
+        its slowest device with it."""
         if self.pipeline is None:
             return None
-        layout = StageLayout.balanced(self.model, self.pipeline.n_stages)   # as make_pipelined_train_step cuts it
-        plan = compile_plan(self.pipeline, self.run.train.pipeline_fuse_pairs, layout.real)
-        return plan.rows_by_tick[..., BRANCH]
+        train = self.run.train
+        return pipeline_plan(self.model, self.pipeline, train.pipeline_fuse_pairs,
+                             train.pipeline_recompute).rows_by_tick[..., BRANCH]
 
     def compile(self, micro: int | None = None, batch: int | None = None, seq_len: int | None = None) -> Compiled:
         """The step compiled on abstract arguments (compile-only devices too)."""

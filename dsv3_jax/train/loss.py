@@ -70,6 +70,18 @@ def _chunk_logits(logits_fn, w_DV, x_BtD, targets_Bt):
     return logits_BtV, lse_Bt, jnp.take_along_axis(logits_BtV, targets_Bt[..., None], axis=-1)[..., 0]
 
 
+def _d_logits(logits, lse, onehot, weights, g_ce, g_z):
+    """The cotangent of a chunk's float32 logits [..., V] from those of the two sums (g_ce, g_z): weight · (g_ce ·
+    (softmax − onehot) + g_z · 2 · lse · softmax); lse and weights are [...]."""
+    p = jnp.exp(logits - lse[..., None])
+    return weights[..., None] * (g_ce * (p - onehot) + (g_z * 2.0) * lse[..., None] * p)
+
+
+def _weights_gradient(lse, target_logit, g_ce, g_z):
+    """The sums' gradient with respect to each position's weight."""
+    return g_ce * (lse - target_logit) + g_z * lse**2
+
+
 def _sums_forward(logits_fn, w_dtype, w_DV, x_NBtD, targets_NBt, weights_NBt):
     w_cast = w_DV.astype(w_dtype)
 
@@ -87,8 +99,8 @@ def _sums_forward(logits_fn, w_dtype, w_DV, x_NBtD, targets_NBt, weights_NBt):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _chunked_sums(logits_fn, w_dtype, w_DV, x_NBtD, targets_NBt, weights_NBt):
     """head_cross_entropy's sums over chunks (leading axis N); its backward, chunk by chunk, recomputes the logits,
-    forms d logits = weight · (g_ce · (softmax − onehot) + g_z · 2 · lse · softmax) and pulls it back through
-    logits_fn, adding the chunks' weight gradients in w_DV's dtype."""
+    forms their cotangent (_d_logits) and pulls it back through logits_fn, adding the chunks' weight gradients in
+    w_DV's dtype."""
     return _sums_forward(logits_fn, w_dtype, w_DV, x_NBtD, targets_NBt, weights_NBt)[0]
 
 
@@ -99,17 +111,14 @@ def _sums_backward(logits_fn, w_dtype, saved, g):
     def step(g_w_DV, xs):
         x_BtD, targets_Bt, weights_Bt, lse_Bt = xs
         logits_BtV, vjp = jax.vjp(lambda w, x: logits_fn(w, x).astype(jnp.float32), w_cast, x_BtD)
-        p_BtV = jnp.exp(logits_BtV - lse_Bt[..., None])
         onehot_BtV = jax.nn.one_hot(targets_Bt, logits_BtV.shape[-1], dtype=jnp.float32)
-        d_BtV = weights_Bt[..., None] * (g_ce * (p_BtV - onehot_BtV) + (g_z * 2.0) * lse_Bt[..., None] * p_BtV)
-        g_w_chunk, g_x_BtD = vjp(d_BtV)
+        g_w_chunk, g_x_BtD = vjp(_d_logits(logits_BtV, lse_Bt, onehot_BtV, weights_Bt, g_ce, g_z))
         return g_w_DV + g_w_chunk.astype(g_w_DV.dtype), g_x_BtD
 
     g_w_DV, g_x_NBtD = jax.lax.scan(step, jnp.zeros(w_cast.shape, w_like.dtype),
                                     (x_NBtD, targets_NBt, weights_NBt, lse_NBt))
-    g_weights_NBt = g_ce * (lse_NBt - target_logit_NBt) + g_z * lse_NBt**2
     g_targets = np.zeros(targets_NBt.shape, jax.dtypes.float0)
-    return g_w_DV, g_x_NBtD, g_targets, g_weights_NBt
+    return g_w_DV, g_x_NBtD, g_targets, _weights_gradient(lse_NBt, target_logit_NBt, g_ce, g_z)
 
 
 _chunked_sums.defvjp(_sums_forward, _sums_backward)
@@ -151,10 +160,10 @@ def _vocab_forward(logits_fn, w_dtype, vocab_chunk, w_DV, x_BTD, targets_BT, wei
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _vocab_chunked_sums(logits_fn, w_dtype, vocab_chunk, w_DV, x_BTD, targets_BT, weights_BT):
     """head_cross_entropy's sums with every position's logits made `vocab_chunk` columns at a time (an online
-    log-sum-exp). The backward, per column chunk, recomputes its logits, forms d logits = weight · (g_ce · (softmax −
-    onehot) + g_z · 2 · lse · softmax) in w_dtype and multiplies it out itself (logits_fn must be x · w in w_dtype,
-    whatever the rounding of its result): the chunk's weight gradient (float32 accumulation, written once) and its
-    share of x's gradient (summed over chunks in float32)."""
+    log-sum-exp). The backward, per column chunk, recomputes its logits, forms their cotangent (_d_logits) in w_dtype
+    and multiplies it out itself (logits_fn must be x · w in w_dtype, whatever the rounding of its result): the
+    chunk's weight gradient (float32 accumulation, written once) and its share of x's gradient (summed over chunks
+    in float32)."""
     return _vocab_forward(logits_fn, w_dtype, vocab_chunk, w_DV, x_BTD, targets_BT, weights_BT)[0]
 
 
@@ -166,10 +175,8 @@ def _vocab_backward(logits_fn, w_dtype, vocab_chunk, saved, g):
     def step(g_x_BTD, xs):
         w_DC, valid_C, first = xs
         logits_BTC = jnp.where(valid_C, logits_fn(w_DC, x_BTD).astype(jnp.float32), -jnp.inf)
-        p_BTC = jnp.exp(logits_BTC - lse_BT[..., None])
         onehot_BTC = ((targets_BT - first)[..., None] == jnp.arange(vocab_chunk)).astype(jnp.float32)
-        d_BTC = (weights_BT[..., None] * (g_ce * (p_BTC - onehot_BTC) + (g_z * 2.0) * lse_BT[..., None] * p_BTC))
-        d_BTC = d_BTC.astype(w_dtype)
+        d_BTC = _d_logits(logits_BTC, lse_BT, onehot_BTC, weights_BT, g_ce, g_z).astype(w_dtype)
         g_w_DC = jnp.einsum("btd,btc->dc", x_cast, d_BTC, preferred_element_type=jnp.float32)
         g_x_BTD = g_x_BTD + jnp.einsum("btc,dc->btd", d_BTC, w_DC, preferred_element_type=jnp.float32)
         return g_x_BTD, g_w_DC
@@ -177,8 +184,8 @@ def _vocab_backward(logits_fn, w_dtype, vocab_chunk, saved, g):
     firsts = jnp.arange(w_NDC.shape[0]) * vocab_chunk
     g_x_BTD, g_w_NDC = jax.lax.scan(step, jnp.zeros(x_BTD.shape, jnp.float32), (w_NDC, valid_NC, firsts))
     g_w_DV = g_w_NDC.swapaxes(0, 1).reshape(w_NDC.shape[1], -1)[:, :w_like.shape[0]].astype(w_like.dtype)
-    g_weights_BT = g_ce * (lse_BT - target_logit_BT) + g_z * lse_BT**2
-    return (g_w_DV, g_x_BTD.astype(x_BTD.dtype), np.zeros(targets_BT.shape, jax.dtypes.float0), g_weights_BT)
+    return (g_w_DV, g_x_BTD.astype(x_BTD.dtype), np.zeros(targets_BT.shape, jax.dtypes.float0),
+            _weights_gradient(lse_BT, target_logit_BT, g_ce, g_z))
 
 
 _vocab_chunked_sums.defvjp(_vocab_forward, _vocab_backward)

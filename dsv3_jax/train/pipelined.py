@@ -20,10 +20,18 @@ from dsv3_jax.train.stages import (SPLIT_MIN_SIZE, StageFns, StageLayout, end_sp
                                    micro_batch_data, split_variables, stack_layers, stage_specs)
 from dsv3_jax.train.step import BalanceConfig, TrainState, apply_update, mtp_weight_at
 from sharding.ep_layout import check_expert_parallel
-from sharding.pipeline import batch_shards, pipeline_value_and_grad
+from sharding.pipeline import Plan, batch_shards, compile_plan, pipeline_value_and_grad
 from sharding.pipeline_schedules import Schedule
 
 MEAN_METRICS = ("ce", "mtp_ce", "balance")
+
+
+def pipeline_plan(model_config: ModelConfig, pipeline: Schedule, fuse_pairs: bool = False,
+                  recompute: bool = True) -> Plan:
+    """The executor's plan for the model cut into `pipeline`'s stages (StageLayout.balanced): the one the step
+    built by make_pipelined_train_step runs (compile_plan is cached, so both get the same object)."""
+    layout = StageLayout.balanced(model_config, pipeline.n_stages)
+    return compile_plan(pipeline, fuse_pairs, layout.real, recompute)
 
 
 def make_pipelined_train_step(model_config: ModelConfig, kernels: KernelSet, loss: LossConfig, schedule: ScheduleConfig,
