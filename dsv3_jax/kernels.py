@@ -82,6 +82,7 @@ class ExpertSplit:
     axis: str = "expert"
     mesh: Any = None
     capacity_factor: float = 1.25
+    node_size: int = 0                   # ranks of `axis` sharing a node (sharding.mesh.expert_node_size); 0: one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +96,7 @@ class KernelSet:
     attention: str = "xla"               # the MLA attention core (dsv3_jax.model.layers.attention_core)
     interpret: bool = False              # run the Pallas kernels in their CPU interpreters
     experts: ExpertSplit | None = None   # expert parallelism; None: every expert local
+    expert_node_size: int = 0            # ranks of the expert axis per node, for ExpertSplit (0: one node)
 
     def split_experts(self, split: ExpertSplit | None) -> "KernelSet":
         return dataclasses.replace(self, experts=split)
@@ -104,7 +106,7 @@ class KernelSet:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "experts"}
         split = self.experts
         out["experts"] = None if split is None else {
-            "axis": split.axis, "capacity_factor": split.capacity_factor,
+            "axis": split.axis, "capacity_factor": split.capacity_factor, "node_size": split.node_size,
             "mesh": None if split.mesh is None else dict(split.mesh.shape)}
         return out
 

@@ -19,6 +19,7 @@ from experiments.hardware import KINDS as WORK_KINDS
 from experiments.hardware import MEMORY, Chip, UnknownChip, chip_for_kind, chip_named
 from experiments.hlo_module import Computation, Instruction, Module, parse_module, trip_count
 from experiments.op_cost import OpCost, op_cost
+from sharding.ep_exchange import SKEW_ONLY_SCOPE
 
 _DONE = {"all-gather-done", "all-reduce-done", "reduce-scatter-done", "all-to-all-done", "collective-permute-done",
          "ragged-all-to-all-done", "async-done"}
@@ -297,7 +298,7 @@ class _Walker:
                 trips = trip_count(self.module, computation, instruction)
                 if trips is None:
                     self.dynamic_loops[f"{instruction.name} ({_op_name(instruction)})"] = None
-                    trips = 1
+                    trips = 0 if SKEW_ONLY_SCOPE in _op_name(instruction) else 1
                 elif trips > 1:
                     self.repeated_loops[f"{instruction.name} ({_op_name(instruction)}) x{trips}"] = None
                 body = instruction.called("body")[0]
@@ -397,8 +398,9 @@ def estimate(compiled, target: str | Mesh | Sequence | None = None, *, roofline:
     - One queue carries every collective, in issue order: a synchronous collective stops the clock until it is
       done; an asynchronous one (`*-start` … `*-done`, or an `async-start` wrapping a collective) starts when issued
       and the queue is free, and its `-done` waits only for what the compute since did not cover.
-    - A while loop counts its body times its static trip count; one whose count is only known at run time (the
-      expert exchange's rounds) counts once, its balanced count, and is listed in `dynamic_loops`. A loop, call or
+    - A while loop counts its body times its static trip count; one whose count is only known at run time counts
+      once and is listed in `dynamic_loops`, except the expert exchange's rounds past the first (name scope
+      sharding.ep_exchange.SKEW_ONLY_SCOPE), which balanced routing never runs: 0 times (listed too). A loop, call or
       conditional is a block on the clock with queues of its own (transfers do not overlap across its boundary); a
       conditional costs its most expensive branch, except in a tick loop given `tick_branches`: a lockstep
       pipeline, where each tick costs the branch of the device that runs the slowest one that tick. Asynchronous

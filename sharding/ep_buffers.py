@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax.numpy as jnp
+import numpy as np
 
-from sharding.ep_layout import check_expert_parallel
+from sharding.ep_layout import check_expert_parallel, group_limited_top_k, ranks_per_token
 
 
 def capacity_per_peer(rows_per_rank: int, ep: int, capacity_factor: float, block_multiple: int = 8) -> int:
@@ -54,3 +56,52 @@ def ep_buffer_size(tokens_per_rank: int, top_k: int, n_experts: int, ep: int, *,
     c = capacity_per_peer(rows, ep, capacity_factor, block_multiple)
     worst = ep * tokens_per_rank * min(top_k, n_experts // ep)
     return EPBuffers(tokens_per_rank, top_k, ep, c, rows, ep * c, worst, d_model * jnp.dtype(dtype).itemsize)
+
+
+@functools.lru_cache(maxsize=64)
+def expected_destinations(n_experts: int, top_k: int, n_group: int, topk_group: int, units: int,
+                          samples: int = 8192) -> float:
+    """Expected distinct units (nodes or ranks: `units` contiguous blocks of experts) one token's top_k choices
+    reach under balanced routing: the router's group-limited rule (ep_layout.group_limited_top_k: best topk_group
+    groups by the sum of their top-2 scores, then the top_k experts among them) on i.i.d. uniform scores, averaged
+    over `samples` tokens of a fixed seed (so the buffers it sizes are the same on every rank and every run)."""
+    if n_experts % units:
+        raise ValueError(f"{units} destinations do not divide n_routed_experts={n_experts}")
+    scores_TE = np.random.default_rng(0).random((samples, n_experts))
+    experts_TK = group_limited_top_k(scores_TE, n_group, topk_group, top_k)
+    return float(ranks_per_token(experts_TK, n_experts, units).mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class ExchangeBuffers:
+    """Per-round buffers of the deduplicated exchange (sharding.ep_exchange) on one rank.
+
+    With N nodes of L ranks, T tokens per rank, d_node and d_rank the expected distinct nodes and ranks per token
+    (expected_destinations) and f the capacity factor: a rank sends a node ≈ T·d_node/N rows, so the inter-node hop
+    moves C₁ = ⌈f·T·d_node/N⌉ per pair; it receives ≈ T·d_node rows and forwards each to d_rank/d_node ranks of its
+    node, so the intra-node hop moves C₂ = ⌈f·T·d_rank/L⌉ per pair; the owning rank runs ≈ T·K (row, expert)
+    pairs, in passes of f·T·K. One node (or one rank per node) is one hop of ⌈f·T·d_rank/EP⌉."""
+    capacities: tuple[int, ...]   # C per hop, inter-node first
+    expert_rows: int              # rows of one expert pass
+    nodes_per_token: float        # d_node (1 for one node)
+    ranks_per_token: float        # d_rank
+
+
+def exchange_buffers(tokens_per_rank: int, n_experts: int, top_k: int, ep: int, node_size: int, *,
+                     n_group: int = 1, topk_group: int = 1, capacity_factor: float = 1.25,
+                     block_multiple: int = 8) -> ExchangeBuffers:
+    """The capacities of ExchangeBuffers for an expert axis of `ep` ranks in nodes of `node_size`."""
+    check_expert_parallel(n_experts, ep, capacity_factor=capacity_factor)
+    if node_size < 1 or ep % node_size:
+        raise ValueError(f"mesh.expert_node_size={node_size}: must divide mesh.expert={ep}")
+    nodes = ep // node_size
+    d_rank = expected_destinations(n_experts, top_k, n_group, topk_group, ep)
+    d_node = expected_destinations(n_experts, top_k, n_group, topk_group, nodes) if nodes > 1 else 1.0
+    cap = lambda rows, peers: capacity_per_peer(max(1, math.ceil(rows)), peers, capacity_factor, block_multiple)
+    t = tokens_per_rank
+    if nodes == 1 or node_size == 1:
+        capacities = (cap(t * d_rank, ep),)
+    else:
+        capacities = (cap(t * d_node, nodes), cap(t * d_rank, node_size))
+    expert_rows = cap(t * top_k, 1)
+    return ExchangeBuffers(capacities, expert_rows, d_node, d_rank)

@@ -10,7 +10,8 @@ EP_IMPLS = ("all_to_all", "ragged", "ragged_reference")
 
 
 def check_expert_parallel(n_experts: int, ep: int, *, impl: str = "all_to_all", capacity_factor: float = 1.0,
-                          tokens: int | None = None, token_shards: int = 1, max_rounds: int | None = None) -> None:
+                          tokens: int | None = None, token_shards: int = 1, max_rounds: int | None = None,
+                          node_size: int = 0) -> None:
     """Raises a one-line ValueError naming the field when this expert-parallel configuration cannot run."""
     if ep < 1:
         raise ValueError(f"mesh.expert={ep}: the expert axis size must be positive")
@@ -22,6 +23,8 @@ def check_expert_parallel(n_experts: int, ep: int, *, impl: str = "all_to_all", 
         raise ValueError(f"expert_parallel.capacity_factor={capacity_factor}: must be > 0")
     if max_rounds is not None and max_rounds < 1:
         raise ValueError(f"expert_parallel.max_rounds={max_rounds}: must be >= 1, or None for dropless")
+    if node_size < 0 or (node_size and ep % node_size):
+        raise ValueError(f"mesh.expert_node_size={node_size}: must divide mesh.expert={ep} (0: one node)")
     if tokens is not None and tokens % token_shards:
         raise ValueError(f"tokens={tokens} is not divisible by the {token_shards} token shards "
                          f"(batch axes × mesh.expert={ep})")
@@ -61,3 +64,16 @@ def ranks_per_token(experts_TK, n_experts: int, ep: int) -> np.ndarray:
     hit_TP = np.zeros((ranks_TK.shape[0], ep), bool)
     hit_TP[np.arange(ranks_TK.shape[0])[:, None], ranks_TK] = True
     return hit_TP.sum(axis=1)
+
+
+def group_limited_top_k(scores_TE, n_group: int, topk_group: int, k: int) -> np.ndarray:
+    """The router's node-limited choice in numpy (for checks and buffer sizing): the top-k experts among each
+    token's best `topk_group` groups, a group scored by the sum of its top-2 expert scores."""
+    t, e = scores_TE.shape
+    grouped_TGe = scores_TE.reshape(t, n_group, e // n_group)
+    group_score_TG = np.sort(grouped_TGe, axis=-1)[..., -2:].sum(-1)
+    kept_TG = np.argsort(-group_score_TG, axis=1)[:, :topk_group]
+    keep_TG = np.zeros((t, n_group), bool)
+    keep_TG[np.arange(t)[:, None], kept_TG] = True
+    masked_TE = np.where(keep_TG[:, :, None], grouped_TGe, -np.inf).reshape(t, e)
+    return np.argsort(-masked_TE, axis=1)[:, :k]

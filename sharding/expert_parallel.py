@@ -1,5 +1,6 @@
 """Expert parallelism: E/EP experts per rank; token rows travel to their experts and back in bounded, dropless rounds
-(the steps: `expert_parallel_ffn_local`; the transports: `expert_parallel_ffn`).
+(the steps: `expert_parallel_ffn_local`; the options: `ExchangeOptions`; over a mesh: `expert_parallel_ffn`). The
+default transport is sharding.ep_exchange's deduplicated, node-limited exchange; the ragged ones live here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 import jax_compat
-from sharding.ep_buffers import capacity_per_peer
+from sharding import ep_exchange
+from sharding.ep_buffers import capacity_per_peer, exchange_buffers
 from sharding.ep_collectives import ragged_all_to_all_reference
 from sharding.ep_layout import check_expert_parallel
 from sharding.mesh import BATCH_AXES
@@ -37,14 +39,11 @@ class _Exchange:
     capacity: int                 # C: rows per (sender, receiver) pair per round
     impl: str
     expert_ffn: Callable          # (x_ND, group_sizes_e, *expert_weights) -> y_ND, rows contiguous by expert
-    all_to_all: Callable = lax.all_to_all   # moves the padded [EP, C, X] blocks of the `all_to_all` transport
 
     @property
     def ragged_collective(self):
-        """lax.ragged_all_to_all (or its reference) for the ragged transports, None for padded blocks."""
-        if self.impl == "ragged":
-            return lax.ragged_all_to_all
-        return ragged_all_to_all_reference if self.impl == "ragged_reference" else None
+        """lax.ragged_all_to_all, or its reference (an all_gather emulation)."""
+        return lax.ragged_all_to_all if self.impl == "ragged" else ragged_all_to_all_reference
 
 
 class _Plan(NamedTuple):
@@ -67,33 +66,23 @@ def _round_sizes(count_P, r, c):
 
 def _send(ex: _Exchange, plan: _Plan, rows_NX, r):
     """Round r's rows to their owners: [EP·C, X], C slots per source rank (unfilled slots are 0)."""
-    c, (n, p) = ex.capacity, rows_NX.shape
-    if ex.ragged_collective:
-        sizes_P = _round_sizes(plan.send_count_P, r, c)
-        offsets_P = plan.send_start_P + jnp.minimum(r * c, plan.send_count_P)
-        slot_P = jnp.full((ex.ep,), lax.axis_index(ex.axis) * c, jnp.int32)
-        out_NX = jnp.zeros_like(rows_NX, shape=(ex.ep * c, p))
-        return ex.ragged_collective(rows_NX, out_NX, offsets_P, sizes_P, slot_P,
-                                    _round_sizes(plan.recv_count_P, r, c), axis_name=ex.axis)
-    pos_PN = r * c + jnp.arange(c)[None, :]
-    valid_PN = pos_PN < plan.send_count_P[:, None]
-    rows_PNX = jnp.where(valid_PN[..., None], rows_NX[jnp.clip(plan.send_start_P[:, None] + pos_PN, 0, n - 1)], 0)
-    return ex.all_to_all(rows_PNX, ex.axis, 0, 0).reshape(ex.ep * c, p)
+    c, p = ex.capacity, rows_NX.shape[1]
+    sizes_P = _round_sizes(plan.send_count_P, r, c)
+    offsets_P = plan.send_start_P + jnp.minimum(r * c, plan.send_count_P)
+    slot_P = jnp.full((ex.ep,), lax.axis_index(ex.axis) * c, jnp.int32)
+    out_NX = jnp.zeros_like(rows_NX, shape=(ex.ep * c, p))
+    return ex.ragged_collective(rows_NX, out_NX, offsets_P, sizes_P, slot_P,
+                                _round_sizes(plan.recv_count_P, r, c), axis_name=ex.axis)
 
 
 def _send_back(ex: _Exchange, plan: _Plan, rows_NX, r, out_NX):
     """Round r's results back into the sorted rows `out_NX` they came from."""
-    c, (n, p) = ex.capacity, out_NX.shape
-    if ex.ragged_collective:
-        sizes_P = _round_sizes(plan.recv_count_P, r, c)
-        slot_P = jnp.arange(ex.ep, dtype=jnp.int32) * c
-        dest_P = plan.recv_start_P + jnp.minimum(r * c, plan.recv_count_P)
-        return ex.ragged_collective(rows_NX, out_NX, slot_P, sizes_P, dest_P,
-                                    _round_sizes(plan.send_count_P, r, c), axis_name=ex.axis)
-    back_PNX = ex.all_to_all(rows_NX.reshape(ex.ep, c, p), ex.axis, 0, 0)
-    pos_PN = r * c + jnp.arange(c)[None, :]
-    dest_PN = jnp.where(pos_PN < plan.send_count_P[:, None], plan.send_start_P[:, None] + pos_PN, n)
-    return out_NX.at[dest_PN.reshape(-1)].set(back_PNX.reshape(-1, p), mode="drop", unique_indices=True)
+    c = ex.capacity
+    sizes_P = _round_sizes(plan.recv_count_P, r, c)
+    slot_P = jnp.arange(ex.ep, dtype=jnp.int32) * c
+    dest_P = plan.recv_start_P + jnp.minimum(r * c, plan.recv_count_P)
+    return ex.ragged_collective(rows_NX, out_NX, slot_P, sizes_P, dest_P,
+                                _round_sizes(plan.send_count_P, r, c), axis_name=ex.axis)
 
 
 def _received_experts(ex: _Exchange, plan: _Plan, r):
@@ -157,34 +146,63 @@ def _exchange_ffn_bwd(ex, residuals, dys_ND):
 _exchange_ffn.defvjp(_exchange_ffn_fwd, _exchange_ffn_bwd)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExchangeOptions:
+    """How the routed experts' exchange runs (besides the mesh): the transport (`impl`), its buffers, the node size
+    along the expert axis, the dispatch wire format and whether the backward recomputes the experts.
+
+    impl: `all_to_all` — the deduplicated, node-limited exchange of sharding.ep_exchange (padded blocks, runs
+          everywhere); `ragged` / `ragged_reference` — one row per (token, choice) moved with lax.ragged_all_to_all
+          (GPU/TPU: XLA:CPU lowers but cannot compile it) or its all_gather emulation (a test oracle).
+    node_size: ranks of the expert axis that share a node (the fast links); 0 or the axis size: one node.
+    routing_groups: (n_group, topk_group) of the router, for the expected destinations per token that size the
+          all_to_all buffers (ep_buffers.exchange_buffers).
+    codec: (encode(x_ND) -> arrays, decode(arrays, dtype) -> x_ND) of dispatched rows on the wire (e.g. FP8 with 1×128 scales), None: as they are.
+    all_to_all: the collective of a hop over the whole expert axis (default lax.all_to_all; e.g. the Pallas TPU
+          remote-DMA kernel). Hops over part of the axis use lax.all_to_all with axis_index_groups.
+    recompute: recompute the experts' activations in the backward instead of keeping them."""
+    impl: str = "all_to_all"
+    capacity_factor: float = 1.25
+    block_multiple: int = 8
+    max_rounds: int | None = None
+    node_size: int = 0
+    routing_groups: tuple[int, int] = (1, 1)
+    codec: tuple[Callable, Callable] | None = None
+    all_to_all: Callable | None = None
+    recompute: bool = False
+
+
 def expert_parallel_ffn_local(x_TD, experts_TK, weights_TK, expert_weights: tuple, *, expert_ffn: Callable,
-                              expert_axis: str, capacity: int, impl: str = "all_to_all",
-                              max_rounds: int | None = None, out_dtype=None,
-                              all_to_all: Callable | None = None) -> tuple[jax.Array, EPStats]:
+                              expert_axis: str, options: ExchangeOptions = ExchangeOptions(),
+                              out_dtype=None) -> tuple[jax.Array, EPStats]:
     """The per-rank body: call inside a shard_map where `expert_axis` is manual. x_TD and the routing are this
     rank's tokens; `expert_weights` (each expert-axis first) its E/EP local experts, which
-    expert_ffn(x_ND, group_sizes_e, *expert_weights) runs on rows grouped by local expert; `capacity` is C. Stats
-    are scalars. `all_to_all`: the row collective of impl="all_to_all" (default lax.all_to_all).
+    expert_ffn(x_ND, group_sizes_e, *expert_weights) runs on rows grouped by local expert. Stats are scalars.
 
-    Dropless, with a bounded buffer:
-     1. Each rank sorts its T·K (token, choice) rows by expert. Experts are contiguous per rank, so the rows are
-        grouped by destination rank and, within it, by local expert.
-     2. One small all_to_all gives every peer the per-local-expert row counts and where each block starts, so
-        every rank knows what it sends and receives, and the local expert of every row it receives.
-     3. Rows move in rounds: per round at most C rows go from a rank to a peer (`ep_buffers.capacity_per_peer`,
-        C ≈ capacity_factor · T·K / EP), so a rank receives at most EP·C ≈ capacity_factor × the balanced T·K
-        rows whatever the routing. Skew adds rounds (max over pairs of ceil(rows / C), agreed by a pmax over
-        the expert axis), never buffer rows; balanced routing takes one round.
-     4. Each round the owner runs its experts (the caller's `expert_ffn`, e.g. a grouped SwiGLU) on the buffer and
-        returns each result to the row it came from; after the last round the rows are un-sorted and combined with
-        the weights in float32.
-     5. The backward replays the rounds (x and dy rows travel together, dx comes back), recomputing the expert
-        forward, so nothing is kept per round; expert-weight gradients accumulate in float32.
+    impl="all_to_all" (sharding.ep_exchange): a token travels once per destination node, then once per destination
+    rank inside the node, carrying the ids and gate weights of its experts there; each rank returns one weighted
+    partial sum per row and the partial sums are added in float32 on the way back. Bounded, dropless buffers
+    (rounds for skew); the backward keeps round 0's residuals, so the experts are not recomputed and each direction
+    moves one tensor (the output gradient out, the input gradient back).
+
+    The ragged transports move every (token, choice) row:
+     1. Each rank sorts its T·K (token, choice) rows by expert (contiguous per rank, so grouped by destination).
+     2. One small all_to_all gives every peer the per-local-expert row counts and where each block starts.
+     3. Rows move in rounds of at most C ≈ capacity_factor · T·K / EP rows per (sender, receiver) pair
+        (`ep_buffers.capacity_per_peer`); skew adds rounds (agreed by a pmax over the expert axis).
+     4. Each round the owner runs its experts on the buffer and returns each result to the row it came from; the
+        rows are un-sorted and combined with the weights in float32.
+     5. The backward replays the rounds (x and dy rows travel together, dx comes back), recomputing the experts.
     """
-    if all_to_all is not None and impl != "all_to_all":
-        raise ValueError(f"expert_parallel.all_to_all is a transport for impl='all_to_all', not impl={impl!r}")
+    o = options
+    if o.all_to_all is not None and o.impl != "all_to_all":
+        raise ValueError(f"expert_parallel.all_to_all is a transport for impl='all_to_all', not impl={o.impl!r}")
     ep = lax.axis_size(expert_axis)
-    (t, k), e_local, c = experts_TK.shape, expert_weights[0].shape[0], capacity
+    (t, k), e_local = experts_TK.shape, expert_weights[0].shape[0]
+    if o.impl == "all_to_all":
+        return _deduplicated(x_TD, experts_TK, weights_TK, expert_weights, expert_ffn, expert_axis, ep, o,
+                             out_dtype)
+    c = capacity_per_peer(t * k, ep, o.capacity_factor, o.block_multiple)
     flat_N = experts_TK.reshape(-1).astype(jnp.int32)
     order_N = jnp.argsort(flat_N, stable=True)
     xs_ND = x_TD[order_N // k]
@@ -195,13 +213,13 @@ def expert_parallel_ffn_local(x_TD, experts_TK, weights_TK, expert_weights: tupl
     got_PE = lax.all_to_all(jnp.concatenate([counts_PE, send_start_P[:, None]], axis=1), expert_axis, 0, 0)
     recv_counts_PE, recv_start_P = got_PE[:, :e_local], got_PE[:, e_local]
     rounds = lax.pmax(jnp.max((send_count_P + c - 1) // c), expert_axis)
-    if max_rounds is not None:
-        rounds = jnp.minimum(rounds, max_rounds)
+    if o.max_rounds is not None:
+        rounds = jnp.minimum(rounds, o.max_rounds)
     recv_count_P = recv_counts_PE.sum(axis=1)
     plan = _Plan(send_start_P, send_count_P, recv_count_P, jnp.cumsum(recv_counts_PE, axis=1), recv_start_P,
                  rounds.astype(jnp.int32))
 
-    ex = _Exchange(expert_axis, ep, c, impl, expert_ffn, all_to_all or lax.all_to_all)
+    ex = _Exchange(expert_axis, ep, c, o.impl, expert_ffn)
     w = tuple(_vary_like(a, x_TD) for a in expert_weights)   # so weight grads psum over tokens
     ys_ND = _exchange_ffn(ex, plan, xs_ND, w)
 
@@ -218,6 +236,24 @@ def expert_parallel_ffn_local(x_TD, experts_TK, weights_TK, expert_weights: tupl
     return out_TD.astype(out_dtype or x_TD.dtype), stats
 
 
+def _deduplicated(x_TD, experts_TK, weights_TK, expert_weights, expert_ffn, axis, ep, o: ExchangeOptions,
+                  out_dtype):
+    (t, k), n_experts = experts_TK.shape, expert_weights[0].shape[0] * ep
+    node = o.node_size or ep
+    n_group, topk_group = o.routing_groups
+    b = exchange_buffers(t, n_experts, k, ep, node, n_group=n_group, topk_group=topk_group,
+                         capacity_factor=o.capacity_factor, block_multiple=o.block_multiple)
+    e_local = n_experts // ep
+    ex = ep_exchange.Exchange(axis, e_local, ep_exchange.hops_for(ep, node, e_local, b.capacities), b.expert_rows,
+                              expert_ffn, o.all_to_all or lax.all_to_all, o.codec, o.max_rounds, o.recompute)
+    out_TD, s = ep_exchange.exchange_ffn(ex, x_TD, experts_TK, weights_TK, tuple(expert_weights))
+    last = ex.hops[-1]
+    stats = EPStats(rounds=s[ep_exchange.ROUNDS], rows_received=s[ep_exchange.RECEIVED],
+                    peak_rows=s[ep_exchange.PEAK], overflow_rows=s[ep_exchange.OVERFLOW],
+                    dropped_rows=s[ep_exchange.DROPPED], buffer_rows=jnp.int32(last.size * last.capacity))
+    return out_TD.astype(out_dtype or x_TD.dtype), stats
+
+
 def token_shard_axes(mesh: Mesh, expert_axis: str = "expert", token_axes: tuple[str, ...] = BATCH_AXES):
     """The mesh axes that split the tokens, outermost first: the batch axes present, then `expert_axis`."""
     return tuple(a for a in token_axes if a in mesh.shape and a != expert_axis) + (expert_axis,)
@@ -225,34 +261,27 @@ def token_shard_axes(mesh: Mesh, expert_axis: str = "expert", token_axes: tuple[
 
 def expert_parallel_ffn(x_TD, experts_TK, weights_TK, expert_weights: tuple, *, expert_ffn: Callable, mesh: Mesh,
                         expert_axis: str = "expert", token_axes: tuple[str, ...] = BATCH_AXES,
-                        impl: str = "all_to_all", capacity_factor: float = 1.25, block_multiple: int = 8,
-                        max_rounds: int | None = None, out_dtype=None,
-                        all_to_all: Callable | None = None) -> tuple[jax.Array, EPStats]:
+                        options: ExchangeOptions = ExchangeOptions(), out_dtype=None) -> tuple[jax.Array, EPStats]:
     """Σ_k weights_TK · expert_{experts_TK}(x_TD) with the experts' weights split over `expert_axis` of `mesh`;
     expert_ffn(x_ND, group_sizes_E, *expert_weights) computes the experts on rows grouped by expert.
 
     Tokens are split over `token_axes` then `expert_axis`; each of `expert_weights` (E first) over `expert_axis`,
     gathered over every other axis. Equals the single-device routed-expert output; dropless unless
-    `max_rounds` is set. Returns out_TD and EPStats (each [token shards]). The exchange itself:
-    `expert_parallel_ffn_local`.
-
-    Transports (`impl`): `all_to_all` moves padded [EP, C] blocks with lax.all_to_all (runs everywhere); `ragged`
-    moves only the filled rows with lax.ragged_all_to_all (GPU/TPU: XLA:CPU lowers but cannot compile it);
-    `ragged_reference` is the ragged path with that collective emulated by all_gather (a test oracle).
-    `all_to_all=` swaps the collective of the `all_to_all` transport for any callable with lax.all_to_all's
-    signature, e.g. the Pallas TPU remote-DMA kernel (pallas_kernels.all_to_all); the tiny count exchange stays lax.
+    `options.max_rounds` is set. Returns out_TD and EPStats (each [token shards]). The exchange and its options:
+    `expert_parallel_ffn_local`, ExchangeOptions.
     """
+    o = options
     if expert_axis not in mesh.shape:
         raise ValueError(f"expert_parallel.expert_axis={expert_axis!r}: not an axis of the mesh "
                          f"({', '.join(mesh.axis_names)})")
-    t, (t2, k), n_experts = x_TD.shape[0], experts_TK.shape, expert_weights[0].shape[0]
+    t, t2, n_experts = x_TD.shape[0], experts_TK.shape[0], expert_weights[0].shape[0]
     tok = token_shard_axes(mesh, expert_axis, token_axes)
     shards = 1
     for a in tok:
         shards *= mesh.shape[a]
     ep = mesh.shape[expert_axis]
-    check_expert_parallel(n_experts, ep, impl=impl, capacity_factor=capacity_factor, tokens=t,
-                          token_shards=shards, max_rounds=max_rounds)
+    check_expert_parallel(n_experts, ep, impl=o.impl, capacity_factor=o.capacity_factor, tokens=t,
+                          token_shards=shards, max_rounds=o.max_rounds, node_size=o.node_size)
     if t2 != t or weights_TK.shape != experts_TK.shape:
         raise ValueError(f"experts_TK {experts_TK.shape} and weights_TK {weights_TK.shape} must be [T={t}, K]")
     for i, w in enumerate(expert_weights):
@@ -260,10 +289,8 @@ def expert_parallel_ffn(x_TD, experts_TK, weights_TK, expert_weights: tuple, *, 
             raise ValueError(f"expert_weights[{i}].shape={w.shape}: expected {n_experts} experts first, as "
                              f"expert_weights[0]")
 
-    capacity = capacity_per_peer(t // shards * k, ep, capacity_factor, block_multiple)
-    body = functools.partial(expert_parallel_ffn_local, expert_axis=expert_axis, capacity=capacity, impl=impl,
-                             max_rounds=max_rounds, expert_ffn=expert_ffn, out_dtype=out_dtype,
-                             all_to_all=all_to_all)
+    body = functools.partial(expert_parallel_ffn_local, expert_axis=expert_axis, options=o, expert_ffn=expert_ffn,
+                             out_dtype=out_dtype)
 
     def per_rank(x_TD, experts_TK, weights_TK, expert_weights):
         out_TD, stats = body(x_TD, experts_TK, weights_TK, expert_weights)
@@ -274,4 +301,3 @@ def expert_parallel_ffn(x_TD, experts_TK, weights_TK, expert_weights: tuple, *, 
     return jax.shard_map(per_rank, mesh=mesh, in_specs=(tokens, tokens, tokens, experts),
                          out_specs=(tokens, EPStats(*[P(tok)] * len(EPStats._fields))))(
         x_TD, experts_TK, weights_TK, tuple(expert_weights))
-

@@ -58,6 +58,26 @@ def build_mesh(axis_sizes: Mapping[str, int], devices: list | None = None) -> Me
     return Mesh(grid, MESH_AXES)
 
 
+def expert_node_size(mesh: Mesh, requested: int = 0, axis: str = "expert") -> int:
+    """Ranks of `axis` that share a node: `requested` when set (it must divide the axis), else read from the devices
+    along the axis: on TPUs a node is a slice (ICI inside, DCN between slices: `slice_index`), elsewhere a host
+    (`process_index`; one process per GPU node). The axis size when every rank shares one node; 1 when the ranks
+    do not fall into equal contiguous nodes."""
+    size = mesh.shape.get(axis, 1)
+    if requested:
+        if requested < 0 or size % requested:
+            raise ValueError(f"mesh.expert_node_size={requested}: must divide mesh.{axis}={size}")
+        return requested
+    along = np.moveaxis(np.asarray(mesh.devices), mesh.axis_names.index(axis), -1).reshape(-1, size)[0]
+    key = lambda d: getattr(d, "slice_index", 0) if d.platform == "tpu" else d.process_index
+    keys = [key(d) for d in along]
+    run = next((i for i, k in enumerate(keys) if k != keys[0]), size)
+    blocks = [keys[i:i + run] for i in range(0, size, run)]
+    if size % run or any(len(set(b)) != 1 for b in blocks) or len({b[0] for b in blocks}) != len(blocks):
+        return 1
+    return run
+
+
 def batch_sharding(mesh: Mesh, batch_dim: int = 0, ndim: int = 2) -> NamedSharding:
     """Dimension `batch_dim` split over the batch axes, the others replicated."""
     spec = [None] * ndim

@@ -15,13 +15,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dsv3_jax import kernels as kernel_registry
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.kernels import ExpertSplit, KernelSet
 from dsv3_jax.train.pipelined import make_pipelined_train_step, pipeline_plan
 from dsv3_jax.train.run_config import RunConfig, parse_compiler_options, pipeline_schedule
 from dsv3_jax.train.sharded import jit_sharded_step, state_shardings
 from dsv3_jax.train.step import TrainState, create_train_state, make_train_step
-from sharding.mesh import batch_sharding
+from sharding.mesh import batch_sharding, expert_node_size
 from sharding.pipeline import BRANCH
 from sharding.pipeline_schedules import Schedule
 
@@ -144,6 +144,12 @@ def build_step(run: RunConfig, mesh: Mesh) -> TrainStep:
     """
     model = run.model.validate()
     kernels = kernel_registry.resolve(model, mesh)
+    if mesh.shape.get("expert", 1) > 1:
+        try:
+            node = expert_node_size(mesh, run.mesh.expert_node_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        kernels = dataclasses.replace(kernels, expert_node_size=node)
     parts = (run.loss, run.schedule, run.optimizer, run.balance)
     pipeline = None
     if mesh.shape.get("pipeline", 1) > 1:
@@ -153,7 +159,7 @@ def build_step(run: RunConfig, mesh: Mesh) -> TrainStep:
                                                 recompute=run.train.pipeline_recompute)
     else:
         if mesh.shape.get("expert", 1) > 1:
-            kernels = kernels.split_experts(ExpertSplit(mesh=mesh))
+            kernels = kernels.split_experts(ExpertSplit(mesh=mesh, node_size=kernels.expert_node_size))
         tx, step_fn = make_train_step(model, kernels, *parts)
     abstract = jax.eval_shape(lambda: create_train_state(model, tx, jax.random.PRNGKey(0)))
     shardings = state_shardings(model, tx, abstract, mesh, run.mesh.strategy)

@@ -62,6 +62,8 @@ class MeshConfig:
     pipeline: int = 1
     tensor: int = 1
     strategy: str = "zero1"          # replicated | zero1 (moments split over data) | fsdp (params too)
+    expert_node_size: int = 0        # ranks of the expert axis per node (fast links inside, the expert exchange's
+                                     # two hops across); 0: from the devices (sharding.mesh.expert_node_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +141,10 @@ def validate_run(cfg: RunConfig, device_count: int | None = None) -> None:
     if cfg.model.n_routed_experts % sizes["expert"]:
         raise ConfigError(f"mesh.expert={sizes['expert']} does not divide model.n_routed_experts="
                           f"{cfg.model.n_routed_experts}")
+    node = cfg.mesh.expert_node_size
+    if node < 0 or (node and sizes["expert"] % node):
+        raise ConfigError(f"mesh.expert_node_size={node}: must divide mesh.expert={sizes['expert']} (0: from the "
+                          f"devices)")
     replicas = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     if cfg.data.batch_size % replicas:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {replicas} data-parallel "

@@ -255,7 +255,8 @@ class StageFns:
         """With `expert_axis` (manual in the executor), stage_vars hold E/EP routed experts per rank (stage_specs)
         and the stage's and the MTP modules' MoE layers exchange tokens over it."""
         self.config, self.loss_config, self.expert_axis = config, loss, expert_axis
-        self.kernels = kernels.split_experts(ExpertSplit(expert_axis) if expert_axis else None)
+        self.kernels = kernels.split_experts(
+            ExpertSplit(expert_axis, node_size=kernels.expert_node_size) if expert_axis else None)
         self.first_stage, self.last_stage = FirstStage(config, kernels), LastStage(config, self.kernels)
         self.layout = layout
         self.stacks = {n: block_stack(config, self.kernels, True, n, STAGE_KEY) for n in sorted(set(layout.real))}

@@ -55,7 +55,7 @@ def measure_buffers(mesh, *, tokens_per_rank: int, top_k: int, n_experts: int, d
     from dsv3_jax.model.moe.experts import swiglu_experts
     from pallas_kernels.grouped_matmul import grouped_matmul
     from sharding.ep_buffers import ep_buffer_size
-    from sharding.expert_parallel import expert_parallel_ffn, token_shard_axes
+    from sharding.expert_parallel import ExchangeOptions, expert_parallel_ffn, token_shard_axes
 
     ep = mesh.shape[expert_axis]
     tokens = tokens_per_rank * int(np.prod([mesh.shape[a] for a in token_shard_axes(mesh, expert_axis)]))
@@ -67,9 +67,9 @@ def measure_buffers(mesh, *, tokens_per_rank: int, top_k: int, n_experts: int, d
               for s in ((n_experts, d_model, d_ff), (n_experts, d_model, d_ff), (n_experts, d_ff, d_model)))
     weights = jnp.full((tokens, top_k), 1.0 / top_k, jnp.float32)
     expert_ffn = functools.partial(swiglu_experts, grouped_matmul=grouped_matmul)
-    run = jax.jit(lambda x, e, g, w: expert_parallel_ffn(x, e, g, w, expert_ffn=expert_ffn, mesh=mesh, impl=impl,
-                                                         capacity_factor=capacity_factor,
-                                                         block_multiple=block_multiple, expert_axis=expert_axis))
+    options = ExchangeOptions(impl=impl, capacity_factor=capacity_factor, block_multiple=block_multiple)
+    run = jax.jit(lambda x, e, g, w: expert_parallel_ffn(x, e, g, w, expert_ffn=expert_ffn, mesh=mesh,
+                                                         options=options, expert_axis=expert_axis))
     rows = []
     for kind in kinds:
         experts = routing(kind, tokens, top_k, n_experts, ep)
@@ -77,7 +77,7 @@ def measure_buffers(mesh, *, tokens_per_rank: int, top_k: int, n_experts: int, d
         rows.append(dict(routing=kind, rounds=int(stats.rounds.max()),
                          max_rows_received=int(stats.rows_received.max()), peak_rows=int(stats.peak_rows.max()),
                          overflow_rows=int(stats.overflow_rows.sum()), dropped_rows=int(stats.dropped_rows.sum()),
-                         rows_total=int(stats.rows_received.sum()), buffer_rows=sizes.buffer_rows,
+                         rows_total=int(stats.rows_received.sum()), buffer_rows=int(stats.buffer_rows.max()),
                          balanced_rows=sizes.balanced_rows, worst_case_rows=sizes.worst_case_rows))
     return rows
 
@@ -87,8 +87,9 @@ def run(args) -> dict:
     (`measure_buffers`: uniform; skew90, 90 % of choices to expert 0; hot_rank, every choice on rank 0's experts) on
     an `expert` mesh. Reported per scenario: exchange rounds, the fullest round's filled rows (peak), the most rows
     one rank computed over all rounds (what a single-shot dropless buffer would need for this routing), the bounded
-    per-round buffer EP·C, and the single-shot worst case EP·T·min(K, E/EP) (sharding.ep_buffers). Every size is
-    also given as a ratio to the balanced size T·K."""
+    per-round receive buffer of token rows (one per destination rank; the exchange's stats), and the single-shot
+    worst case EP·T·min(K, E/EP) (sharding.ep_buffers). Every size is also given as a ratio to the balanced size
+    T·K."""
     from sharding.ep_buffers import ep_buffer_size
     from sharding.mesh import build_mesh
 
@@ -111,7 +112,7 @@ def run(args) -> dict:
                              received_vs_balanced=m["max_rows_received"] / balanced,
                              buffer_vs_balanced=m["buffer_rows"] / balanced,
                              worst_case_vs_balanced=m["worst_case_rows"] / balanced,
-                             buffer_mib=sizes.buffer_bytes / mib, balanced_mib=sizes.balanced_bytes / mib,
+                             buffer_mib=m["buffer_rows"] * sizes.row_bytes / mib, balanced_mib=sizes.balanced_bytes / mib,
                              worst_case_mib=sizes.worst_case_bytes / mib))
     config = dict(ep=list(args.ep), tokens_per_rank=args.tokens_per_rank, top_k=args.top_k, experts=args.experts,
                   capacity_factor=args.capacity_factor, block_multiple=args.block_multiple,
@@ -121,7 +122,7 @@ def run(args) -> dict:
 
 COLUMNS = [("EP", "ep", "d"), ("routing", "routing", "s"), ("rounds", "rounds", "d"),
            ("peak rows", "peak_rows", "d"), ("max received", "max_rows_received", "d"),
-           ("buffer EP·C", "buffer_rows", "d"), ("balanced", "balanced_rows", "d"),
+           ("buffer rows", "buffer_rows", "d"), ("balanced", "balanced_rows", "d"),
            ("worst case", "worst_case_rows", "d"), ("peak/bal", "peak_vs_balanced", ".2f"),
            ("received/bal", "received_vs_balanced", ".2f"), ("buffer/bal", "buffer_vs_balanced", ".2f"),
            ("worst/bal", "worst_case_vs_balanced", ".2f"), ("dropped", "dropped_rows", "d"),

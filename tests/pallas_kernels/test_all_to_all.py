@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.all_to_all import all_to_all
-from sharding.expert_parallel import expert_parallel_ffn, expert_parallel_ffn_local
+from sharding.expert_parallel import ExchangeOptions, expert_parallel_ffn, expert_parallel_ffn_local
 from tests.sharding.test_expert_parallel import SWIGLU
 from sharding.mesh import build_mesh
 from tests.fast_compile import cheap_compiles, cpu_devices  # noqa: F401  (fixtures; cheap_compiles is autouse)
@@ -88,8 +88,8 @@ def test_pallas_all_to_all_serves_as_ep_transport(data, cpu_devices):
 
     def run(transport):
         def loss(x, weights, *w):
-            out, stats = expert_parallel_ffn(x, ep.experts, weights, w, expert_ffn=SWIGLU, mesh=mesh,
-                                             capacity_factor=1.0, block_multiple=1, all_to_all=transport)
+            options = ExchangeOptions(capacity_factor=1.0, block_multiple=1, all_to_all=transport)
+            out, stats = expert_parallel_ffn(x, ep.experts, weights, w, expert_ffn=SWIGLU, mesh=mesh, options=options)
             return (out * ep.ct).sum(), (out, stats)
         return jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3, 4), has_aux=True))(ep.x, ep.weights, *ep.w)
 
@@ -106,5 +106,5 @@ def test_transport_callable_only_for_the_all_to_all_impl():
     x, e = jnp.zeros((4, 8)), jnp.zeros((4, 2), jnp.int32)
     with pytest.raises(ValueError, match="expert_parallel.all_to_all .* not impl='ragged'"):
         expert_parallel_ffn_local(x, e, e.astype(jnp.float32), (jnp.zeros((2, 8, 4)), jnp.zeros((2, 8, 4)),
-                                  jnp.zeros((2, 4, 8))), expert_ffn=SWIGLU, expert_axis="expert", capacity=8,
-                                  impl="ragged", all_to_all=all_to_all)
+                                  jnp.zeros((2, 4, 8))), expert_ffn=SWIGLU, expert_axis="expert",
+                                  options=ExchangeOptions(impl="ragged", all_to_all=all_to_all))

@@ -10,9 +10,10 @@ import pytest
 from dsv3_jax.model.moe.experts import swiglu_experts
 from pallas_kernels.grouped_matmul.reference import grouped_matmul
 
-from sharding.ep_buffers import ep_buffer_size
-from sharding.ep_layout import (check_expert_parallel, expert_ranks, group_ranks, max_ranks_per_token,
-                                ranks_per_token)
+from sharding.ep_buffers import ep_buffer_size, exchange_buffers, expected_destinations
+from sharding.expert_parallel import ExchangeOptions, expert_parallel_ffn
+from sharding.ep_layout import (check_expert_parallel, expert_ranks, group_limited_top_k, group_ranks,
+                                max_ranks_per_token, ranks_per_token)
 from tests.fast_compile import cheap_compiles, cpu_devices  # noqa: F401  (fixtures; cheap_compiles is autouse)
 
 SWIGLU = functools.partial(swiglu_experts, grouped_matmul=grouped_matmul)   # the experts the exchange runs
@@ -57,18 +58,6 @@ def test_bad_call_fails_before_tracing():
         expert_parallel_ffn(x, e, w, (wg, wg, wd), expert_ffn=SWIGLU, mesh=mesh, expert_axis="experts")
     with pytest.raises(ValueError, match=r"expert_weights\[2\]\.shape=\(3, 6, 8\): expected 4 experts first"):
         expert_parallel_ffn(x, e, w, (wg, wg, wd[:3]), expert_ffn=SWIGLU, mesh=mesh)
-
-
-def group_limited_top_k(scores_TE, n_group, topk_group, k):
-    """Top-k experts among each token's best `topk_group` groups (group score: sum of its top-2)."""
-    t, e = scores_TE.shape
-    grouped_TGe = scores_TE.reshape(t, n_group, e // n_group)
-    group_score_TG = np.sort(grouped_TGe, axis=-1)[..., -2:].sum(-1)
-    kept_TG = np.argsort(-group_score_TG, axis=1)[:, :topk_group]
-    keep_TG = np.zeros((t, n_group), bool)
-    keep_TG[np.arange(t)[:, None], kept_TG] = True
-    masked_TE = np.where(keep_TG[:, :, None], grouped_TGe, -np.inf).reshape(t, e)
-    return np.argsort(-masked_TE, axis=1)[:, :k]
 
 
 @pytest.mark.parametrize("ep", [2, 4, 8, 16, 32])
@@ -138,10 +127,15 @@ TIGHT = dict(capacity_factor=1.0, block_multiple=1)   # one row per peer per slo
     pytest.param({"expert": 8}, "skewed", TIGHT, True, True, id="expert8-skewed"),
     pytest.param({"data": 2, "expert": 4}, "skewed", dict(impl="ragged_reference", **TIGHT), True, False,
                  id="data2-expert4-skewed-ragged_reference"),
+    pytest.param({"expert": 8}, "uniform", dict(node_size=4), False, False, id="expert8-nodes-of-4-uniform"),
+    pytest.param({"expert": 8}, "skewed", dict(node_size=2, **TIGHT), True, True, id="expert8-nodes-of-2-skewed"),
+    pytest.param({"data": 2, "expert": 4}, "skewed", dict(node_size=2, recompute=True, **TIGHT), True, True,
+                 id="data2-expert4-nodes-of-2-skewed-recompute"),
 ])
 def test_expert_parallel_equals_single_device(moe, cpu_devices, mesh_sizes, routing, kwargs, extra_rounds, overflows):
     """On 8 devices the exchange gives the single-device layer's output and gradients, drops no row and fits its
-    buffers; skewed routing takes extra rounds (and with the all_to_all transport, overflows the first)."""
+    buffers; skewed routing takes extra rounds (and with the all_to_all transport, overflows the first). Nodes of
+    4 or 2 ranks: two hops (node, then rank inside the node)."""
     import jax
 
     from sharding.expert_parallel import expert_parallel_ffn
@@ -151,7 +145,8 @@ def test_expert_parallel_equals_single_device(moe, cpu_devices, mesh_sizes, rout
     where = f"{mesh_sizes} {routing} {kwargs}"
 
     def loss(x, weights, wg, wu, wd):
-        out, stats = expert_parallel_ffn(x, experts, weights, (wg, wu, wd), expert_ffn=SWIGLU, mesh=mesh, **kwargs)
+        out, stats = expert_parallel_ffn(x, experts, weights, (wg, wu, wd), expert_ffn=SWIGLU, mesh=mesh,
+                                         options=ExchangeOptions(**kwargs))
         return (out * moe.ct).sum(), (out, stats)
 
     argnums = (0, 1, 2, 3, 4)
@@ -197,8 +192,10 @@ def test_max_rounds_caps_rounds_and_counts_the_rest_as_dropped(moe, cpu_devices)
     from sharding.mesh import build_mesh
 
     mesh = build_mesh({"expert": 8}, cpu_devices)
-    _, capped = jax.jit(lambda x, e, g, w: expert_parallel_ffn(x, e, g, w, expert_ffn=SWIGLU, mesh=mesh, max_rounds=1,
-                                                               **TIGHT))(moe.x, moe.routing["skewed"], moe.weights, moe.w)
+    options = ExchangeOptions(max_rounds=1, node_size=2, **TIGHT)
+    _, capped = jax.jit(lambda x, e, g, w: expert_parallel_ffn(x, e, g, w, expert_ffn=SWIGLU, mesh=mesh,
+                                                               options=options))(moe.x, moe.routing["skewed"],
+                                                                                 moe.weights, moe.w)
     dropped, received = int(capped.dropped_rows.sum()), int(capped.rows_received.sum())
     assert dropped > 0, "max_rounds=1 dropped no row of the skewed routing"
     assert received + dropped == T * K, f"{received} received + {dropped} dropped != {T * K} rows"
@@ -213,7 +210,8 @@ def test_ragged_transport_lowers_to_ragged_all_to_all(moe, cpu_devices, directio
     from sharding.mesh import build_mesh
 
     mesh = build_mesh({"expert": 8}, cpu_devices)
-    ragged = lambda x, e, g, w: expert_parallel_ffn(x, e, g, w, expert_ffn=SWIGLU, mesh=mesh, impl="ragged")[0].sum()
+    ragged = lambda x, e, g, w: expert_parallel_ffn(x, e, g, w, expert_ffn=SWIGLU, mesh=mesh,
+                                                    options=ExchangeOptions(impl="ragged"))[0].sum()
     fn = ragged if direction == "forward" else jax.grad(ragged, argnums=(0, 3))
     text = jax.jit(fn).lower(moe.x, moe.routing["uniform"], moe.weights, moe.w).as_text()
     assert "ragged_all_to_all" in text, f"the {direction} pass lowered without ragged_all_to_all"
@@ -248,3 +246,78 @@ def test_buffer_report_on_8_ranks(cpu_devices):
     assert all(r["dropped_rows"] == 0 and r["rows_total"] == 8 * 64 * 8 for r in rows.values()), rows
     assert rows["uniform"]["rounds"] == 1 and rows["skew90"]["rounds"] > 1, rows
     assert all(r["peak_rows"] <= r["buffer_rows"] for r in rows.values()), rows
+
+
+def test_expected_destinations_of_the_router_rule():
+    """Without groups the top-k of i.i.d. scores is a uniform k-subset: E[units] = U·(1 − C(E−E/U, k)/C(E, k)).
+    With V3's groups (4 of 8) a token reaches at most 4 nodes and nearly always all 4 (a group is chosen for its
+    top experts), more than the uniform-within-chosen-groups model's 3.63 that would undersize the buffers."""
+    import math
+
+    from sharding.ep_buffers import expected_destinations
+    for units in (4, 8, 64):
+        closed = units * (1 - math.comb(256 - 256 // units, 8) / math.comb(256, 8))
+        assert abs(expected_destinations(256, 8, 1, 1, units) - closed) < 0.02 * closed, units
+    nodes = expected_destinations(256, 8, 8, 4, 8)
+    assert 3.8 < nodes <= 4.0, nodes
+    assert nodes < expected_destinations(256, 8, 8, 4, 64) <= 8
+
+
+def test_buffers_follow_expected_destinations_not_choices():
+    """V3 widths on 64 ranks in nodes of 8: C₁ = ⌈f·T·d_node/N⌉, C₂ = ⌈f·T·d_rank/L⌉ (multiples of 8), expert passes
+    of f·T·K rows; one node is one hop of ⌈f·T·d_rank/EP⌉."""
+    b = exchange_buffers(4096, 256, 8, 64, 8, n_group=8, topk_group=4, capacity_factor=1.25)
+    assert 3.8 < b.nodes_per_token <= 4.0 and 7.0 < b.ranks_per_token < 8.0, b
+    assert b.capacities == (-(-int(np.ceil(1.25 * 4096 * b.nodes_per_token / 8)) // 8) * 8,
+                            -(-int(np.ceil(1.25 * 4096 * b.ranks_per_token / 8)) // 8) * 8), b
+    assert b.expert_rows == 1.25 * 4096 * 8
+    one = exchange_buffers(4096, 256, 8, 64, 64, n_group=8, topk_group=4)
+    assert len(one.capacities) == 1 and one.capacities[0] < 1.25 * 4096 * 8 / 64 + 8, one
+    with pytest.raises(ValueError, match="mesh.expert_node_size=3"):
+        exchange_buffers(4096, 256, 8, 64, 3)
+
+
+def test_two_hops_move_rows_inside_nodes_and_across_once(moe, cpu_devices):
+    """Nodes of 4 on 8 ranks: every all-to-all of the lowered step runs either among the ranks of equal local
+    index across nodes ({0,4}, {1,5}, ...) or inside a node ({0..3}, {4..7}); none spans the whole axis."""
+    import re
+
+    import jax
+
+    from sharding.mesh import build_mesh
+
+    mesh = build_mesh({"expert": 8}, cpu_devices)
+    fn = lambda x, e, g, w: expert_parallel_ffn(x, e, g, w, expert_ffn=SWIGLU, mesh=mesh,
+                                                options=ExchangeOptions(node_size=4))[0].sum()
+    text = jax.jit(jax.grad(fn, argnums=(0, 3))).lower(moe.x, moe.routing["uniform"], moe.weights, moe.w).as_text()
+    groups = set(re.findall(r"all_to_all.*?replica_groups = dense<(\[\[.*?\]\])>", text))
+    assert groups == {"[[0, 4], [1, 5], [2, 6], [3, 7]]", "[[0, 1, 2, 3], [4, 5, 6, 7]]"}, groups
+
+
+def test_fp8_on_the_wire(moe, cpu_devices):
+    """With an FP8 codec (E4M3, 1×128 power-of-two scales) the experts see the quantized rows and the backward's
+    output gradient arrives quantized; the input gradient comes back unquantized (straight through). So the
+    exchange equals the single-device layer on quantized inputs, its weight gradients are those of the quantized
+    output gradient, and both hops (nodes of 2) reproduce the same tiles."""
+    import jax
+
+    from dsv3_jax.model.moe.backend import MoEKernels
+    from sharding.mesh import build_mesh
+
+    codec = MoEKernels().wire_codec(True, power_of_two=True)
+    qdq = lambda a: codec[1](codec[0](a), a.dtype)
+    mesh, experts = build_mesh({"expert": 8}, cpu_devices), moe.routing["uniform"]
+    for node_size in (0, 2):
+        def loss(x, weights, *w):
+            out, _ = expert_parallel_ffn(x, experts, weights, w, expert_ffn=SWIGLU, mesh=mesh,
+                                         options=ExchangeOptions(codec=codec, node_size=node_size))
+            return (out * moe.ct).sum(), out
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3, 4), has_aux=True))(moe.x, moe.weights,
+                                                                                             *moe.w)
+        assert not np.allclose(qdq(moe.x), moe.x, rtol=1e-3), "the codec changed nothing"
+        np.testing.assert_allclose(out, single_device(qdq(moe.x), moe.weights, experts, *moe.w), rtol=1e-5,
+                                   atol=1e-6, err_msg=f"output, nodes of {node_size}")
+        ref = lambda x, weights, *w: (single_device(x, weights, experts, *w) * qdq(moe.ct)).sum()
+        ref_grads = jax.grad(ref, (0, 1, 2, 3, 4))(qdq(moe.x), moe.weights, *moe.w)
+        for name, g, r in zip(("x", "weights", "w_gate", "w_up", "w_down"), grads, ref_grads, strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=2e-6, err_msg=f"d{name}, nodes of {node_size}")

@@ -11,6 +11,7 @@ from dsv3_jax.kernels import KernelSet
 from pallas_kernels import dispatch as dispatch_kernels
 from pallas_kernels import grouped_matmul as gmm_kernels
 from pallas_kernels.all_to_all import all_to_all as pallas_all_to_all
+from pallas_kernels.fp8 import dequantize, quantize_1x128
 
 EXCHANGES = {"lax": None, "pallas": pallas_all_to_all}   # None: sharding.expert_parallel's lax.all_to_all
 
@@ -45,8 +46,24 @@ class MoEKernels:
         return dispatch_kernels.combine(y_ND, weights_TK, sent.order_N, out_dtype, row_TK=sent.row_TK,
                                         impl=self.dispatch_impl, interpret=self.interpret)
 
+    def wire_codec(self, fp8: bool, power_of_two: bool = False):
+        """How the expert-parallel exchange sends rows toward the experts: with `fp8`, E4M3 with one scale per row
+        per 128 columns (the tiles the FP8 grouped matmul quantizes its input to); None: in the activations' dtype."""
+        if not fp8:
+            return None
+        return functools.partial(_fp8_encode, power_of_two=power_of_two), _fp8_decode
+
     @property
     def partitionable(self) -> bool:
         """Whether XLA can partition these ops over a sharded mesh itself: the references can; Pallas TPU and Mosaic
         GPU kernels are custom calls that must run per shard, inside a shard_map."""
         return self.dispatch_impl == "reference" and self.grouped_matmul_impl == "reference"
+
+
+def _fp8_encode(x_ND, power_of_two: bool):
+    return quantize_1x128(x_ND, power_of_two)
+
+
+def _fp8_decode(payload, dtype):
+    x_q, scale_NDb = payload
+    return dequantize(x_q, scale_NDb, (1, 128), dtype)

@@ -18,9 +18,8 @@ from dsv3_jax.model.moe.backend import MoEKernels
 from dsv3_jax.model.moe.experts import swiglu_experts
 from dsv3_jax.model.moe.router import Router, RouterStats, router_stats
 from pallas_kernels.fp8 import dequantize
-from sharding.ep_buffers import capacity_per_peer
 from sharding.ep_layout import check_expert_parallel
-from sharding.expert_parallel import expert_parallel_ffn, expert_parallel_ffn_local
+from sharding.expert_parallel import ExchangeOptions, expert_parallel_ffn, expert_parallel_ffn_local
 from sharding.per_shard import on_batch_shards
 
 EXPERT_WEIGHTS = ("experts_gate", "experts_up", "experts_down")   # routed-expert parameters, expert axis first
@@ -63,17 +62,19 @@ class MoE(nn.Module):
                           expert_param("experts_up", (E, D, F), ("expert", "embed", "mlp")),
                           expert_param("experts_down", (E, F, D), ("expert", "mlp", "embed")))
         x_TD = x_TD.astype(c.jnp_dtype)
+        if split is not None:
+            options = ExchangeOptions(capacity_factor=split.capacity_factor, node_size=split.node_size,
+                                      routing_groups=(c.n_group, c.topk_group), all_to_all=ops.exchange,
+                                      codec=ops.wire_codec(c.fp8, c.fp8_power_of_two_scales),
+                                      recompute=c.expert_recompute)
         if local:   # this rank's tokens travel to the ranks of their experts and back (dropless)
-            K = routing.experts_TK.shape[1]
             routed_TD, _ = expert_parallel_ffn_local(
                 x_TD, routing.experts_TK, routing.weights_TK, expert_weights, expert_ffn=expert_ffn,
-                expert_axis=split.axis, capacity=capacity_per_peer(B * T * K, ep, split.capacity_factor),
-                out_dtype=c.jnp_dtype, all_to_all=ops.exchange)
+                expert_axis=split.axis, options=options, out_dtype=c.jnp_dtype)
         elif split is not None:   # experts split over the mesh's expert axis: tokens travel to them and back
             routed_TD, _ = expert_parallel_ffn(x_TD, routing.experts_TK, routing.weights_TK, expert_weights,
                                                expert_ffn=expert_ffn, mesh=split.mesh, expert_axis=split.axis,
-                                               capacity_factor=split.capacity_factor, out_dtype=c.jnp_dtype,
-                                               all_to_all=ops.exchange)
+                                               options=options, out_dtype=c.jnp_dtype)
         else:
             def routed(x_TD, experts_TK, weights_TK, *w):
                 return routed_experts(ops, expert_ffn, x_TD, experts_TK, weights_TK, w, c.jnp_dtype)

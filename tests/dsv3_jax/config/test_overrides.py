@@ -80,3 +80,12 @@ def test_nested_sections_of_any_dataclass():
         apply_overrides(Outer(), ["inner=none"], prefix="")
     with pytest.raises(ConfigError, match=r"--set inner\.rte: unknown field 'rte'; known: rate, tags"):
         apply_overrides(Outer(), ["inner.rte=1"], prefix="")
+
+
+def test_expert_node_size_that_does_not_divide_the_expert_axis_fails_before_compiling():
+    from dsv3_jax.train.run_config import RunConfig, validate_run
+
+    run = RunConfig(model=TINY).with_overrides("mesh.expert=4", "mesh.data=1", "mesh.expert_node_size=3")
+    with pytest.raises(ConfigError, match=r"mesh\.expert_node_size=3: must divide mesh\.expert=4"):
+        validate_run(run, device_count=4)
+    validate_run(run.with_overrides("mesh.expert_node_size=2"), device_count=4)
