@@ -19,9 +19,9 @@ activations) and sends only the output gradient out and the input gradient back;
 replay their forward in the backward. `recompute=True` recomputes the experts' activations in the backward instead
 of keeping them (the received rows are still kept: nothing travels twice).
 
-A `codec` (encode(x_ND) -> payload arrays, decode(payload, dtype) -> x_ND) puts dispatched rows on the wire in another
-format, e.g. FP8 with 1×128 scales; the backward's rows toward the experts (the output gradient) use it too, and
-results and input gradients travel in the activations' dtype.
+A `codec` (encode(x_ND) -> payload arrays, decode(payload, dtype) -> x_ND) puts dispatched rows on the wire in
+another format, e.g. FP8 with 1×128 scales; the backward's rows toward the experts (the output gradient) use it too,
+and results and input gradients travel in the activations' dtype.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def _rounds_sum(make_round, rounds, ints, floats, keep: bool, out_rows: int):
     rounds of inner hops inside that loop all replay (keep=False), so a replayed round holds one round of buffers
     per hop. Not keep: every round in the replaying loop."""
     if keep:
-        return _replayed_rounds(make_round(False), 1, rounds, ints, floats, make_round(True)(jnp.int32(0), ints, floats))
+        first = make_round(True)(jnp.int32(0), ints, floats)
+        return _replayed_rounds(make_round(False), 1, rounds, ints, floats, first)
     x = jax.tree.leaves(floats)[0]
     init = (_vary_like(jnp.zeros((out_rows, x.shape[-1]), jnp.float32), x),
             _vary_like(jnp.zeros((5,), jnp.int32), x))

@@ -157,7 +157,8 @@ class ExchangeOptions:
     node_size: ranks of the expert axis that share a node (the fast links); 0 or the axis size: one node.
     routing_groups: (n_group, topk_group) of the router, for the expected destinations per token that size the
           all_to_all buffers (ep_buffers.exchange_buffers).
-    codec: (encode(x_ND) -> arrays, decode(arrays, dtype) -> x_ND) of dispatched rows on the wire (e.g. FP8 with 1×128 scales), None: as they are.
+    codec: (encode(x_ND) -> arrays, decode(arrays, dtype) -> x_ND) of dispatched rows on the wire (e.g. FP8 with
+          1×128 scales), None: as they are.
     all_to_all: the collective of a hop over the whole expert axis (default lax.all_to_all; e.g. the Pallas TPU
           remote-DMA kernel). Hops over part of the axis use lax.all_to_all with axis_index_groups.
     recompute: recompute the experts' activations in the backward instead of keeping them."""

@@ -112,7 +112,8 @@ def run(args) -> dict:
                              received_vs_balanced=m["max_rows_received"] / balanced,
                              buffer_vs_balanced=m["buffer_rows"] / balanced,
                              worst_case_vs_balanced=m["worst_case_rows"] / balanced,
-                             buffer_mib=m["buffer_rows"] * sizes.row_bytes / mib, balanced_mib=sizes.balanced_bytes / mib,
+                             buffer_mib=m["buffer_rows"] * sizes.row_bytes / mib,
+                             balanced_mib=sizes.balanced_bytes / mib,
                              worst_case_mib=sizes.worst_case_bytes / mib))
     config = dict(ep=list(args.ep), tokens_per_rank=args.tokens_per_rank, top_k=args.top_k, experts=args.experts,
                   capacity_factor=args.capacity_factor, block_multiple=args.block_multiple,
