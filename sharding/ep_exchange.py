@@ -1,28 +1,5 @@
-"""The expert exchange as DeepEP runs it: a token travels once per destination (node, then rank), never once per
-choice, and where the expert axis spans nodes it crosses the slow link once per destination node, then fans out on
-the fast links inside the node; results come back the reverse way, summed inside each rank and each node first.
-
-Hops, for an expert axis of EP ranks in nodes of L (N = EP/L nodes; rank i is node i // L, local rank i % L):
-  inter-node  each token goes once to every node holding one of its experts, to the rank there with its own local
-              index (an all_to_all among the N ranks of equal local index);
-  intra-node  that rank forwards the row once to every rank of its node holding one of the row's experts (an
-              all_to_all among the node's L ranks);
-  experts     the owning rank runs each row through every one of its experts the token chose and returns one
-              weighted partial sum per row.
-One node (N = 1) or one rank per node (L = 1) is one hop over the whole axis. A row carries the token's expert ids
-and gate weights for its destination only (-1 and 0 elsewhere); partial sums are added in float32.
-
-Buffers are bounded and nothing is dropped: each hop moves at most C rows per (sender, receiver) pair per round
-(ep_buffers.exchange_buffers sizes C from the expected distinct destinations per token), and skew adds rounds. Round
-0 of every hop is differentiated as written, so its backward keeps its residuals (the received rows, the experts'
-activations) and sends only the output gradient out and the input gradient back; later rounds (skewed routing only)
-replay their forward in the backward. `recompute=True` recomputes the experts' activations in the backward instead
-of keeping them (the received rows are still kept: nothing travels twice).
-
-A `codec` (encode(x_ND) -> payload arrays, decode(payload, dtype) -> x_ND) puts dispatched rows on the wire in
-another format, e.g. FP8 with 1×128 scales; the backward's rows toward the experts (the output gradient) use it too,
-and results and input gradients travel in the activations' dtype.
-"""
+"""The expert exchange as DeepEP runs it: a token travels once per destination node, then once per destination rank
+inside the node, never once per chosen expert; results come back the same way, summed at each hop (`exchange_ffn`)."""
 
 from __future__ import annotations
 
@@ -42,6 +19,17 @@ SKEW_ONLY_SCOPE = "skew_only_rounds"
 
 # Stats vector entries, combined over rounds by max (ROUNDS, PEAK) or sum (the rest).
 ROUNDS, RECEIVED, PEAK, OVERFLOW, DROPPED = range(5)
+
+# Replayed rounds (past the first, and every round of a hop inside one) move capacity / REPLAY_FRACTION rows per
+# pair: XLA allocates a loop's buffers whether or not it runs, and balanced routing never runs these.
+REPLAY_FRACTION = 8
+
+
+class Window(NamedTuple):
+    """Round r covers rows [base + (r − start)·size, base + (r − start + 1)·size) of each sender's list."""
+    base: int
+    start: int
+    size: int
 
 
 class Hop(NamedTuple):
@@ -85,19 +73,35 @@ def _combine_stats(a, b):
 
 # ---- rounds: round 0 differentiated as written, later ones replayed in the backward ----------------------------
 
-def _rounds_sum(make_round, rounds, ints, floats, keep: bool, out_rows: int):
-    """Σ_{r < rounds} round(r, ints, floats) -> (out [out_rows, D] float32, stats), round = make_round(keep).
+def _schedule(need, capacity: int, keep: bool, max_rounds: int | None = None):
+    """(rounds, rows they cover, the windows of the first and of the later rounds) for a sender list of `need` rows
+    at most. keep: round 0 moves `capacity` rows, later ones capacity / REPLAY_FRACTION; not keep: all the latter."""
+    replay = max(1, -(-capacity // REPLAY_FRACTION))
+    if keep:
+        rounds = 1 + (jnp.maximum(need - capacity, 0) + replay - 1) // replay
+    else:
+        rounds = (need + replay - 1) // replay
+    if max_rounds is not None:
+        rounds = jnp.minimum(rounds, max_rounds)
+    rounds = rounds.astype(jnp.int32)
+    if keep:
+        return rounds, capacity + (rounds - 1) * replay, Window(0, 0, capacity), Window(capacity, 1, replay)
+    return rounds, rounds * replay, None, Window(0, 0, replay)
+
+
+def _rounds_sum(make_round, rounds, ints, floats, keep: bool, out_rows: int, first: Window, later: Window):
+    """Σ_{r < rounds} round(r) -> (out [out_rows, D] float32, stats), round = make_round(keep_inner, window).
     keep: round 0 runs as written (its backward keeps its residuals; every rank takes part in its collectives even
     with nothing to send) and rounds past it run in a loop whose backward replays each round (skew only); the
-    rounds of inner hops inside that loop all replay (keep=False), so a replayed round holds one round of buffers
-    per hop. Not keep: every round in the replaying loop."""
+    rounds of inner hops inside that loop all replay (keep=False), so a replayed round holds one small round of
+    buffers per hop. Not keep: every round in the replaying loop."""
     if keep:
-        first = make_round(True)(jnp.int32(0), ints, floats)
-        return _replayed_rounds(make_round(False), 1, rounds, ints, floats, first)
+        out = make_round(True, first)(jnp.int32(0), ints, floats)
+        return _replayed_rounds(make_round(False, later), 1, rounds, ints, floats, out)
     x = jax.tree.leaves(floats)[0]
     init = (_vary_like(jnp.zeros((out_rows, x.shape[-1]), jnp.float32), x),
             _vary_like(jnp.zeros((5,), jnp.int32), x))
-    return _replayed_rounds(make_round(False), 0, rounds, ints, floats, init)
+    return _replayed_rounds(make_round(False, later), 0, rounds, ints, floats, init)
 
 
 def _loop(start: int, rounds, body, init):
@@ -199,31 +203,29 @@ def _hop(ex: Exchange, level: int, x_MD, ids_MK, w_MK, expert_w, keep: bool):
     has_GM = has_GM.any(axis=-1)
     count_G = has_GM.sum(axis=1).astype(jnp.int32)
     order_GM = jnp.argsort(~has_GM, axis=1, stable=True).astype(jnp.int32)   # each unit's rows first, in order
-    rounds = lax.pmax(jnp.max((count_G + c - 1) // c), ex.axis)
-    if ex.max_rounds is not None:
-        rounds = jnp.minimum(rounds, ex.max_rounds)
-    rounds = rounds.astype(jnp.int32)
+    need = lax.pmax(jnp.max(count_G), ex.axis)   # every rank runs the same rounds: they hold collectives
+    rounds, covered, first, later = _schedule(need, c, keep, ex.max_rounds)
     # Choices of the rows no round sends (only when max_rounds caps the rounds): dropped.
-    unsent_GM = jnp.arange(m)[None, :] >= rounds * c
+    unsent_GM = jnp.arange(m)[None, :] >= covered
     choices_GM = (unit_MK[None] == jnp.arange(g_size)[:, None, None]).sum(-1)
     dropped = (jnp.take_along_axis(choices_GM, order_GM, axis=1) * unsent_GM).sum().astype(jnp.int32)
 
-    def make_round(keep_inner: bool):
-        return functools.partial(_hop_round, ex, level, keep_inner)
+    def make_round(keep_inner: bool, window: Window):
+        return functools.partial(_hop_round, ex, level, keep_inner, window)
 
     out_MD, stats = _rounds_sum(make_round, rounds, (order_GM, count_G, unit_MK, ids_MK, rounds),
-                                (x_MD, w_MK, expert_w), keep, m)
+                                (x_MD, w_MK, expert_w), keep, m, first, later)
     return out_MD, stats.at[DROPPED].add(dropped)
 
 
-def _hop_round(ex: Exchange, level: int, keep: bool, r, ints, floats):
-    """Round r of hop `level`: up to C rows to each peer, the next level on what arrives, the results back."""
+def _hop_round(ex: Exchange, level: int, keep: bool, window: Window, r, ints, floats):
+    """Round r of hop `level`: the window's rows to each peer, the next level on what arrives, the results back."""
     hop = ex.hops[level]
-    g_size, c = hop.size, hop.capacity
+    g_size, c = hop.size, window.size
     order_GM, count_G, unit_MK, ids_MK, rounds = ints
     m = ids_MK.shape[0]
     x_MD, w_MK, expert_w = floats
-    pos_GC = r * c + jnp.arange(c, dtype=jnp.int32)[None, :]
+    pos_GC = window.base + (r - window.start) * c + jnp.arange(c, dtype=jnp.int32)[None, :]
     valid_GC = pos_GC < count_G[:, None]
     m_GC = jnp.take_along_axis(order_GM, jnp.minimum(pos_GC, m - 1), axis=1)
     mine_GCK = valid_GC[..., None] & (unit_MK[m_GC] == jnp.arange(g_size)[:, None, None])
@@ -238,7 +240,7 @@ def _hop_round(ex: Exchange, level: int, keep: bool, r, ints, floats):
     dest_N = jnp.where(valid_GC, m_GC, m).reshape(-1)
     out_MD = jnp.zeros((m, back_GCD.shape[-1]), jnp.float32)
     out_MD = out_MD.at[dest_N].add(back_GCD.reshape(rows, -1).astype(jnp.float32), mode="drop")
-    overflow = jnp.where(r > 0, valid_GC.sum(), 0).astype(jnp.int32)
+    overflow = (valid_GC & (pos_GC >= hop.capacity)).sum().astype(jnp.int32)   # past one full round
     here = jnp.stack([rounds, jnp.int32(0), jnp.int32(0), overflow, jnp.int32(0)])
     return out_MD, _combine_stats(stats, here)
 
@@ -256,26 +258,27 @@ def _own_experts(ex: Exchange, x_RD, ids_RK, w_RK, expert_w, keep: bool):
     float32, stats). The (row, expert) pairs run in passes of `expert_rows`, grouped by expert (a local loop)."""
     r_rows, k = ids_RK.shape
     e_local, x_rows = ex.e_local, ex.expert_rows
-    first = lax.axis_index(ex.axis) * e_local
-    local_N = jnp.where(ids_RK >= 0, ids_RK - first, e_local).reshape(-1).astype(jnp.int32)
+    first_expert = lax.axis_index(ex.axis) * e_local
+    local_N = jnp.where(ids_RK >= 0, ids_RK - first_expert, e_local).reshape(-1).astype(jnp.int32)
     order_N = jnp.argsort(local_N, stable=True).astype(jnp.int32)
     pairs = (local_N < e_local).sum().astype(jnp.int32)
-    passes = (pairs + x_rows - 1) // x_rows
+    passes, _, first, later = _schedule(pairs, x_rows, keep)
     filled = (ids_RK >= 0).any(axis=1).sum().astype(jnp.int32)
 
-    def make_round(_keep_inner: bool):
-        return functools.partial(_expert_pass, ex)
+    def make_round(_keep_inner: bool, window: Window):
+        return functools.partial(_expert_pass, ex, window)
 
-    return _rounds_sum(make_round, passes, (order_N, local_N, pairs, filled), (x_RD, w_RK, expert_w), keep, r_rows)
+    return _rounds_sum(make_round, passes, (order_N, local_N, pairs, filled), (x_RD, w_RK, expert_w), keep, r_rows,
+                       first, later)
 
 
-def _expert_pass(ex: Exchange, p, ints, floats):
-    """Pass p over this rank's (row, expert) pairs, `expert_rows` of them grouped by expert."""
-    e_local, x_rows = ex.e_local, ex.expert_rows
+def _expert_pass(ex: Exchange, window: Window, p, ints, floats):
+    """Pass p over this rank's (row, expert) pairs, the window's of them, grouped by expert."""
+    e_local, x_rows = ex.e_local, window.size
     order_N, local_N, pairs, filled = ints
     x_RD, w_RK, expert_w = floats
     r_rows, k = w_RK.shape
-    pos_X = p * x_rows + jnp.arange(x_rows, dtype=jnp.int32)
+    pos_X = window.base + (p - window.start) * x_rows + jnp.arange(x_rows, dtype=jnp.int32)
     valid_X = pos_X < pairs
     pair_X = order_N[jnp.minimum(pos_X, order_N.shape[0] - 1)]
     row_X = pair_X // k
@@ -293,6 +296,31 @@ def _expert_pass(ex: Exchange, p, ints, floats):
 
 def exchange_ffn(ex: Exchange, x_TD, experts_TK, weights_TK, expert_weights: tuple):
     """Σ_k weights_TK · expert_{experts_TK}(x_TD) for this rank's tokens (inside a shard_map where ex.axis is manual;
-    `expert_weights` hold this rank's E/EP experts, expert axis first) -> (out_TD float32, stats int32[5])."""
+    `expert_weights` hold this rank's E/EP experts, expert axis first) -> (out_TD float32, stats int32[5]).
+
+    A token crosses the slow link once per destination node, then fans out on the fast links inside the node.
+
+    Hops, for an expert axis of EP ranks in nodes of L (N = EP/L nodes; rank i is node i // L, local rank i % L):
+      inter-node  each token goes once to every node holding one of its experts, to the rank there with its own local
+                  index (an all_to_all among the N ranks of equal local index);
+      intra-node  that rank forwards the row once to every rank of its node holding one of the row's experts (an
+                  all_to_all among the node's L ranks);
+      experts     the owning rank runs each row through every one of its experts the token chose and returns one
+                  weighted partial sum per row.
+    One node (N = 1) or one rank per node (L = 1) is one hop over the whole axis. A row carries the token's expert ids
+    and gate weights for its destination only (-1 and 0 elsewhere); partial sums are added in float32.
+
+    Buffers are bounded and nothing is dropped: each hop moves at most C rows per (sender, receiver) pair per round
+    (ep_buffers.exchange_buffers sizes C from the expected distinct destinations per token), and skew adds rounds.
+    Round 0 of every hop is differentiated as written, so its backward keeps its residuals (the received rows, the
+    experts' activations) and sends only the output gradient out and the input gradient back; later rounds (skewed
+    routing only) move capacity / REPLAY_FRACTION rows and replay their forward in the backward. `recompute=True`
+    recomputes the experts' activations in the backward instead of keeping them (the received rows are still kept:
+    nothing travels twice).
+
+    A `codec` (encode(x_ND) -> payload arrays, decode(payload, dtype) -> x_ND) puts dispatched rows on the wire in
+    another format, e.g. FP8 with 1×128 scales; the backward's rows toward the experts (the output gradient) use it too,
+    and results and input gradients travel in the activations' dtype.
+    """
     expert_w = tuple(_vary_like(a, x_TD) for a in expert_weights)   # so their gradients sum over token shards
     return _route(ex, 0, x_TD, experts_TK.astype(jnp.int32), weights_TK, expert_w, True)
