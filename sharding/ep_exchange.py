@@ -73,10 +73,11 @@ def _combine_stats(a, b):
 
 # ---- rounds: round 0 differentiated as written, later ones replayed in the backward ----------------------------
 
-def _schedule(need, capacity: int, keep: bool, max_rounds: int | None = None):
+def _schedule(need, capacity: int, keep: bool, small: bool, max_rounds: int | None = None):
     """(rounds, rows they cover, the windows of the first and of the later rounds) for a sender list of `need` rows
-    at most. keep: round 0 moves `capacity` rows, later ones capacity / REPLAY_FRACTION; not keep: all the latter."""
-    replay = max(1, -(-capacity // REPLAY_FRACTION))
+    at most. keep: round 0 moves `capacity` rows, later ones capacity / REPLAY_FRACTION; not keep: all the latter
+    when `small` (inside a skew-only loop), else all `capacity`."""
+    replay = max(1, -(-capacity // REPLAY_FRACTION)) if (keep or small) else capacity
     if keep:
         rounds = 1 + (jnp.maximum(need - capacity, 0) + replay - 1) // replay
     else:
@@ -89,19 +90,20 @@ def _schedule(need, capacity: int, keep: bool, max_rounds: int | None = None):
     return rounds, rounds * replay, None, Window(0, 0, replay)
 
 
-def _rounds_sum(make_round, rounds, ints, floats, keep: bool, out_rows: int, first: Window, later: Window):
+def _rounds_sum(make_round, rounds, ints, floats, keep: bool, small: bool, out_rows: int, first: Window,
+                later: Window):
     """Σ_{r < rounds} round(r) -> (out [out_rows, D] float32, stats), round = make_round(keep_inner, window).
     keep: round 0 runs as written (its backward keeps its residuals; every rank takes part in its collectives even
     with nothing to send) and rounds past it run in a loop whose backward replays each round (skew only); the
     rounds of inner hops inside that loop all replay (keep=False), so a replayed round holds one small round of
     buffers per hop. Not keep: every round in the replaying loop."""
     if keep:
-        out = make_round(True, first)(jnp.int32(0), ints, floats)
-        return _replayed_rounds(make_round(False, later), 1, rounds, ints, floats, out)
+        out = make_round(True, False, first)(jnp.int32(0), ints, floats)
+        return _replayed_rounds(make_round(False, True, later), 1, rounds, ints, floats, out)
     x = jax.tree.leaves(floats)[0]
     init = (_vary_like(jnp.zeros((out_rows, x.shape[-1]), jnp.float32), x),
             _vary_like(jnp.zeros((5,), jnp.int32), x))
-    return _replayed_rounds(make_round(False, later), 0, rounds, ints, floats, init)
+    return _replayed_rounds(make_round(False, small, later), 0, rounds, ints, floats, init)
 
 
 def _loop(start: int, rounds, body, init):
@@ -192,7 +194,7 @@ _combine.defvjp(lambda ex, hop, y: (_combine(ex, hop, y), None),
 
 # ---- one hop ------------------------------------------------------------------------------------------------------
 
-def _hop(ex: Exchange, level: int, x_MD, ids_MK, w_MK, expert_w, keep: bool):
+def _hop(ex: Exchange, level: int, x_MD, ids_MK, w_MK, expert_w, keep: bool, small: bool):
     """Σ over this hop's destinations of the next level's partial sums: rows x_MD with their expert ids ids_MK (-1:
     not for this rank to route) and gate weights w_MK -> (out_MD float32, stats)."""
     hop = ex.hops[level]
@@ -204,21 +206,21 @@ def _hop(ex: Exchange, level: int, x_MD, ids_MK, w_MK, expert_w, keep: bool):
     count_G = has_GM.sum(axis=1).astype(jnp.int32)
     order_GM = jnp.argsort(~has_GM, axis=1, stable=True).astype(jnp.int32)   # each unit's rows first, in order
     need = lax.pmax(jnp.max(count_G), ex.axis)   # every rank runs the same rounds: they hold collectives
-    rounds, covered, first, later = _schedule(need, c, keep, ex.max_rounds)
+    rounds, covered, first, later = _schedule(need, c, keep, small, ex.max_rounds)
     # Choices of the rows no round sends (only when max_rounds caps the rounds): dropped.
     unsent_GM = jnp.arange(m)[None, :] >= covered
     choices_GM = (unit_MK[None] == jnp.arange(g_size)[:, None, None]).sum(-1)
     dropped = (jnp.take_along_axis(choices_GM, order_GM, axis=1) * unsent_GM).sum().astype(jnp.int32)
 
-    def make_round(keep_inner: bool, window: Window):
-        return functools.partial(_hop_round, ex, level, keep_inner, window)
+    def make_round(keep_inner: bool, small_inner: bool, window: Window):
+        return functools.partial(_hop_round, ex, level, keep_inner, small_inner, window)
 
     out_MD, stats = _rounds_sum(make_round, rounds, (order_GM, count_G, unit_MK, ids_MK, rounds),
-                                (x_MD, w_MK, expert_w), keep, m, first, later)
+                                (x_MD, w_MK, expert_w), keep, small, m, first, later)
     return out_MD, stats.at[DROPPED].add(dropped)
 
 
-def _hop_round(ex: Exchange, level: int, keep: bool, window: Window, r, ints, floats):
+def _hop_round(ex: Exchange, level: int, keep: bool, small: bool, window: Window, r, ints, floats):
     """Round r of hop `level`: the window's rows to each peer, the next level on what arrives, the results back."""
     hop = ex.hops[level]
     g_size, c = hop.size, window.size
@@ -235,7 +237,7 @@ def _hop_round(ex: Exchange, level: int, keep: bool, window: Window, r, ints, fl
     recv_x = _dispatch(ex, hop, x_GCD)
     rows = g_size * c
     y_RD, stats = _route(ex, level + 1, recv_x.reshape(rows, -1), recv_ids.reshape(rows, -1),
-                         recv_w.reshape(rows, -1), expert_w, keep)
+                         recv_w.reshape(rows, -1), expert_w, keep, small)
     back_GCD = _combine(ex, hop, y_RD.astype(x_MD.dtype).reshape(g_size, c, -1))
     dest_N = jnp.where(valid_GC, m_GC, m).reshape(-1)
     out_MD = jnp.zeros((m, back_GCD.shape[-1]), jnp.float32)
@@ -245,15 +247,15 @@ def _hop_round(ex: Exchange, level: int, keep: bool, window: Window, r, ints, fl
     return out_MD, _combine_stats(stats, here)
 
 
-def _route(ex: Exchange, level: int, x_MD, ids_MK, w_MK, expert_w, keep: bool):
+def _route(ex: Exchange, level: int, x_MD, ids_MK, w_MK, expert_w, keep: bool, small: bool):
     if level < len(ex.hops):
-        return _hop(ex, level, x_MD, ids_MK, w_MK, expert_w, keep)
-    return _own_experts(ex, x_MD, ids_MK, w_MK, expert_w, keep)
+        return _hop(ex, level, x_MD, ids_MK, w_MK, expert_w, keep, small)
+    return _own_experts(ex, x_MD, ids_MK, w_MK, expert_w, keep, small)
 
 
 # ---- the owning rank's experts ------------------------------------------------------------------------------------
 
-def _own_experts(ex: Exchange, x_RD, ids_RK, w_RK, expert_w, keep: bool):
+def _own_experts(ex: Exchange, x_RD, ids_RK, w_RK, expert_w, keep: bool, small: bool):
     """Each received row through every one of its experts on this rank, weighted and summed per row -> (out_RD
     float32, stats). The (row, expert) pairs run in passes of `expert_rows`, grouped by expert (a local loop)."""
     r_rows, k = ids_RK.shape
@@ -262,14 +264,14 @@ def _own_experts(ex: Exchange, x_RD, ids_RK, w_RK, expert_w, keep: bool):
     local_N = jnp.where(ids_RK >= 0, ids_RK - first_expert, e_local).reshape(-1).astype(jnp.int32)
     order_N = jnp.argsort(local_N, stable=True).astype(jnp.int32)
     pairs = (local_N < e_local).sum().astype(jnp.int32)
-    passes, _, first, later = _schedule(pairs, x_rows, keep)
+    passes, _, first, later = _schedule(pairs, x_rows, keep, small)
     filled = (ids_RK >= 0).any(axis=1).sum().astype(jnp.int32)
 
-    def make_round(_keep_inner: bool, window: Window):
+    def make_round(_keep_inner: bool, _small_inner: bool, window: Window):
         return functools.partial(_expert_pass, ex, window)
 
-    return _rounds_sum(make_round, passes, (order_N, local_N, pairs, filled), (x_RD, w_RK, expert_w), keep, r_rows,
-                       first, later)
+    return _rounds_sum(make_round, passes, (order_N, local_N, pairs, filled), (x_RD, w_RK, expert_w), keep, small,
+                       r_rows, first, later)
 
 
 def _expert_pass(ex: Exchange, window: Window, p, ints, floats):
@@ -283,8 +285,7 @@ def _expert_pass(ex: Exchange, window: Window, p, ints, floats):
     pair_X = order_N[jnp.minimum(pos_X, order_N.shape[0] - 1)]
     row_X = pair_X // k
     sizes_e = jnp.bincount(jnp.where(valid_X, local_N[pair_X], e_local), length=e_local + 1)[:e_local]
-    ffn = jax.checkpoint(ex.expert_ffn) if ex.recompute else ex.expert_ffn
-    y_XD = ffn(x_RD[row_X], sizes_e.astype(jnp.int32), *expert_w)
+    y_XD = ex.expert_ffn(x_RD[row_X], sizes_e.astype(jnp.int32), *expert_w)
     gate_X = jnp.where(valid_X, w_RK.reshape(-1)[pair_X], 0).astype(jnp.float32)
     out_RD = jnp.zeros((r_rows, y_XD.shape[-1]), jnp.float32)
     out_RD = out_RD.at[jnp.where(valid_X, row_X, r_rows)].add(y_XD.astype(jnp.float32) * gate_X[:, None],
@@ -315,12 +316,12 @@ def exchange_ffn(ex: Exchange, x_TD, experts_TK, weights_TK, expert_weights: tup
     Round 0 of every hop is differentiated as written, so its backward keeps its residuals (the received rows, the
     experts' activations) and sends only the output gradient out and the input gradient back; later rounds (skewed
     routing only) move capacity / REPLAY_FRACTION rows and replay their forward in the backward. `recompute=True`
-    recomputes the experts' activations in the backward instead of keeping them (the received rows are still kept:
-    nothing travels twice).
+    replays every round in the backward instead (rows travel again and the experts run again; only the layer's
+    inputs are kept: the smallest memory).
 
     A `codec` (encode(x_ND) -> payload arrays, decode(payload, dtype) -> x_ND) puts dispatched rows on the wire in
     another format, e.g. FP8 with 1×128 scales; the backward's rows toward the experts (the output gradient) use it too,
     and results and input gradients travel in the activations' dtype.
     """
     expert_w = tuple(_vary_like(a, x_TD) for a in expert_weights)   # so their gradients sum over token shards
-    return _route(ex, 0, x_TD, experts_TK.astype(jnp.int32), weights_TK, expert_w, True)
+    return _route(ex, 0, x_TD, experts_TK.astype(jnp.int32), weights_TK, expert_w, not ex.recompute, False)

@@ -161,7 +161,8 @@ class ExchangeOptions:
           1×128 scales), None: as they are.
     all_to_all: the collective of a hop over the whole expert axis (default lax.all_to_all; e.g. the Pallas TPU
           remote-DMA kernel). Hops over part of the axis use lax.all_to_all with axis_index_groups.
-    recompute: recompute the experts' activations in the backward instead of keeping them."""
+    recompute: the backward replays the exchange (rows travel again, the experts run again) instead of keeping
+          round 0's residuals: only the layer's inputs are kept."""
     impl: str = "all_to_all"
     capacity_factor: float = 1.25
     block_multiple: int = 8

@@ -92,8 +92,8 @@ class ModelConfig:
     # Implementation switches (no effect on the function computed).
     scan_layers: bool = True
     remat_policy: str = "none"         # see REMAT_POLICIES
-    expert_recompute: bool = False     # expert-parallel MoE: recompute the routed experts' activations in the
-                                       # backward instead of keeping them (less memory, +1 expert forward)
+    expert_recompute: bool = False     # expert-parallel MoE: the backward replays the exchange (rows travel again,
+                                       # experts run again) instead of keeping its residuals (least memory)
     attention_impl: str = "auto"       # see ATTENTION_IMPLS
     # Which kernels run (dsv3_jax.kernels.resolve, once per step, into the KernelSet every layer receives):
     # auto | reference | pallas, for kernel_target "" (the platform of the devices the step is placed on) or
