@@ -92,11 +92,11 @@ def _schedule(need, capacity: int, keep: bool, small: bool, max_rounds: int | No
 
 def _rounds_sum(make_round, rounds, ints, floats, keep: bool, small: bool, out_rows: int, first: Window,
                 later: Window):
-    """Σ_{r < rounds} round(r) -> (out [out_rows, D] float32, stats), round = make_round(keep_inner, window).
-    keep: round 0 runs as written (its backward keeps its residuals; every rank takes part in its collectives even
-    with nothing to send) and rounds past it run in a loop whose backward replays each round (skew only); the
-    rounds of inner hops inside that loop all replay (keep=False), so a replayed round holds one small round of
-    buffers per hop. Not keep: every round in the replaying loop."""
+    """Σ_{r < rounds} round(r) -> (out [out_rows, D] float32, stats), round = make_round(keep_inner, small_inner,
+    window). keep: round 0 runs as written (its backward keeps its residuals; every rank takes part in its
+    collectives even with nothing to send) and rounds past it run in a loop whose backward replays each round (skew
+    only); the rounds of inner hops inside that loop all replay, in small windows (keep=False, small=True), so a
+    replayed round holds one small round of buffers per hop. Not keep: every round in the replaying loop."""
     if keep:
         out = make_round(True, False, first)(jnp.int32(0), ints, floats)
         return _replayed_rounds(make_round(False, True, later), 1, rounds, ints, floats, out)
