@@ -148,16 +148,12 @@ _replayed_rounds.defvjp(_replayed_rounds_fwd, _replayed_rounds_bwd)
 
 # ---- moving rows --------------------------------------------------------------------------------------------------
 
-def _move(ex: Exchange, hop: Hop, x_GX):
-    """Block g of x_GX to the group's rank g; the result's block g came from rank g (its own transpose)."""
+def _move(ex: Exchange, hop: Hop, x_GX, transport=None):
+    """Block g of x_GX to the group's rank g; the result's block g came from rank g (its own transpose). Rows go by
+    ex.all_to_all over the whole axis; a part of the axis, or `transport=lax.all_to_all`, by lax's."""
     if hop.groups is None:
-        return ex.all_to_all(x_GX, ex.axis, 0, 0)
+        return (transport or ex.all_to_all)(x_GX, ex.axis, 0, 0)
     return lax.all_to_all(x_GX, ex.axis, 0, 0, axis_index_groups=[list(g) for g in hop.groups])
-
-
-def _move_small(ex: Exchange, hop: Hop, x_GX):
-    groups = None if hop.groups is None else [list(g) for g in hop.groups]
-    return lax.all_to_all(x_GX, ex.axis, 0, 0, axis_index_groups=groups)
 
 
 def _encoded_move(ex: Exchange, hop: Hop, x_GCD):
@@ -201,15 +197,14 @@ def _hop(ex: Exchange, level: int, x_MD, ids_MK, w_MK, expert_w, keep: bool, sma
     g_size, c = hop.size, hop.capacity
     m = x_MD.shape[0]
     unit_MK = jnp.where(ids_MK >= 0, (ids_MK // hop.span) % g_size, -1)
-    has_GM = unit_MK[None] == jnp.arange(g_size, dtype=unit_MK.dtype)[:, None, None]
-    has_GM = has_GM.any(axis=-1)
+    choices_GM = (unit_MK[None] == jnp.arange(g_size, dtype=unit_MK.dtype)[:, None, None]).sum(-1)
+    has_GM = choices_GM > 0
     count_G = has_GM.sum(axis=1).astype(jnp.int32)
     order_GM = jnp.argsort(~has_GM, axis=1, stable=True).astype(jnp.int32)   # each unit's rows first, in order
     need = lax.pmax(jnp.max(count_G), ex.axis)   # every rank runs the same rounds: they hold collectives
     rounds, covered, first, later = _schedule(need, c, keep, small, ex.max_rounds)
     # Choices of the rows no round sends (only when max_rounds caps the rounds): dropped.
     unsent_GM = jnp.arange(m)[None, :] >= covered
-    choices_GM = (unit_MK[None] == jnp.arange(g_size)[:, None, None]).sum(-1)
     dropped = (jnp.take_along_axis(choices_GM, order_GM, axis=1) * unsent_GM).sum().astype(jnp.int32)
 
     def make_round(keep_inner: bool, small_inner: bool, window: Window):
@@ -232,8 +227,8 @@ def _hop_round(ex: Exchange, level: int, keep: bool, small: bool, window: Window
     m_GC = jnp.take_along_axis(order_GM, jnp.minimum(pos_GC, m - 1), axis=1)
     mine_GCK = valid_GC[..., None] & (unit_MK[m_GC] == jnp.arange(g_size)[:, None, None])
     x_GCD = jnp.where(valid_GC[..., None], x_MD[m_GC], 0).astype(x_MD.dtype)
-    recv_ids = _move_small(ex, hop, jnp.where(mine_GCK, ids_MK[m_GC], -1))
-    recv_w = _move_small(ex, hop, jnp.where(mine_GCK, w_MK[m_GC], 0))
+    recv_ids = _move(ex, hop, jnp.where(mine_GCK, ids_MK[m_GC], -1), lax.all_to_all)
+    recv_w = _move(ex, hop, jnp.where(mine_GCK, w_MK[m_GC], 0), lax.all_to_all)
     recv_x = _dispatch(ex, hop, x_GCD)
     rows = g_size * c
     y_RD, stats = _route(ex, level + 1, recv_x.reshape(rows, -1), recv_ids.reshape(rows, -1),
