@@ -90,11 +90,9 @@ class ExchangeBuffers:
 def exchange_buffers(tokens_per_rank: int, n_experts: int, top_k: int, ep: int, node_size: int, *,
                      n_group: int = 1, topk_group: int = 1, capacity_factor: float = 1.25,
                      block_multiple: int = 8) -> ExchangeBuffers:
-    """The capacities of ExchangeBuffers for an expert axis of `ep` ranks in nodes of `node_size`."""
-    check_expert_parallel(n_experts, ep, capacity_factor=capacity_factor)
-    if node_size < 1 or ep % node_size:
-        raise ValueError(f"mesh.expert_node_size={node_size}: must divide mesh.expert={ep}")
-    nodes = ep // node_size
+    """The capacities of ExchangeBuffers for an expert axis of `ep` ranks in nodes of `node_size` (0: one node)."""
+    check_expert_parallel(n_experts, ep, capacity_factor=capacity_factor, node_size=node_size)
+    nodes = ep // (node_size or ep)
     d_rank = expected_destinations(n_experts, top_k, n_group, topk_group, ep)
     d_node = expected_destinations(n_experts, top_k, n_group, topk_group, nodes) if nodes > 1 else 1.0
     cap = lambda rows, peers: capacity_per_peer(max(1, math.ceil(rows)), peers, capacity_factor, block_multiple)

@@ -51,17 +51,13 @@ class MoEKernels:
         per 128 columns (the tiles the FP8 grouped matmul quantizes its input to); None: in the activations' dtype."""
         if not fp8:
             return None
-        return functools.partial(_fp8_encode, power_of_two=power_of_two), _fp8_decode
+        return functools.partial(quantize_1x128, power_of_two=power_of_two), _fp8_decode
 
     @property
     def partitionable(self) -> bool:
         """Whether XLA can partition these ops over a sharded mesh itself: the references can; Pallas TPU and Mosaic
         GPU kernels are custom calls that must run per shard, inside a shard_map."""
         return self.dispatch_impl == "reference" and self.grouped_matmul_impl == "reference"
-
-
-def _fp8_encode(x_ND, power_of_two: bool):
-    return quantize_1x128(x_ND, power_of_two)
 
 
 def _fp8_decode(payload, dtype):
