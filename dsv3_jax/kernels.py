@@ -92,7 +92,8 @@ class KernelSet:
     fp8_matmul: str = "reference"        # pallas_kernels.fp8: reference | tpu | gpu
     grouped_matmul: str = "reference"    # pallas_kernels.grouped_matmul: reference | tpu | gpu
     dispatch: str = "reference"          # pallas_kernels.dispatch: reference | tpu | gpu
-    exchange: str = "lax"                # expert-parallel all-to-all: lax | pallas (Pallas TPU remote DMA)
+    exchange: str = "lax"                # expert-parallel all-to-all: lax | tpu (Pallas remote DMA, whole axis) |
+                                         # gpu (Mosaic GPU NVLink writes, inside nodes; XLA's across them)
     attention: str = "xla"               # the MLA attention core (dsv3_jax.model.layers.attention_core)
     interpret: bool = False              # run the Pallas kernels in their CPU interpreters
     experts: ExpertSplit | None = None   # expert parallelism; None: every expert local
@@ -120,30 +121,32 @@ def resolve(config, devices) -> KernelSet:
     ConfigError naming the op and target where one does not exist). model.kernel_target, when set, overrides the
     devices' platform. Every expert local; the step builder adds expert parallelism (KernelSet.split_experts).
 
-        target   FP8 matmul  grouped matmul / dispatch          EP exchange        attention (auto)
-        tpu      Pallas TPU  Pallas TPU                         Pallas all-to-all  splash
-        hopper   Mosaic GPU  Mosaic GPU / Pallas GPU (bf16/fp16 lax all_to_all      cudnn or blockwise
-                             compute; float32: the references)
-        gpu/cpu  reference   reference                          lax all_to_all     blockwise (gpu) / xla (cpu)
+        target   FP8 matmul  grouped matmul / dispatch          EP exchange          attention (auto)
+        tpu      Pallas TPU  Pallas TPU                         Pallas all-to-all    splash
+        hopper   Mosaic GPU  Mosaic GPU / Pallas GPU (bf16/fp16 Mosaic GPU in nodes,  cudnn or blockwise
+                             compute; float32: the references)  lax across them
+        gpu/cpu  reference   reference                          lax all_to_all       blockwise (gpu) / xla (cpu)
+
+    model.exchange_impl=lax keeps XLA's all-to-all on TPUs and Hopper too; interpreted targets use it always.
     """
     check(config.kernels, config.kernel_target)
     target = parse_target(config.kernel_target) or target_of(devices)
-    return _resolve(config.kernels, target, config.attention_impl, config.dtype, config.qk_head_dim,
-                    config.v_head_dim)
+    return _resolve(config.kernels, target, config.attention_impl, config.exchange_impl, config.dtype,
+                    config.qk_head_dim, config.v_head_dim)
 
 
 @functools.lru_cache(maxsize=256)
-def _resolve(mode: str, target: Target, attention_impl: str, dtype: str, qk_head_dim: int,
+def _resolve(mode: str, target: Target, attention_impl: str, exchange_impl: str, dtype: str, qk_head_dim: int,
              v_head_dim: int) -> KernelSet:
     attention = attention_for(attention_impl, target, dtype, qk_head_dim, v_head_dim)
     if mode == "pallas":
         _check_pallas_target(target)
     if mode == "reference" or target.platform not in PALLAS_PLATFORMS:
         return KernelSet(target.name, attention=attention)
+    # The all-to-all kernels move data between chips; interpreted (no CPU simulation of them here), lax's.
+    exchange = "lax" if target.interpret or exchange_impl == "lax" else target.platform.replace("hopper", "gpu")
     if target.platform == "tpu":
-        # The Pallas all-to-all is a TPU remote-DMA kernel; interpreted, the exchange stays lax's.
-        return KernelSet(target.name, "tpu", "tpu", "tpu", "lax" if target.interpret else "pallas", attention,
-                         target.interpret)
+        return KernelSet(target.name, "tpu", "tpu", "tpu", exchange, attention, target.interpret)
     # Hopper: the Mosaic GPU grouped matmul and the Pallas GPU dispatch take bf16/fp16 operands.
     low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if mode == "pallas" and not low_precision:
@@ -151,7 +154,7 @@ def _resolve(mode: str, target: Target, attention_impl: str, dtype: str, qk_head
                           f"model.dtype={dtype} (they compute in bfloat16 or float16); use model.kernels=auto (the "
                           f"references there) or model.dtype=bfloat16")
     moe = "gpu" if low_precision else "reference"
-    return KernelSet(target.name, "gpu", moe, moe, "lax", attention, target.interpret)
+    return KernelSet(target.name, "gpu", moe, moe, exchange, attention, target.interpret)
 
 
 def attention_for(impl: str, target: Target, dtype: str, qk_head_dim: int, v_head_dim: int) -> str:

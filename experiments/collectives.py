@@ -185,6 +185,12 @@ def price_groups(kind: str, operand_bytes: float, groups: tuple, links: Links) -
     return worst
 
 
+def price_local(kind: str, operand_bytes: float, n: int, links: Links) -> Transfer:
+    """A collective among n devices of one node (or TPU slice): every byte over the scale-up link."""
+    sent = ring_bytes(kind, operand_bytes, n)
+    return Transfer(kind, sent, _seconds(sent, 0.0, links), n, False)
+
+
 def price_pairs(operand_bytes: float, pairs: tuple, links: Links) -> Transfer:
     """A collective-permute: each source sends its buffer to its target, across nodes over InfiniBand."""
     local: dict[int, float] = {}

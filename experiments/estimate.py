@@ -14,11 +14,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from experiments.collectives import KINDS, Links, Transfer, collective_kind, transfer
+from experiments.collectives import KINDS, Links, Transfer, collective_kind, price_local, transfer
 from experiments.hardware import KINDS as WORK_KINDS
 from experiments.hardware import MEMORY, Chip, UnknownChip, chip_for_kind, chip_named
 from experiments.hlo_module import Computation, Instruction, Module, parse_module, trip_count
 from experiments.op_cost import OpCost, op_cost
+from pallas_kernels.all_to_all.blocks import SCOPE_PREFIX as KERNEL_ALL_TO_ALL_SCOPE
 from sharding.ep_exchange import SKEW_ONLY_SCOPE
 
 _DONE = {"all-gather-done", "all-reduce-done", "reduce-scatter-done", "all-to-all-done", "collective-permute-done",
@@ -246,6 +247,15 @@ def _op_name(instruction: Instruction) -> str:
     return m.group(1) if m else ""
 
 
+def kernel_all_to_all_group(instruction: Instruction) -> int | None:
+    """The devices a Pallas all-to-all kernel (pallas_kernels.all_to_all, a custom call to XLA) exchanges among,
+    read off its name scope; None for any other instruction."""
+    if instruction.opcode != "custom-call":
+        return None
+    m = re.search(re.escape(KERNEL_ALL_TO_ALL_SCOPE) + r"(\d+)", _op_name(instruction))
+    return int(m.group(1)) if m else None
+
+
 class _Walker:
     """Walks computations in schedule order, each once (memoized by name), pricing on `links`' chip."""
 
@@ -315,6 +325,9 @@ class _Walker:
             elif opcode in ("call", "async-start", "call-start"):
                 for callee in instruction.called("to_apply") + instruction.called("calls"):
                     timeline.block(self.walk(callee))
+            elif (group := kernel_all_to_all_group(instruction)) is not None:   # occupies the chip until done
+                timeline.collective(instruction.name, self._kernel_all_to_all(instruction, computation, group),
+                                    asynchronous=False)
             elif opcode in ("send", "recv"):
                 self.unpriced[f"{opcode} (not priced)"] += 1
             else:
@@ -326,6 +339,12 @@ class _Walker:
                     for inner, callee in self._fused_collectives(instruction):
                         timeline.collective(inner.name, self.transfer(inner, callee), asynchronous=False)
         return timeline.finish()
+
+    def _kernel_all_to_all(self, call: Instruction, computation: Computation, group: int) -> Transfer:
+        """A Pallas all-to-all kernel: its first operand's blocks go to the group's other devices, on the fast links
+        (the kernels only run among devices that address each other's memory)."""
+        operand = computation.by_name[call.operands[0]]
+        return price_local("all-to-all", operand.nbytes, group, self.links)
 
     def _lockstep(self, body: str, trips: int) -> list[tuple[Totals, int]] | None:
         """A tick loop (`tick_branches` [devices, ticks] given, `trips` ticks, and one conditional in the body with

@@ -37,6 +37,7 @@ class Hop(NamedTuple):
     groups: tuple[tuple[int, ...], ...] | None  # axis_index_groups of the expert axis; None: the whole axis
     span: int                                  # experts per destination unit (node or rank)
     capacity: int                              # C: rows per (sender, receiver) pair per round
+    intra_node: bool = False                   # its groups are whole nodes (consecutive ranks): the fast links
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Exchange:
     expert_rows: int                   # rows of one expert pass on the owning rank (grouped matmul buffer)
     expert_ffn: Callable               # (x_ND, group_sizes_e, *expert_weights) -> y_ND, rows contiguous by expert
     all_to_all: Callable = lax.all_to_all   # the transport of a hop over the whole axis
+    # The transport of a hop inside nodes: (x, axis, split, concat, group_size=G) among each G consecutive ranks.
+    node_all_to_all: Callable | None = None
     codec: tuple[Callable, Callable] | None = None
     max_rounds: int | None = None
     recompute: bool = False
@@ -56,10 +59,11 @@ def hops_for(ep: int, node_size: int, e_local: int, capacities: tuple[int, ...])
     """The hops of an expert axis of `ep` ranks in nodes of `node_size`, with `capacities` (one per hop)."""
     nodes = ep // node_size
     if nodes == 1 or node_size == 1:
-        return (Hop(ep, None, e_local, capacities[0]),)
+        return (Hop(ep, None, e_local, capacities[0], intra_node=nodes == 1),)
     inter = tuple(tuple(n * node_size + l for n in range(nodes)) for l in range(node_size))
     intra = tuple(tuple(n * node_size + l for l in range(node_size)) for n in range(nodes))
-    return (Hop(nodes, inter, e_local * node_size, capacities[0]), Hop(node_size, intra, e_local, capacities[1]))
+    return (Hop(nodes, inter, e_local * node_size, capacities[0]),
+            Hop(node_size, intra, e_local, capacities[1], intra_node=True))
 
 
 def _vary_like(x, ref):
@@ -150,7 +154,10 @@ _replayed_rounds.defvjp(_replayed_rounds_fwd, _replayed_rounds_bwd)
 
 def _move(ex: Exchange, hop: Hop, x_GX, transport=None):
     """Block g of x_GX to the group's rank g; the result's block g came from rank g (its own transpose). Rows go by
-    ex.all_to_all over the whole axis; a part of the axis, or `transport=lax.all_to_all`, by lax's."""
+    ex.node_all_to_all inside nodes where there is one, else by ex.all_to_all over the whole axis; across nodes over
+    part of the axis, or with `transport=lax.all_to_all`, by lax's."""
+    if transport is None and hop.intra_node and ex.node_all_to_all is not None:
+        return ex.node_all_to_all(x_GX, ex.axis, 0, 0, group_size=hop.size)
     if hop.groups is None:
         return (transport or ex.all_to_all)(x_GX, ex.axis, 0, 0)
     return lax.all_to_all(x_GX, ex.axis, 0, 0, axis_index_groups=[list(g) for g in hop.groups])

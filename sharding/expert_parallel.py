@@ -161,6 +161,8 @@ class ExchangeOptions:
           1×128 scales), None: as they are.
     all_to_all: the collective of a hop over the whole expert axis (default lax.all_to_all; e.g. the Pallas TPU
           remote-DMA kernel). Hops over part of the axis use lax.all_to_all with axis_index_groups.
+    node_all_to_all: the collective of a hop inside nodes, taking precedence there (e.g. the Mosaic GPU NVLink
+          kernel): fn(x, axis, split, concat, group_size=G) exchanges among each G consecutive ranks of the axis.
     recompute: the backward replays the exchange (rows travel again, the experts run again) instead of keeping
           round 0's residuals: only the layer's inputs are kept."""
     impl: str = "all_to_all"
@@ -171,6 +173,7 @@ class ExchangeOptions:
     routing_groups: tuple[int, int] = (1, 1)
     codec: tuple[Callable, Callable] | None = None
     all_to_all: Callable | None = None
+    node_all_to_all: Callable | None = None
     recompute: bool = False
 
 
@@ -197,7 +200,7 @@ def expert_parallel_ffn_local(x_TD, experts_TK, weights_TK, expert_weights: tupl
      5. The backward replays the rounds (x and dy rows travel together, dx comes back), recomputing the experts.
     """
     o = options
-    if o.all_to_all is not None and o.impl != "all_to_all":
+    if (o.all_to_all is not None or o.node_all_to_all is not None) and o.impl != "all_to_all":
         raise ValueError(f"expert_parallel.all_to_all is a transport for impl='all_to_all', not impl={o.impl!r}")
     ep = lax.axis_size(expert_axis)
     (t, k), e_local = experts_TK.shape, expert_weights[0].shape[0]
@@ -247,7 +250,8 @@ def _deduplicated(x_TD, experts_TK, weights_TK, expert_weights, expert_ffn, axis
                          capacity_factor=o.capacity_factor, block_multiple=o.block_multiple)
     e_local = n_experts // ep
     ex = ep_exchange.Exchange(axis, e_local, ep_exchange.hops_for(ep, node, e_local, b.capacities), b.expert_rows,
-                              expert_ffn, o.all_to_all or lax.all_to_all, o.codec, o.max_rounds, o.recompute)
+                              expert_ffn, o.all_to_all or lax.all_to_all, o.node_all_to_all, o.codec, o.max_rounds,
+                              o.recompute)
     out_TD, s = ep_exchange.exchange_ffn(ex, x_TD, experts_TK, weights_TK, tuple(expert_weights))
     last = ex.hops[-1]
     stats = EPStats(rounds=s[ep_exchange.ROUNDS], rows_received=s[ep_exchange.RECEIVED],

@@ -40,6 +40,9 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 # v padded to the q/k head dim; cudnn_mla = JAX's cuDNN attention with unequal head dims (cuDNN >= 9.10, Hopper).
 # Both cuDNN cores need a GPU and bf16/fp16.
 ATTENTION_IMPLS = ("auto", "xla", "blockwise", "splash", "cudnn", "cudnn_mla")
+# auto: the Pallas all-to-all of the chip where model.kernels picks Pallas kernels (TPU: over the whole expert axis;
+# Hopper: inside a node, over NVLink), XLA's elsewhere; lax: XLA's collectives everywhere.
+EXCHANGE_IMPLS = ("auto", "lax")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -95,6 +98,7 @@ class ModelConfig:
     expert_recompute: bool = False     # expert-parallel MoE: the backward replays the exchange (rows travel again,
                                        # experts run again) instead of keeping its residuals (least memory)
     attention_impl: str = "auto"       # see ATTENTION_IMPLS
+    exchange_impl: str = "auto"        # the expert-parallel all-to-all, see EXCHANGE_IMPLS
     # Which kernels run (dsv3_jax.kernels.resolve, once per step, into the KernelSet every layer receives):
     # auto | reference | pallas, for kernel_target "" (the platform of the devices the step is placed on) or
     # cpu | gpu | hopper | tpu, optionally ":interpret".
@@ -159,6 +163,8 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             _check(getattr(self, name) in DTYPES, name, f"must be one of {DTYPES}, got {getattr(self, name)!r}")
         self._validate_attention_impl()
+        _check(self.exchange_impl in EXCHANGE_IMPLS, "exchange_impl",
+               f"must be one of {EXCHANGE_IMPLS}, got {self.exchange_impl!r}")
         kernel_registry.check(self.kernels, self.kernel_target)
         if self.n_moe_layers > 0 or self.num_mtp_modules > 0:
             self._validate_moe()

@@ -14,6 +14,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 import jax_compat
+from pallas_kernels.all_to_all.blocks import block_all_to_all, check_axes, unchecked
 from pallas_kernels.cost import cost_estimate, nbytes
 
 
@@ -50,16 +51,11 @@ def _varying(x, axis_name: str):
     return x, jax_compat.typed_struct(x.shape, x.dtype, jax_compat.varying_axes(x))
 
 
-def _exchange_blocks(x_PX, axis_name: str, interpret):
+def _exchange_blocks(x_PX, *, axis_name: str, interpret):
     """out[j] = block `me` of device j's x_PX ([n, ...] with n = the axis size)."""
-    # Under the enclosing shard_map's varying-axes checks, the kernel's own axis_index arithmetic (and TPU interpret
-    # mode's device simulator) would be traced with `pvary` casts, which Mosaic cannot lower (JAX 0.10): trace it in
-    # a shard_map over no new axes with the checks off, and type the result back.
-    mesh = jax.sharding.get_abstract_mesh()
-    out = jax.shard_map(functools.partial(_exchange_kernel, axis_name=axis_name, interpret=interpret),
-                        mesh=mesh, in_specs=P(), out_specs=P(), axis_names=frozenset(),
-                        check_vma=False)(x_PX)
-    return jax_compat.cast_varying(out, jax_compat.varying_axes(x_PX) | {axis_name})
+    # Under the check-free trace, TPU interpret mode's device simulator still wants the operand typed as varying.
+    return unchecked(functools.partial(_exchange_kernel, axis_name=axis_name, interpret=interpret), x_PX, axis_name,
+                     x_PX.shape[0])
 
 
 def _exchange_kernel(x_PX, *, axis_name: str, interpret):
@@ -80,47 +76,15 @@ def _exchange_kernel(x_PX, *, axis_name: str, interpret):
     )(x_PX)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
-def _all_to_all(x, axis_name, split_axis, concat_axis, tiled, interpret):
-    n = lax.axis_size(axis_name)
-    if n == 1:
-        return x if tiled else jnp.moveaxis(x, split_axis, concat_axis)
-    if tiled:
-        shape = x.shape
-        blocks = jnp.moveaxis(x.reshape(*shape[:split_axis], n, shape[split_axis] // n, *shape[split_axis + 1:]),
-                              split_axis, 0)
-        got = jnp.moveaxis(_exchange_blocks(blocks, axis_name, interpret), 0, concat_axis)
-        merged = list(got.shape)
-        merged[concat_axis:concat_axis + 2] = [n * merged[concat_axis + 1]]
-        return got.reshape(merged)
-    got = _exchange_blocks(jnp.moveaxis(x, split_axis, 0), axis_name, interpret)
-    return jnp.moveaxis(got, 0, concat_axis)
-
-
-def _all_to_all_fwd(x, axis_name, split_axis, concat_axis, tiled, interpret):
-    return _all_to_all(x, axis_name, split_axis, concat_axis, tiled, interpret), None
-
-
-def _all_to_all_bwd(axis_name, split_axis, concat_axis, tiled, interpret, _, ct):
-    return (_all_to_all(ct, axis_name, concat_axis, split_axis, tiled, interpret),)
-
-
-_all_to_all.defvjp(_all_to_all_fwd, _all_to_all_bwd)
-
-
 def all_to_all(x, axis_name: str, split_axis: int, concat_axis: int, *, tiled: bool = False, interpret=False):
     """jax.lax.all_to_all(x, axis_name, split_axis, concat_axis, tiled=tiled) by remote DMA, over one axis.
     interpret: False on TPU; True or pltpu.InterpretParams() to simulate the devices on CPU.
 
     Call inside shard_map (the axis must be manual). Same result as jax.lax.all_to_all (tiled or not); its
     transpose is the all-to-all with split and concat axes swapped."""
-    if not isinstance(axis_name, str):
-        raise ValueError(f"all_to_all: axis_name={axis_name!r} must be one mesh axis name")
-    split_axis, concat_axis = split_axis % x.ndim, concat_axis % x.ndim
     n = lax.axis_size(axis_name)
-    if x.shape[split_axis] % n if tiled else x.shape[split_axis] != n:
-        raise ValueError(f"all_to_all: x.shape[{split_axis}]={x.shape[split_axis]} must "
-                         f"{'be divisible by' if tiled else 'equal'} the size {n} of axis {axis_name!r}")
+    split_axis, concat_axis = check_axes(x, n, axis_name, split_axis, concat_axis, tiled)
     if interpret is True:
         interpret = pltpu.InterpretParams()
-    return _all_to_all(x, axis_name, split_axis, concat_axis, tiled, interpret)
+    exchange = functools.partial(_exchange_blocks, axis_name=axis_name, interpret=interpret)
+    return block_all_to_all(exchange, x, n, split_axis, concat_axis, tiled)

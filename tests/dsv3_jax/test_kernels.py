@@ -20,14 +20,22 @@ BF16 = PRESETS["tiny"].replace(dtype="bfloat16", attention_impl="xla")
 def test_auto_on_compile_only_chips_picks_what_the_chip_runs():
     tpu = kernels.resolve(BF16, targets.devices("v5e:2x2"))
     assert (tpu.target, tpu.fp8_matmul, tpu.grouped_matmul, tpu.dispatch, tpu.exchange, tpu.interpret) == (
-        "tpu", "tpu", "tpu", "tpu", "pallas", False)
+        "tpu", "tpu", "tpu", "tpu", "tpu", False)
     h100 = kernels.resolve(BF16, targets.devices("h100"))
     assert (h100.target, h100.fp8_matmul, h100.grouped_matmul, h100.dispatch, h100.exchange) == (
-        "hopper", "gpu", "gpu", "gpu", "lax")
+        "hopper", "gpu", "gpu", "gpu", "gpu")
     # float32 compute on Hopper: the Mosaic grouped matmul takes bf16/fp16 operands, so auto keeps the MoE references
     f32 = kernels.resolve(BF16.replace(dtype="float32"), targets.devices("h100"))
     assert (f32.fp8_matmul, f32.grouped_matmul, f32.dispatch) == ("gpu", "reference", "reference")
     assert kernels.resolve(BF16, jax.devices("cpu")) == kernels.REFERENCE
+
+
+def test_exchange_impl_lax_keeps_xlas_all_to_all_on_every_chip():
+    for target in ("v5e:2x2", "h100"):
+        chosen = kernels.resolve(BF16.replace(exchange_impl="lax"), targets.devices(target))
+        assert chosen.exchange == "lax" and chosen.grouped_matmul != "reference", (target, chosen)
+    with pytest.raises(ConfigError, match="exchange_impl"):
+        BF16.replace(exchange_impl="nccl").validate()
 
 
 def test_meshes_devices_and_an_explicit_target():

@@ -10,25 +10,29 @@ from typing import Callable
 from dsv3_jax.kernels import KernelSet
 from pallas_kernels import dispatch as dispatch_kernels
 from pallas_kernels import grouped_matmul as gmm_kernels
-from pallas_kernels.all_to_all import all_to_all as pallas_all_to_all
+from pallas_kernels.all_to_all import all_to_all, node_all_to_all
 from pallas_kernels.fp8 import dequantize, quantize_1x128
 
-EXCHANGES = {"lax": None, "pallas": pallas_all_to_all}   # None: sharding.expert_parallel's lax.all_to_all
+
+# KernelSet.exchange -> (the transport over the whole expert axis, the transport inside nodes); None: lax's
+EXCHANGES = {"lax": (None, None), "tpu": (all_to_all, None), "gpu": (None, node_all_to_all)}
 
 
 @dataclasses.dataclass(frozen=True)
 class MoEKernels:
     """The routed experts' kernels: dispatch/combine and grouped matmul implementations by name (`reference`,
-    `tpu`, `gpu`), `interpret` to run Pallas kernels in their CPU interpreters, and `exchange` (None: lax) the
-    all-to-all the expert-parallel paths move rows with."""
+    `tpu`, `gpu`), `interpret` to run Pallas kernels in their CPU interpreters, and the all-to-alls the
+    expert-parallel exchange moves rows with: `exchange` over the whole expert axis, `node_exchange` inside nodes
+    (None: lax's)."""
     dispatch_impl: str = "reference"
     grouped_matmul_impl: str = "reference"
     interpret: bool = False
     exchange: Callable | None = None
+    node_exchange: Callable | None = None
 
     @classmethod
     def of(cls, kernels: KernelSet) -> "MoEKernels":
-        return cls(kernels.dispatch, kernels.grouped_matmul, kernels.interpret, EXCHANGES[kernels.exchange])
+        return cls(kernels.dispatch, kernels.grouped_matmul, kernels.interpret, *EXCHANGES[kernels.exchange])
 
     def dispatch(self, x_TD, experts_TK, n_experts):
         return dispatch_kernels.dispatch(x_TD, experts_TK, n_experts, impl=self.dispatch_impl,

@@ -65,6 +65,7 @@ class MoE(nn.Module):
         if split is not None:
             options = ExchangeOptions(capacity_factor=split.capacity_factor, node_size=split.node_size,
                                       routing_groups=(c.n_group, c.topk_group), all_to_all=ops.exchange,
+                                      node_all_to_all=ops.node_exchange,
                                       codec=ops.wire_codec(c.fp8, c.fp8_power_of_two_scales),
                                       recompute=c.expert_recompute)
         if local:   # this rank's tokens travel to the ranks of their experts and back (dropless)
