@@ -108,3 +108,21 @@ def test_transport_callable_only_for_the_all_to_all_impl():
         expert_parallel_ffn_local(x, e, e.astype(jnp.float32), (jnp.zeros((2, 8, 4)), jnp.zeros((2, 8, 4)),
                                   jnp.zeros((2, 4, 8))), expert_ffn=SWIGLU, expert_axis="expert",
                                   options=ExchangeOptions(impl="ragged", all_to_all=all_to_all))
+
+
+def test_compiled_for_tpus_the_estimate_prices_it_as_an_all_to_all():
+    """On 4 compile-only v5e chips: one kernel, no XLA all-to-all, and experiments.estimate counts 3 of its 4 blocks
+    as all-to-all bytes sent (it used to see only the kernel's HBM traffic)."""
+    from jax.sharding import NamedSharding
+
+    from experiments.estimate import estimate
+    from sharding import targets
+
+    mesh = Mesh(np.asarray(targets.devices("v5e:2x2")), ("x",))
+    shape = (4, 64, 256)
+    arg = jax.ShapeDtypeStruct((4 * shape[0], *shape[1:]), jnp.bfloat16, sharding=NamedSharding(mesh, P("x")))
+    compiled = per_device(all_to_all, mesh, 0, 0, False).lower(arg).compile()
+    text = compiled.as_text()
+    assert text.count('custom_call_target="tpu_custom_call"') == 1 and "all-to-all(" not in text
+    e = estimate(compiled)
+    assert e.bytes_all_to_all == np.prod(shape) * 2 * 3 / 4 and e.sync_collectives == 1, e
