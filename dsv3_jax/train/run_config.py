@@ -31,9 +31,10 @@ class TrainConfig:
     spike_factor: float = 0.0        # a loss above spike_factor × its running mean is a spike (0: off)
     spike_ema: float = 0.98
     pipeline_schedule: str = "1f1b"  # with mesh.pipeline > 1: gpipe | 1f1b | dualpipe (grad_accum micro-batches)
-    pipeline_fuse_pairs: bool = False   # DualPipe: an overlapped pair's forward and backward in one tick, one program
+    pipeline_fuse_pairs: bool = True    # DualPipe: an overlapped pair's forward and backward in one tick, one program
+                                        # (fewer lockstep ticks, one chunk's exchange under the other's work; both
+                                        # halves' memory at once; false: two ticks)
     pipeline_recompute: bool = True     # a stage's backward recomputes its forward (false: keep the residuals)
-                                        # (fewer lockstep ticks; both halves' memory at once)
     compiler_options: str = ""       # XLA options over the target's defaults, "name=value,..." (BUILD.md lists them)
 
 
