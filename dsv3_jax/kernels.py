@@ -144,7 +144,7 @@ def _resolve(mode: str, target: Target, attention_impl: str, exchange_impl: str,
     if mode == "reference" or target.platform not in PALLAS_PLATFORMS:
         return KernelSet(target.name, attention=attention)
     # The all-to-all kernels move data between chips; interpreted (no CPU simulation of them here), lax's.
-    exchange = "lax" if target.interpret or exchange_impl == "lax" else target.platform.replace("hopper", "gpu")
+    exchange = "lax" if target.interpret or exchange_impl == "lax" else {"tpu": "tpu", "hopper": "gpu"}[target.platform]
     if target.platform == "tpu":
         return KernelSet(target.name, "tpu", "tpu", "tpu", exchange, attention, target.interpret)
     # Hopper: the Mosaic GPU grouped matmul and the Pallas GPU dispatch take bf16/fp16 operands.

@@ -108,7 +108,7 @@ def all_to_all(x, axis_name: str, split_axis: int, concat_axis: int, *, tiled: b
     block = block_shape(x.shape, group, split_axis, tiled)
     if not supported(block, x.dtype):
         raise ValueError(f"all_to_all: blocks of shape {block} {x.dtype} have a last dimension TMA cannot "
-                         f"tile (its bytes a multiple of {TMA_ALIGN})")
+                         f"tile (rows of a multiple of {TMA_ALIGN} bytes, tiles of {WARPGROUP_BYTES})")
     exchange = functools.partial(_exchange_blocks, axis_name=axis_name, group=group, num_blocks=num_blocks)
     return block_all_to_all(exchange, x, group, split_axis, concat_axis, tiled)
 

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import functools
 
-import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec as P
 
 import jax_compat
 from pallas_kernels.all_to_all.blocks import block_all_to_all, check_axes, unchecked
